@@ -1,0 +1,9 @@
+"""tnllm_kernels: the kernels TransNormerLLM needs, each with a PyTorch reference beside it.
+
+Installed under the import name ``tnllm_kernels`` (see setup.py) so that it never shadows
+the PyPI package ``kernels``.
+"""
+from .lightning_attention import lightning_attention, lightning_attention_step
+from .srmsnorm import srms_norm
+
+__all__ = ["lightning_attention", "lightning_attention_step", "srms_norm"]

@@ -1,0 +1,295 @@
+"""TransNormerLLM in plain PyTorch (arXiv 2307.14995), readable top to bottom.
+
+    x = embed(tokens) * sqrt(d_model)
+    for each layer:  x = x + GLA(norm(x));  x = x + SGLU(norm(x))
+    logits = lm_head(norm(x))
+
+GLA is gated linear attention with a fixed per-head exponential decay (and LRPE-d on the layers that
+use it); SGLU is a GLU without activation. Nothing here imports a training host: fairseq and Metaseq
+adapters wrap this module (see fairseq_adapter.py, metaseq_adapter.py). Module and parameter names follow
+the released checkpoints (``layers.{i}.token_mixer.qkvu_proj`` ...), so converting them is a renaming.
+The defaults reproduce the released checkpoints; the paper's ablation choices are options.
+"""
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnllm_kernels import lightning_attention, lightning_attention_step, srms_norm
+
+DECAY_SCHEDULES = ("released", "paper")
+QK_ACTIVATIONS = ("silu", "1+elu", "none")
+NORMS = ("srms", "rms", "layer")
+
+
+@dataclass
+class TransNormerConfig:
+    vocab_size: int = 64000
+    d_model: int = 1024
+    n_layers: int = 24
+    n_heads: int = 8
+    hidden_dim: Optional[int] = None       # GLA width; None means d_model (as in the released models)
+    glu_dim: int = 2816
+    lrpe_layers: Sequence[int] = (0,)      # layers that use LRPE-d; the paper's "Mix": first layer only
+    decay: str = "released"                # "released" (ALiBi slopes, layer factor) or "paper" (eq. 2)
+    qk_act: str = "silu"
+    norm: str = "srms"
+    bias: bool = False
+    no_scale_embedding: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    block_size: int = 64                   # block length of the CPU block-form attention
+
+    def __post_init__(self):
+        if self.hidden_dim is None:
+            self.hidden_dim = self.d_model
+        self.lrpe_layers = tuple(int(i) for i in self.lrpe_layers)
+        positive = ("vocab_size", "d_model", "n_layers", "n_heads", "hidden_dim", "glu_dim", "block_size")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.hidden_dim % self.n_heads:
+            raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by n_heads={self.n_heads}")
+        if self.decay not in DECAY_SCHEDULES:
+            raise ValueError(f"unknown decay schedule {self.decay!r}; expected one of {DECAY_SCHEDULES}")
+        if self.qk_act not in QK_ACTIVATIONS:
+            raise ValueError(f"unknown q/k activation {self.qk_act!r}; expected one of {QK_ACTIVATIONS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; expected one of {NORMS}")
+        bad = [i for i in self.lrpe_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"lrpe_layers {bad} out of range for n_layers={self.n_layers}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary of {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decay schedules: lambda = exp(-slope), one slope per (layer, head); fixed buffers, never learned.
+
+def alibi_slopes(n_heads: int) -> List[float]:
+    """ALiBi's head slopes 2^(-8(h+1)/H); for H not a power of two, ALiBi's interleaving rule."""
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_heads).is_integer():
+        return power_of_two(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+
+
+def decay_slopes(cfg: TransNormerConfig) -> torch.Tensor:
+    """[n_layers, n_heads] float64 slopes of the chosen schedule (see the spec)."""
+    L, H = cfg.n_layers, cfg.n_heads
+    layer = torch.arange(L, dtype=torch.float64)[:, None]
+    if cfg.decay == "released":
+        base = torch.tensor(alibi_slopes(H), dtype=torch.float64)[None, :]
+        factor = 1 - layer / (L - 1) + 1e-5 if L > 1 else torch.ones_like(layer)
+        return base * factor
+    head = torch.arange(H, dtype=torch.float64)[None, :]
+    return (8 * head / H) * (1 - layer / L)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Norms
+
+class SRMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), in fp32, no parameters (the released form of the paper's eq. 8)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return srms_norm(x, self.eps)
+
+
+def make_norm(cfg: TransNormerConfig, dim: int) -> nn.Module:
+    if cfg.norm == "srms":
+        return SRMSNorm(cfg.norm_eps)
+    if cfg.norm == "rms":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token mixer
+
+class LRPE(nn.Module):
+    """LRPE-d: x -> [x cos(theta p), x sin(theta p)], so q_s . k_t depends on s - t only. Doubles the head dim."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        d = n_heads * head_dim
+        self.theta = nn.Parameter((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
+
+    def forward(self, x, offset: int = 0):
+        # x [B, N, H, e]; positions are absolute (offset = tokens already consumed), angles in fp32
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
+        angle = pos[:, None, None] * self.theta.float().squeeze(1)[None]          # [N, H, e]
+        xf = x.float()
+        return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
+
+
+def qk_activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "1+elu":
+        return lambda x: 1 + F.elu(x)
+    return lambda x: x
+
+
+class GatedLinearAttention(nn.Module):
+    """O = norm(causal decayed linear attention(phi(Q), phi(K), V)) * U, then W_o."""
+
+    def __init__(self, cfg: TransNormerConfig, layer_idx: int, slope: torch.Tensor):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkvu_proj = nn.Linear(cfg.d_model, 4 * cfg.hidden_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
+        self.lrpe = LRPE(cfg.n_heads, cfg.head_dim) if layer_idx in cfg.lrpe_layers else None
+        self.out_norm = make_norm(cfg, cfg.hidden_dim)      # over the whole hidden dim, not per head
+        self.act = qk_activation(cfg.qk_act)
+        self.block_size = cfg.block_size
+        self.register_buffer("slope", slope.float(), persistent=False)   # [H]
+
+    def forward(self, x, state=None, offset: int = 0, padding_mask=None):
+        b, n, _ = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        # heads from the tensor width, so that a tensor-parallel shard holding H/tp heads runs unchanged
+        q, k, v = (t.reshape(b, n, -1, self.head_dim) for t in (q, k, v))
+        q, k = self.act(q), self.act(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, offset), self.lrpe(k, offset)
+        if padding_mask is not None:       # a zero v adds nothing to the state: padding leaves it untouched
+            v = v.masked_fill(padding_mask[:, :, None, None], 0)
+        if n == 1 and state is not None:    # decoding: one recurrence step
+            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], self.slope, state)
+            o = o[:, None]
+        else:
+            o, state = lightning_attention(q, k, v, self.slope, state, self.block_size)
+        o = self.out_norm(o.reshape(b, n, -1)) * u
+        return self.out_proj(o), state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Channel mixer and block
+
+class SGLU(nn.Module):
+    """((X W1) * (X W2)) W3: a GLU without activation."""
+
+    def __init__(self, cfg: TransNormerConfig):
+        super().__init__()
+        self.l1 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
+        self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
+        self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class TransNormerBlock(nn.Module):
+    def __init__(self, cfg: TransNormerConfig, layer_idx: int, slope: torch.Tensor):
+        super().__init__()
+        self.token_norm = make_norm(cfg, cfg.d_model)
+        self.token_mixer = GatedLinearAttention(cfg, layer_idx, slope)
+        self.channel_norm = make_norm(cfg, cfg.d_model)
+        self.channel_mixer = SGLU(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, state=None, offset: int = 0, padding_mask=None):
+        mixed, state = self.token_mixer(self.token_norm(x), state, offset, padding_mask)
+        x = x + self.dropout(mixed)
+        x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
+        return x, state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding state and the model
+
+@dataclass
+class DecodeState:
+    """What generation carries between calls: each layer's fp32 attention state [B, H, Dk, Dv] and the
+    number of positions consumed so far (LRPE needs the absolute position of the next token)."""
+    kv: List[torch.Tensor] = field(default_factory=list)
+    offset: int = 0
+
+    def index_select(self, order: torch.Tensor) -> "DecodeState":
+        """Reorder or select batch rows (beam search, finished sequences)."""
+        return replace(self, kv=[s.index_select(0, order) for s in self.kv])
+
+
+class TransNormerLLM(nn.Module):
+    def __init__(self, cfg: TransNormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.d_model)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        slopes = decay_slopes(cfg)
+        self.layers = nn.ModuleList(TransNormerBlock(cfg, i, slopes[i]) for i in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)   # untied, as released
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def check_tokens(self, tokens: torch.Tensor):
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"empty input: tokens of shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = hi if hi >= self.cfg.vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, tokens, state: Optional[DecodeState] = None, padding_mask=None, use_cache: bool = False,
+                return_hidden: bool = False):
+        """tokens [B, N] -> (logits [B, N, vocab], state). The returned state is None unless ``use_cache`` or
+        a ``state`` was given; feeding it back continues the sequence (prefill, then one token per call).
+        ``padding_mask`` [B, N] is True at padding (left padding keeps every sequence's state exact).
+        With ``return_hidden`` the final-norm hidden states come back in place of logits."""
+        self.check_tokens(tokens)
+        if state is not None and len(state.kv) not in (0, len(self.layers)):
+            raise ValueError(f"decode state has {len(state.kv)} layers, the model {len(self.layers)}")
+        offset = 0 if state is None else state.offset
+        x = self.dropout(self.embed_tokens(tokens) * self.embed_scale)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            layer_state = state.kv[i] if state is not None and state.kv else None
+            x, layer_state = layer(x, layer_state, offset, padding_mask)
+            new_kv.append(layer_state)
+        x = self.final_norm(x)
+        out = x if return_hidden else self.lm_head(x)
+        if state is None and not use_cache:
+            return out, None
+        return out, DecodeState(kv=new_kv, offset=offset + tokens.shape[1])
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+        return n
