@@ -137,10 +137,12 @@ class LRPE(nn.Module):
         self.theta = nn.Parameter((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
 
     def forward(self, x, offset: int = 0):
-        # x [B, N, H, e]; positions are absolute (offset = tokens already consumed), angles in fp32
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angle = pos[:, None, None] * self.theta.float().squeeze(1)[None]          # [N, H, e]
-        xf = x.float()
+        # x [B, N, H, e]; positions are absolute (offset = tokens already consumed); angles in at least fp32
+        # (the released code forms them in the input dtype, which loses positions past 256 in bf16)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=acc)
+        angle = pos[:, None, None] * self.theta.to(acc).squeeze(1)[None]          # [N, H, e]
+        xf = x.to(acc)
         return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
 
 

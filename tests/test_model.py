@@ -1,0 +1,199 @@
+"""The plain-PyTorch model: parity with the released implementation, decoding, LRPE, decay schedules,
+ablation options and the errors bad input must raise."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tnllm_plugin.checkpoint import config_from_released, load_checked, state_dict_from_released
+from tnllm_plugin.model import LRPE, TransNormerConfig, TransNormerLLM, alibi_slopes, decay_slopes
+
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "released_tiny"
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def released_tiny():
+    cfg = config_from_released(json.loads((FIXTURE / "config.json").read_text()))
+    model = TransNormerLLM(cfg).eval()
+    load_checked(model, state_dict_from_released(torch.load(FIXTURE / "pytorch_model.bin")))
+    return model, torch.load(FIXTURE / "expected.pt")
+
+
+def decode_stepwise(model, tokens, prefill_len):
+    logits, state = model(tokens[:, :prefill_len], use_cache=True)
+    outs = [logits]
+    for i in range(prefill_len, tokens.shape[1]):
+        step, state = model(tokens[:, i:i + 1], state)
+        outs.append(step)
+    return torch.cat(outs, dim=1), state
+
+
+@torch.no_grad()
+def test_released_fixture_full_forward():
+    model, expected = released_tiny()
+    logits, _ = model(expected["tokens"])
+    assert rel(logits, expected["logits"]) < 1e-5
+
+
+@torch.no_grad()
+def test_released_fixture_prefill_then_decode():
+    model, expected = released_tiny()
+    logits, state = decode_stepwise(model, expected["tokens"], expected["prefill_len"])
+    assert rel(logits, expected["logits_prefill_then_decode"]) < 1e-5
+    assert state.offset == expected["tokens"].shape[1]
+    assert all(s.dtype == torch.float32 for s in state.kv)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, glu_dim=48, block_size=8)
+    torch.manual_seed(0)
+    return TransNormerLLM(TransNormerConfig(**{**base, **kw})).double().eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(decay="paper"), dict(lrpe_layers=(0, 2)), dict(qk_act="1+elu"),
+                                dict(qk_act="none", norm="rms"), dict(norm="layer", bias=True),
+                                dict(hidden_dim=48, no_scale_embedding=True)])
+@torch.no_grad()
+def test_full_forward_equals_prefill_plus_decode(kw):
+    model = tiny(**kw)
+    tokens = torch.randint(0, 97, (3, 29), generator=torch.Generator().manual_seed(1))
+    full, _ = model(tokens)
+    for prefill in (1, 13):      # 13: prefill ends inside a block and decoding crosses block boundaries
+        stepped, _ = decode_stepwise(model, tokens, prefill)
+        assert rel(stepped, full) < 1e-10
+    # continuing with several tokens at once (block form with an initial state) too
+    a, state = model(tokens[:, :11], use_cache=True)
+    b, _ = model(tokens[:, 11:], state)
+    assert rel(torch.cat([a, b], 1), full) < 1e-10
+
+
+@torch.no_grad()
+def test_decoding_depends_on_the_state():
+    """Guards the test above: a decode step with a wrong offset or an empty state gives other logits."""
+    model = tiny()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    full, _ = model(tokens)
+    _, state = model(tokens[:, :11], use_cache=True)
+    wrong_offset = type(state)(kv=state.kv, offset=state.offset + 3)
+    assert rel(model(tokens[:, 11:], wrong_offset)[0], full[:, 11:]) > 1e-6
+    zero = type(state)(kv=[torch.zeros_like(s) for s in state.kv], offset=state.offset)
+    assert rel(model(tokens[:, 11:], zero)[0], full[:, 11:]) > 1e-3
+
+
+def test_lrpe_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    lrpe = LRPE(n_heads=2, head_dim=8).double()
+    q, k = torch.randn(1, 1, 2, 8, dtype=torch.float64), torch.randn(1, 1, 2, 8, dtype=torch.float64)
+
+    def score(s, t):
+        return (lrpe(q, offset=s) * lrpe(k, offset=t)).sum(-1)     # per head
+
+    for s, t in [(5, 2), (9, 9), (100, 40)]:
+        for shift in (1, 17, 1000):
+            assert torch.allclose(score(s, t), score(s + shift, t + shift), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(score(5, 2), score(6, 2), rtol=1e-3)      # a different gap, a different score
+    # the doubled head dim: [x cos, x sin]
+    assert lrpe(q, offset=0).shape[-1] == 16
+    assert torch.allclose(lrpe(q, offset=0), torch.cat([q, torch.zeros_like(q)], -1))
+
+
+def test_lrpe_theta_initialisation():
+    lrpe = LRPE(n_heads=3, head_dim=4)
+    d = 12
+    want = torch.tensor([10000 ** (-2 * i / d) for i in range(d)]).reshape(3, 1, 4)
+    assert lrpe.theta.shape == (3, 1, 4) and torch.allclose(lrpe.theta.detach(), want)
+
+
+def test_released_decay_schedule_values():
+    assert alibi_slopes(8) == pytest.approx([2 ** (-(h + 1)) for h in range(8)])
+    # 6 heads: the 4 power-of-two slopes, then every other slope of the 8-head list
+    assert alibi_slopes(6) == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+    cfg = TransNormerConfig(vocab_size=10, d_model=32, n_layers=5, n_heads=8, glu_dim=8)
+    slopes = decay_slopes(cfg)
+    for layer in range(5):
+        for h in range(8):
+            want = 2 ** (-8 * (h + 1) / 8) * (1 - layer / 4 + 1e-5)
+            assert slopes[layer, h].item() == pytest.approx(want, rel=1e-12)
+    one_layer = TransNormerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=8, glu_dim=8)
+    assert decay_slopes(one_layer)[0].tolist() == pytest.approx(alibi_slopes(8))
+
+
+def test_paper_decay_schedule_values():
+    cfg = TransNormerConfig(vocab_size=10, d_model=32, n_layers=4, n_heads=8, glu_dim=8, decay="paper")
+    lam = torch.exp(-decay_slopes(cfg))
+    for layer in range(4):
+        for h in range(8):
+            assert lam[layer, h].item() == pytest.approx(math.exp(-(8 * h / 8) * (1 - layer / 4)), rel=1e-12)
+    assert torch.all(lam[:, 0] == 1)          # head 0: no decay
+
+
+def test_model_uses_the_schedule():
+    model = TransNormerLLM(TransNormerConfig(vocab_size=10, d_model=32, n_layers=3, n_heads=4, glu_dim=8))
+    for i, layer in enumerate(model.layers):
+        assert torch.allclose(layer.token_mixer.slope, decay_slopes(model.cfg)[i].float())
+    assert not any(k.endswith("slope") for k in model.state_dict())   # a fixed buffer, not in checkpoints
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(d_model=30, n_heads=4), "d_model=30 is not divisible by n_heads=4"),
+    (dict(hidden_dim=34), "hidden_dim=34 is not divisible by n_heads=4"),
+    (dict(decay="linear"), "unknown decay schedule 'linear'"),
+    (dict(qk_act="relu"), "unknown q/k activation 'relu'"),
+    (dict(norm="batch"), "unknown norm 'batch'"),
+    (dict(lrpe_layers=(5,)), "lrpe_layers [5] out of range"),
+    (dict(n_layers=0), "n_layers must be positive"),
+])
+def test_bad_config_fails_early(kw, message):
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, glu_dim=48)
+    with pytest.raises(ValueError) as err:
+        TransNormerConfig(**{**base, **kw})
+    assert message in str(err.value)
+
+
+def test_bad_tokens_fail_early():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+        model(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="empty input"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, length\]"):
+        model(torch.tensor([1, 2, 3]))
+
+
+def test_mismatched_checkpoint_names_the_tensor():
+    model = tiny()
+    sd = model.state_dict()
+    sd["layers.1.channel_mixer.l3.weight"] = torch.zeros(32, 50)
+    del sd["lm_head.weight"]
+    with pytest.raises(ValueError) as err:
+        load_checked(model, sd)
+    msg = str(err.value)
+    assert "layers.1.channel_mixer.l3.weight: checkpoint (32, 50) vs model (32, 48)" in msg
+    assert "missing from checkpoint: ['lm_head.weight']" in msg
+
+
+def test_trains():
+    """A few optimiser steps on one batch lower the loss: gradients reach every parameter."""
+    torch.manual_seed(0)
+    model = TransNormerLLM(TransNormerConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, glu_dim=48,
+                                             block_size=8))
+    tokens = torch.randint(0, 50, (4, 21))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        logits, _ = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tokens[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+                   if n != "embed_tokens.weight")
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
