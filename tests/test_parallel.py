@@ -1,0 +1,213 @@
+"""Tensor parallelism equals the single-device model: logits, loss (vocab-parallel cross entropy) and
+gradients at model-parallel sizes 2 and 4, on CPU with gloo. One spawn of 4 processes does all the sharded
+work (MP 2 as two groups of 2, then MP 4) and saves what it computed; the tests compare that here with the
+unsharded model. Resharding, activation checkpointing and bf16 state run in this process."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+from tnllm_plugin.parallel import (apply_activation_checkpointing, consolidate_state_dict, reshard_state_dicts,
+                                   shard_state_dict)
+
+IGNORE = -100
+WORLD = 4
+# preset-like, with n_heads divisible by 4, LRPE on layer 0 (theta slicing), several attention blocks
+CONFIGS = {
+    "srms": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, hidden_dim=32, glu_dim=64, lrpe_layers=(0,),
+                 block_size=8),
+    "layer_bias": dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, hidden_dim=32, glu_dim=64,
+                       lrpe_layers=(0,), block_size=8, norm="layer", bias=True),
+}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    model = TransNormerLLM(TransNormerConfig(**CONFIGS[name]))
+    if name == "layer_bias":      # non-trivial norm weights and biases, so that wrong slices show
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0, 0.3)
+    return model
+
+
+def batch(vocab=64):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, vocab, (2, 19), generator=g)
+    target = torch.randint(0, vocab, (2, 19), generator=g)
+    target[0, -4:] = IGNORE           # padded positions
+    return tokens, target
+
+
+def loss_of(per_token, target):
+    return per_token.sum() / (target != IGNORE).sum()
+
+
+def unsharded_run(name):
+    model = build(name)
+    tokens, target = batch()
+    logits, _ = model(tokens)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                                  reduction="none")
+    loss = loss_of(per_token, target)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return model, logits.detach(), loss.detach(), grads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sharded side, in spawned processes
+
+def _sharded_step(name, out):
+    from fairscale.nn.model_parallel import initialize as mpu
+    from tnllm_plugin.parallel import apply_tensor_parallel, gather_vocab_parallel_logits, vocab_parallel_cross_entropy
+
+    model = apply_tensor_parallel(build(name))
+    tokens, target = batch()
+    logits_shard, _ = model(tokens)
+    per_token = vocab_parallel_cross_entropy(logits_shard, target, IGNORE)
+    loss = loss_of(per_token, target)
+    loss.backward()
+    group = mpu.get_model_parallel_group()
+    shards = [None] * mpu.get_model_parallel_world_size()
+    dist.all_gather_object(shards, {k: p.grad for k, p in model.named_parameters()}, group=group)
+    weights = [None] * len(shards)
+    dist.all_gather_object(weights, {k: v.detach() for k, v in model.state_dict().items()}, group=group)
+    out.update(logits=gather_vocab_parallel_logits(logits_shard.detach()), loss=loss.detach(),
+               grads=consolidate_state_dict(shards), weights=weights)
+
+
+def _errors():
+    """Indivisible sizes raise, naming the culprit (at the current model-parallel size, 2)."""
+    from tnllm_plugin.parallel import apply_tensor_parallel
+    bad = {"n_heads": dict(n_heads=3, d_model=24, hidden_dim=24), "vocab_size": dict(vocab_size=63),
+           "glu_dim": dict(glu_dim=63)}
+    messages = {}
+    for culprit, overrides in bad.items():
+        cfg = TransNormerConfig(**{**CONFIGS["srms"], **overrides})
+        try:
+            apply_tensor_parallel(TransNormerLLM(cfg))
+            messages[culprit] = None
+        except ValueError as e:
+            messages[culprit] = str(e)
+    return messages
+
+
+def _worker(rank, init_file, out_dir):
+    from fairscale.nn.model_parallel import initialize as mpu
+    from tnllm_plugin.parallel import apply_tensor_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {}
+    for tp in (2, 4):
+        mpu.initialize_model_parallel(tp)
+        for name in CONFIGS:
+            out = results.setdefault((tp, name), {})
+            _sharded_step(name, out)
+        if tp == 2:
+            results["errors"] = _errors()
+            # an MP2 checkpoint (the weights gathered above) loaded at MP4 into a differently seeded model
+            mp2_shards = results[(2, "srms")]["weights"]
+        else:
+            model = apply_tensor_parallel(build("srms", seed=123))
+            model.load_state_dict(reshard_state_dicts(mp2_shards, tp)[mpu.get_model_parallel_rank()])
+            from tnllm_plugin.parallel import gather_vocab_parallel_logits
+            results["mp2_to_mp4_logits"] = gather_vocab_parallel_logits(model(batch()[0])[0].detach())
+        mpu.destroy_model_parallel()
+    if rank in (0, 1, 3):    # a rank of each position in the groups is enough to catch rank-dependent bugs
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(os.path.join(d, "init"), d), nprocs=WORLD, join=True)
+        return {r: torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in (0, 1, 3)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_loss_grads_match_single_device(sharded, tp, name):
+    _, logits, loss, grads = unsharded_run(name)
+    for rank, results in sharded.items():
+        got = results[(tp, name)]
+        torch.testing.assert_close(got["logits"], logits, **TOL, msg=f"logits, rank {rank}")
+        torch.testing.assert_close(got["loss"], loss, **TOL, msg=f"loss, rank {rank}")
+        assert set(got["grads"]) == set(grads)
+        for k in grads:
+            torch.testing.assert_close(got["grads"][k], grads[k], **TOL, msg=f"grad of {k}, rank {rank}")
+
+
+def test_sharded_weights_consolidate_to_the_model(sharded):
+    model = build("srms")
+    full = model.state_dict()
+    for tp in (2, 4):
+        got = consolidate_state_dict(sharded[0][(tp, "srms")]["weights"])
+        assert set(got) == set(full)
+        for k in full:
+            assert torch.equal(got[k], full[k]), k
+
+
+def test_mp2_checkpoint_loads_at_mp1_and_mp4(sharded):
+    _, logits, _, _ = unsharded_run("srms")
+    mp2_shards = sharded[0][(2, "srms")]["weights"]
+    model = build("srms", seed=123)
+    model.load_state_dict(consolidate_state_dict(mp2_shards))
+    torch.testing.assert_close(model(batch()[0])[0], logits, **TOL)
+    for results in sharded.values():
+        torch.testing.assert_close(results["mp2_to_mp4_logits"], logits, **TOL)
+
+
+def test_indivisible_sizes_are_clear_errors(sharded):
+    for culprit, message in sharded[0]["errors"].items():
+        assert message is not None, f"{culprit} not divisible by 2 was accepted"
+        assert culprit in message and "2" in message, message
+
+
+def test_shard_then_consolidate_roundtrip_and_qkvu_layout():
+    model = build("layer_bias")
+    full = model.state_dict()
+    for tp in (1, 2, 4):
+        shards = [shard_state_dict(full, r, tp) for r in range(tp)]
+        back = consolidate_state_dict(shards)
+        assert all(torch.equal(back[k], full[k]) for k in full)
+    # rank r of 2 holds whole heads: rows [q_r | k_r | v_r | u_r]
+    w = full["layers.0.token_mixer.qkvu_proj.weight"]
+    q, k, v, u = w.chunk(4)
+    rank1 = shard_state_dict(full, 1, 2)["layers.0.token_mixer.qkvu_proj.weight"]
+    assert torch.equal(rank1, torch.cat([t.chunk(2)[1] for t in (q, k, v, u)]))
+    with pytest.raises(ValueError, match="rank 2"):
+        shard_state_dict(full, 2, 2)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    ref_model, _, loss, grads = unsharded_run("srms")
+    model = apply_activation_checkpointing(build("srms"))
+    assert list(model.state_dict()) == list(ref_model.state_dict())     # checkpoints unaffected
+    tokens, target = batch()
+    logits, _ = model(tokens)
+    got = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    got.backward()
+    torch.testing.assert_close(got, loss, **TOL)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], **TOL, msg=k)
+
+
+def test_bf16_model_keeps_fp32_attention_state():
+    model = build("srms").to(torch.bfloat16)
+    logits, state = model(batch()[0], use_cache=True)
+    assert logits.dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in state.kv)

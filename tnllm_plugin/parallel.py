@@ -1,0 +1,302 @@
+"""Scaling TransNormerLLM out, applied to the plain model from outside (paper section 3.2.2).
+
+Tensor parallelism (Megatron style, with fairscale's model-parallel layers):
+    GLA   fused QKVU column-parallel, each rank holding whole heads [q_r | k_r | v_r | u_r];
+          the output SRMSNorm reduces its sum of squares over the group; W_o row-parallel
+    SGLU  W1, W2 column-parallel, W3 row-parallel (one all-reduce forward, one backward)
+    vocab embedding vocab-parallel; LM head column-parallel over the vocabulary, logits stay sharded and
+          go to ``vocab_parallel_cross_entropy``
+Parameter names do not change, so a sharded state dict has the unsharded keys with sliced tensors:
+``shard_state_dict`` / ``consolidate_state_dict`` define the layout once, and ``apply_tensor_parallel`` is
+"swap the modules, then load the rank's slice of the full weights".
+
+Also here: per-block activation checkpointing, per-block FSDP wrapping (fairseq's ``fsdp_wrap``), and the
+shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
+"""
+import functools
+import re
+import sys
+import types
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .model import GatedLinearAttention, SGLU, TransNormerLLM
+
+# ---------------------------------------------------------------------------------------------------------
+# The sharding layout, by parameter name (suffix match, so any host prefix such as "decoder." works).
+# Each rule says how the full tensor splits over the group: along rows (dim 0), along columns (dim 1),
+# "qkvu" (rows, by quarters: each rank takes its slice of each of Q, K, V and U), or not at all.
+
+_LAYOUT = [
+    (r"embed_tokens\.weight$", "rows"),
+    (r"lm_head\.weight$", "rows"),
+    (r"token_mixer\.qkvu_proj\.(weight|bias)$", "qkvu"),
+    (r"token_mixer\.out_proj\.weight$", "cols"),
+    (r"token_mixer\.lrpe\.theta$", "rows"),             # [H, 1, e]: heads
+    (r"token_mixer\.out_norm\.(weight|bias)$", "rows"),  # over hidden_dim, in head order
+    (r"channel_mixer\.l[12]\.(weight|bias)$", "rows"),
+    (r"channel_mixer\.l3\.weight$", "cols"),
+]
+
+
+def _split_rule(name: str) -> str:
+    for pattern, rule in _LAYOUT:
+        if re.search(pattern, name):
+            return rule
+    return "replicated"     # norms over d_model, row-parallel biases (added after the all-reduce)
+
+
+def _shard_tensor(t: torch.Tensor, rule: str, rank: int, world_size: int, name: str) -> torch.Tensor:
+    if rule == "replicated":
+        return t
+    dim = 1 if rule == "cols" else 0
+    if t.shape[dim] % ((4 if rule == "qkvu" else 1) * world_size):
+        raise ValueError(f"{name}: dim {dim} of size {t.shape[dim]} does not split over {world_size} ranks")
+    if rule == "qkvu":      # [4*hd, ...] -> [4, tp, hd/tp, ...] -> this rank's [4, hd/tp, ...]
+        quarters = t.reshape(4, world_size, t.shape[0] // (4 * world_size), *t.shape[1:])
+        return quarters[:, rank].reshape(-1, *t.shape[1:]).clone()
+    return t.chunk(world_size, dim=dim)[rank].clone()
+
+
+def _cat_tensors(parts: List[torch.Tensor], rule: str) -> torch.Tensor:
+    if rule == "replicated":
+        return parts[0]
+    if rule == "qkvu":
+        quarters = [p.reshape(4, p.shape[0] // 4, *p.shape[1:]) for p in parts]
+        return torch.cat(quarters, dim=1).reshape(-1, *parts[0].shape[1:])
+    return torch.cat(parts, dim=1 if rule == "cols" else 0)
+
+
+def shard_state_dict(full: Dict[str, torch.Tensor], rank: int, world_size: int) -> Dict[str, torch.Tensor]:
+    """The state dict of tensor-parallel rank ``rank`` of ``world_size``, from an unsharded one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a model-parallel group of {world_size}")
+    if world_size == 1:
+        return dict(full)
+    if not any(_split_rule(k) == "qkvu" for k in full):
+        raise ValueError("no TransNormerLLM attention weights (token_mixer.qkvu_proj) in this state dict")
+    return {k: _shard_tensor(v, _split_rule(k), rank, world_size, k) for k, v in full.items()}
+
+
+def consolidate_state_dict(shards: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The unsharded state dict from the state dicts of every tensor-parallel rank, in rank order."""
+    if not shards:
+        raise ValueError("no shards to consolidate")
+    keys = list(shards[0])
+    for r, s in enumerate(shards[1:], 1):
+        if list(s) != keys:
+            raise ValueError(f"shard {r} has different parameter names than shard 0")
+    return {k: _cat_tensors([s[k] for s in shards], _split_rule(k)) for k in keys}
+
+
+def reshard_state_dicts(shards: List[Dict[str, torch.Tensor]], world_size: int) -> List[Dict[str, torch.Tensor]]:
+    """Checkpoint shards written at one model-parallel size, re-split for another."""
+    full = consolidate_state_dict(shards)
+    return [shard_state_dict(full, r, world_size) for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collectives with the gradients they need
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the model-parallel group; every rank's input affects every rank's output, so the backward
+    is a sum too (fairscale's reduce_from_model_parallel_region assumes replicated consumers instead)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ParallelOutNorm(nn.Module):
+    """The GLA output norm over the whole hidden_dim when each rank holds hidden_dim / tp of it: the
+    statistics (sum, sum of squares) are all-reduced, so every rank normalises exactly as one device would.
+    Computed in fp32 like the single-device SRMSNorm; rms/layer weights are sharded with the heads."""
+
+    def __init__(self, kind: str, full_dim: int, eps: float, group):
+        super().__init__()
+        self.kind, self.full_dim, self.eps, self.group = kind, full_dim, eps, group
+        if kind in ("rms", "layer"):
+            self.weight = nn.Parameter(torch.empty(full_dim // dist.get_world_size(group)))
+        if kind == "layer":
+            self.bias = nn.Parameter(torch.empty(full_dim // dist.get_world_size(group)))
+
+    def _sum(self, x):
+        return _AllReduceSum.apply(x.sum(-1, keepdim=True), self.group)
+
+    def forward(self, x):
+        xf = x.float() if x.dtype != torch.float64 else x
+        if self.kind == "layer":
+            xf = xf - self._sum(xf) / self.full_dim
+        y = xf * torch.rsqrt(self._sum(xf * xf) / self.full_dim + self.eps)
+        if self.kind == "rms":
+            y = y * self.weight
+        elif self.kind == "layer":
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor parallelism
+
+def _check_divisible(model: TransNormerLLM, tp: int):
+    cfg = model.cfg
+    for name in ("n_heads", "hidden_dim", "glu_dim", "vocab_size"):
+        value = getattr(cfg, name)
+        if value % tp:
+            raise ValueError(f"tensor parallelism: {name}={value} is not divisible by the model-parallel "
+                             f"size {tp}")
+
+
+def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
+    """Shard ``model`` in place over fairscale's (already initialised) model-parallel group, copying this
+    rank's slice of its current weights, so that every rank building the model from one seed and sharding
+    it computes exactly what the unsharded model computes. Returns the model, with ``vocab_parallel = True``
+    (its logits are this rank's slice of the vocabulary)."""
+    from fairscale.nn.model_parallel import initialize as mpu
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    tp, rank, group = mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank(), mpu.get_model_parallel_group()
+    if tp == 1:
+        return model
+    if getattr(model, "vocab_parallel", False):
+        raise ValueError("this model is already tensor-parallel")
+    _check_divisible(model, tp)
+    cfg = model.cfg
+    param = next(model.parameters())
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    no_init = lambda w: w   # noqa: E731 -- the weights are copied from the full model below
+
+    def column(linear, gather_output=False):
+        return ColumnParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    gather_output=gather_output, init_method=no_init)
+
+    def row(linear):
+        return RowParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 input_is_parallel=True, init_method=no_init)
+
+    for layer in model.layers:
+        gla: GatedLinearAttention = layer.token_mixer
+        gla.qkvu_proj, gla.out_proj = column(gla.qkvu_proj), row(gla.out_proj)
+        gla.out_norm = ParallelOutNorm(cfg.norm, cfg.hidden_dim, cfg.norm_eps, group)
+        gla.slope = gla.slope.chunk(tp)[rank].clone()
+        if gla.lrpe is not None:
+            gla.lrpe.theta = nn.Parameter(torch.empty_like(gla.lrpe.theta.chunk(tp)[rank]))
+        sglu: SGLU = layer.channel_mixer
+        sglu.l1, sglu.l2, sglu.l3 = column(sglu.l1), column(sglu.l2), row(sglu.l3)
+
+    embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=no_init)
+    # F.embedding's padding_idx indexes the local shard: only the rank holding the pad row keeps its gradient 0
+    local_pad = cfg.pad_id - embed.vocab_start_index
+    embed.padding_idx = local_pad if 0 <= local_pad < embed.num_embeddings_per_partition else None
+    model.embed_tokens = embed
+    model.lm_head = column(model.lm_head)
+
+    model.to(device=param.device, dtype=param.dtype)
+    model.load_state_dict(shard_state_dict(full, rank, tp), strict=True)
+    model.vocab_parallel = True
+    return model
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross entropy [*target.shape] (0 where target == ignore_index) from logits sharded over the
+    vocabulary. fairscale's _VocabParallelCrossEntropy is exact but shifts its input in place and has no
+    ignore_index: it gets an fp32 copy (so the caller's logits stay intact and the softmax is fp32) and the
+    ignored positions are zeroed, which also zeroes their gradient."""
+    from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy as fairscale_vpce
+
+    if logits_shard.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits_shard.shape)} do not match target {tuple(target.shape)}")
+    ignored = target == ignore_index
+    loss = fairscale_vpce(logits_shard.to(torch.float32, copy=True), target.masked_fill(ignored, 0))
+    return loss.masked_fill(ignored, 0.0)
+
+
+def gather_vocab_parallel_logits(logits_shard: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from the shards (for generation and scoring)."""
+    from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
+    return gather_from_model_parallel_region(logits_shard)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation checkpointing and FSDP, one block at a time
+
+def _checkpointed_forward(block_forward, x, state=None, offset: int = 0, padding_mask=None):
+    if not torch.is_grad_enabled() or state is not None:     # decoding / eval: nothing to save
+        return block_forward(x, state, offset, padding_mask)
+    return checkpoint(block_forward, x, state, offset, padding_mask, use_reentrant=False)
+
+
+def apply_activation_checkpointing(model: TransNormerLLM) -> TransNormerLLM:
+    """Recompute each block's activations in the backward pass. The block's forward is replaced on the
+    instance, so parameter names (and checkpoints) are unchanged; the RNG state is restored for the
+    recomputation, so dropout masks match."""
+    for block in model.layers:
+        if not getattr(block, "activation_checkpointing", False):
+            block.forward = functools.partial(_checkpointed_forward, block.forward)
+            block.activation_checkpointing = True
+    return model
+
+
+def apply_fsdp(model: TransNormerLLM, min_num_params: int = 0) -> TransNormerLLM:
+    """Wrap each block with fairseq's fsdp_wrap, a no-op outside fairseq's fsdp_enable_wrap context (which
+    fairseq-train enters for --ddp-backend fully_sharded); the host wraps the whole model last."""
+    from fairseq.distributed import fsdp_wrap
+    for i, block in enumerate(model.layers):
+        model.layers[i] = fsdp_wrap(block, min_num_params=min_num_params)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fairseq 0.12's --model-parallel-size imports fairseq.model_parallel.megatron.mpu, a git submodule that the
+# pip package does not ship. fairscale.nn.model_parallel derives from that same Megatron mpu with the same
+# names, so the plugin registers it under the submodule's import path (only where the real one is missing).
+# The CUDA RNG tracker needs CUDA; on CPU its seeding is skipped (CPU runs use the global generator).
+
+def install_megatron_mpu_shim():
+    name = "fairseq.model_parallel.megatron.mpu"
+    if name in sys.modules:
+        return
+    try:
+        import fairseq.model_parallel.megatron.mpu  # noqa: F401  the real submodule
+        return
+    except ImportError:
+        pass
+    from fairscale.nn.model_parallel import initialize, random
+
+    def model_parallel_cuda_manual_seed(seed: int):
+        if torch.cuda.is_available():
+            random.model_parallel_cuda_manual_seed(seed)
+
+    mpu = types.ModuleType(name)
+    mpu.__doc__ = "fairscale.nn.model_parallel under the Megatron-submodule name fairseq imports (tnllm_plugin)"
+    for attr in ("initialize_model_parallel", "model_parallel_is_initialized", "get_model_parallel_group",
+                 "get_model_parallel_rank", "get_model_parallel_world_size", "get_model_parallel_src_rank",
+                 "get_data_parallel_group", "get_data_parallel_rank", "get_data_parallel_world_size"):
+        setattr(mpu, attr, getattr(initialize, attr))
+    mpu.get_cuda_rng_tracker = random.get_cuda_rng_tracker
+    mpu.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+    megatron = types.ModuleType("fairseq.model_parallel.megatron")
+    megatron.mpu = mpu
+    sys.modules.setdefault("fairseq.model_parallel.megatron", megatron)
+    sys.modules[name] = mpu
+    # megatron_trainer imported before the shim existed decided it had no submodule: tell it otherwise
+    trainer = sys.modules.get("fairseq.model_parallel.megatron_trainer")
+    if trainer is not None and not trainer.has_megatron_submodule:
+        for attr in ("get_data_parallel_rank", "get_data_parallel_world_size", "get_model_parallel_src_rank",
+                     "get_cuda_rng_tracker"):
+            setattr(trainer, attr, getattr(mpu, attr))
+        trainer.has_megatron_submodule = True
