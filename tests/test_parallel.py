@@ -211,3 +211,8 @@ def test_bf16_model_keeps_fp32_attention_state():
     logits, state = model(batch()[0], use_cache=True)
     assert logits.dtype == torch.bfloat16
     assert all(s.dtype == torch.float32 for s in state.kv)
+    # the decay rates stay fp32 constants under the cast (fairseq --bf16 casts the whole model)
+    fp32_slopes = [layer.token_mixer.slope for layer in build("srms").layers]
+    for layer, ref in zip(model.layers, fp32_slopes):
+        assert layer.token_mixer.slope.dtype == torch.float32
+        assert torch.equal(layer.token_mixer.slope, ref)

@@ -168,6 +168,14 @@ class GatedLinearAttention(nn.Module):
         self.block_size = cfg.block_size
         self.register_buffer("slope", slope.float(), persistent=False)   # [H]
 
+    def _apply(self, fn, recurse=True):
+        # the decay rates are constants of the architecture: a cast of the module (fairseq's --bf16 does
+        # model.to(bfloat16)) moves them to the new device but keeps them fp32, as bf16 would shift lambda^n
+        slope = self.slope
+        super()._apply(fn, recurse)
+        self.slope = slope.to(self.slope.device)
+        return self
+
     def forward(self, x, state=None, offset: int = 0, padding_mask=None):
         b, n, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)

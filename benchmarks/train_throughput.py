@@ -1,0 +1,253 @@
+"""Training throughput on one GPU: TransNormerLLM-385M next to a LLaMA of the same size (HF, SDPA attention)
+and flash-linear-attention's RetNet, in one run, with the same training step for all:
+
+    bf16 autocast, fp32 master weights, forward, cross entropy in fp32, backward, fused AdamW step
+
+16384 tokens per step (batch = 16384 // seq_len, at least 1), sequence lengths 2048, 8192, 32768;
+tokens/s is the median over the timed steps after warm-up; peak memory is torch.cuda.max_memory_allocated
+over the whole measurement (GB = 1e9 bytes). Then the longest sequence our model trains at batch 1 with
+per-block activation checkpointing and a chunked LM-head loss (doubling search; an OOM ends it).
+
+    python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
+    python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tnllm_plugin.model import TransNormerLLM  # noqa: E402
+from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
+from tnllm_plugin.presets import preset_config  # noqa: E402
+
+FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
+            warmup=3, steps=10, longest_start=32768, longest_max=1 << 22)
+SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32, 64, 128),
+             warmup=1, steps=2, longest_start=128, longest_max=512)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models; each builder returns (model, logits_fn) or raises ImportError with the reason it is skipped
+
+def transnormer(s):
+    cfg = preset_config("385m", vocab_size=s["vocab"]) if s is FULL else preset_config(
+        "tiny", vocab_size=s["vocab"], n_layers=s["layers"], d_model=s["dim"], hidden_dim=s["dim"],
+        n_heads=s["heads"], glu_dim=s["ffn"])
+    return TransNormerLLM(cfg), lambda m, x: m(x)[0]
+
+
+def llama_sdpa(s):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                      max_position_embeddings=max(s["seqs"]), tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg), lambda m, x: m(input_ids=x, use_cache=False).logits
+
+
+def fla_retnet(s):
+    if not torch.cuda.is_available():
+        raise ImportError("fla's Triton kernels need CUDA")
+    from fla.models import RetNetConfig, RetNetForCausalLM    # fla's defaults otherwise (expand_v=2, ...)
+    cfg = RetNetConfig(vocab_size=s["vocab"], hidden_size=s["dim"], num_hidden_layers=s["layers"],
+                       num_heads=s["heads"], tie_word_embeddings=False)
+    return RetNetForCausalLM(cfg), lambda m, x: m(input_ids=x, use_cache=False).logits
+
+
+MODELS = {"transnormer_llm_385m": transnormer, "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def train_step(model, loss_fn, opt, x, y, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = loss_fn(model, x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def plain_loss(logits_fn):
+    def loss_fn(model, x, y):
+        logits = logits_fn(model, x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return loss_fn
+
+
+def chunked_loss(model, x, y, chunk=8192):
+    """Hidden states, then the LM head and cross entropy chunk by chunk, each chunk recomputed in the backward:
+    the full [seq, vocab] logits never exist, so the attention (not the LM head) bounds the sequence length."""
+    hidden, _ = model(x, return_hidden=True)
+    def piece(h, t):
+        return F.cross_entropy(model.lm_head(h).flatten(0, 1).float(), t.flatten(), reduction="sum")
+    total = sum(checkpoint(piece, hidden[:, i:i + chunk], y[:, i:i + chunk], use_reentrant=False)
+                for i in range(0, x.shape[1], chunk))
+    return total / y.numel()
+
+
+def measure(model, loss_fn, opt, s, seq, device):
+    batch = max(1, s["tokens"] // seq)
+    g = torch.Generator(device="cpu").manual_seed(seq)
+    x = torch.randint(3, s["vocab"], (batch, seq), generator=g).to(device)
+    y = torch.randint(3, s["vocab"], (batch, seq), generator=g).to(device)
+    free_memory(device)
+    times, loss = [], None
+    for i in range(s["warmup"] + s["steps"]):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = train_step(model, loss_fn, opt, x, y, device)
+        sync(device)
+        if i >= s["warmup"]:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return dict(tokens_per_s=batch * seq / statistics.median(times), peak_gb=peak, batch=batch,
+                loss=float(loss.detach()))
+
+
+def is_oom(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_model(name, s, device):
+    try:
+        model, logits_fn = MODELS[name](s)
+    except ImportError as e:
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    model.to(device)            # fp32 master weights; bf16 only inside autocast
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    result = {"params": n_params, "seqs": {}}
+    for seq in s["seqs"]:
+        try:
+            result["seqs"][seq] = measure(model, plain_loss(logits_fn), opt, s, seq, device)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            opt.zero_grad(set_to_none=True)
+            result["seqs"][seq] = {"oom": True}
+        print(name, seq, result["seqs"][seq], flush=True)
+    del model, opt
+    free_memory(device)
+    return result
+
+
+def longest_sequence(s, device):
+    """Doubling search for the longest sequence TransNormerLLM trains at batch 1 (one full step)."""
+    model, _ = transnormer(s)
+    model = apply_activation_checkpointing(model.to(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    seq, best = s["longest_start"], None
+    while seq <= s["longest_max"]:
+        x = torch.randint(3, s["vocab"], (1, seq), device=device)
+        try:
+            free_memory(device)
+            sync(device)
+            t0 = time.perf_counter()
+            train_step(model, chunked_loss, opt, x, x, device)
+            sync(device)
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+            best = dict(seq=seq, step_s=time.perf_counter() - t0, peak_gb=peak)
+            print("longest so far", best, flush=True)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            opt.zero_grad(set_to_none=True)
+            break
+        finally:
+            del x
+        seq *= 2
+    reached_cap = best is not None and best["seq"] * 2 > s["longest_max"]
+    del model, opt
+    free_memory(device)
+    return dict(best or {}, search_cap_reached=reached_cap)
+
+
+def table(results, s, longest):
+    seqs = s["seqs"]
+    lines = ["| model | params | " + " | ".join(f"seq {n} tokens/s" for n in seqs) + " | peak memory (GB) |",
+             "|---|---|" + "---|" * len(seqs) + "---|"]
+    for name, r in results.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * len(seqs) + " |")
+            continue
+        cells = [("OOM" if "oom" in r["seqs"][n] else f"{r['seqs'][n]['tokens_per_s'] / 1e3:.1f}k") for n in seqs]
+        peak = max((m["peak_gb"] for m in r["seqs"].values() if "oom" not in m), default=float("nan"))
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {peak:.1f} |")
+    ours = results.get("transnormer_llm_385m", {}).get("seqs", {})
+
+    def ratio(other, n):
+        o = results.get(other, {}).get("seqs", {}).get(n, {})
+        if "tokens_per_s" not in o or "tokens_per_s" not in ours.get(n, {}):
+            return "n/a"
+        return f"{ours[n]['tokens_per_s'] / o['tokens_per_s']:.2f}x"
+    lines.append("")
+    for other in ("llama_385m_sdpa", "fla_retnet"):
+        lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
+    if all("tokens_per_s" in ours.get(n, {}) for n in (seqs[0], seqs[-1])):
+        lines.append(f"ours seq {seqs[-1]} / seq {seqs[0]}: "
+                     f"{ours[seqs[-1]]['tokens_per_s'] / ours[seqs[0]]['tokens_per_s']:.2f}")
+    if longest.get("seq"):
+        cap = " (search cap reached)" if longest["search_cap_reached"] else ""
+        lines.append(f"longest sequence at batch 1 with activation checkpointing: {longest['seq']}{cap}, "
+                     f"{longest['step_s']:.1f} s/step, peak {longest['peak_gb']:.1f} GB")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, measures nothing)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
+    args = ap.parse_args()
+    s = SMOKE if args.smoke else FULL
+    if args.smoke:
+        # the CPU dev venv's torchaudio does not match its torch and fails to load; transformers imports it
+        # (for audio helpers this script never uses) whenever it is installed, so hide it
+        sys.modules.setdefault("torchaudio", None)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --smoke on CPU")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+        try:    # the model falls back to the PyTorch block form without it: say which one is measured
+            from tnllm_kernels.lightning_attention.triton_chunk import lightning_attention_triton  # noqa: F401
+            print("TransNormerLLM attention: Triton kernel", flush=True)
+        except ImportError as e:
+            print(f"TransNormerLLM attention: PyTorch block form (no Triton kernel: {e})", flush=True)
+    results = {name: run_model(name, s, device) for name in args.models.split(",")}
+    longest = {} if args.no_longest else longest_sequence(s, device)
+    report = table(results, s, longest)
+    print("\n" + report)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "train_throughput.md"), "w") as f:
+            f.write(report + "\n")
+        with open(os.path.join(out, "train_throughput.json"), "w") as f:
+            json.dump(dict(results=results, longest=longest), f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
