@@ -171,6 +171,27 @@ def test_mp2_checkpoint_loads_at_mp1_and_mp4(sharded):
         torch.testing.assert_close(results["mp2_to_mp4_logits"], logits, **TOL)
 
 
+def test_fairseq_checkpoint_files_reshard(sharded, tmp_path):
+    """MP2 checkpoint files (fairseq naming, a host prefix on the keys) -> MP4 files and an MP1 file."""
+    from tnllm_plugin.parallel import main as reshard_cli
+    mp2 = sharded[0][(2, "srms")]["weights"]
+    for r, shard in enumerate(mp2):
+        torch.save({"model": {f"decoder.{k}": v for k, v in shard.items()}, "last_optimizer_state": {"r": r},
+                    "extra_state": {"epoch": 3}}, tmp_path / f"checkpoint_last-model_part-{r}.pt")
+    full = {f"decoder.{k}": v for k, v in build("srms").state_dict().items()}
+    for size in (4, 1):
+        (tmp_path / f"mp{size}").mkdir()
+        reshard_cli([str(tmp_path / "checkpoint_last.pt"), "--from-size", "2", "--to-size", str(size),
+                     "--out", str(tmp_path / f"mp{size}" / "checkpoint_last.pt")])
+        for r in range(size):
+            name = "checkpoint_last.pt" if size == 1 else f"checkpoint_last-model_part-{r}.pt"
+            state = torch.load(tmp_path / f"mp{size}" / name, weights_only=False)
+            assert "last_optimizer_state" not in state and state["extra_state"] == {"epoch": 3}
+            expected = shard_state_dict(full, r, size)
+            assert set(state["model"]) == set(expected)
+            assert all(torch.equal(state["model"][k], expected[k]) for k in expected)
+
+
 def test_indivisible_sizes_are_clear_errors(sharded):
     for culprit, message in sharded[0]["errors"].items():
         assert message is not None, f"{culprit} not divisible by 2 was accepted"

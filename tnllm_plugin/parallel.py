@@ -99,6 +99,35 @@ def reshard_state_dicts(shards: List[Dict[str, torch.Tensor]], world_size: int) 
     return [shard_state_dict(full, r, world_size) for r in range(world_size)]
 
 
+def _part_path(prefix: str, rank: int, world_size: int) -> str:
+    """fairseq's file naming: checkpoint_last.pt at MP 1, checkpoint_last-model_part-{rank}.pt above."""
+    stem = prefix[:-3] if prefix.endswith(".pt") else prefix
+    return f"{stem}.pt" if world_size == 1 else f"{stem}-model_part-{rank}.pt"
+
+
+def reshard_checkpoint(prefix: str, from_size: int, to_size: int, out_prefix: str) -> List[str]:
+    """Rewrite fairseq checkpoint files written at model-parallel size ``from_size`` for ``to_size``: the model
+    weights are consolidated and re-split; the rest of part 0 is kept, except the optimizer state, whose
+    flattened per-rank layout cannot be re-split (resume with --reset-optimizer)."""
+    # weights_only=False: these are the user's own fairseq checkpoints (they pickle argparse/omegaconf objects)
+    parts = [torch.load(_part_path(prefix, r, from_size), map_location="cpu", weights_only=False)
+             for r in range(from_size)]
+    shards = reshard_state_dicts([p["model"] for p in parts], to_size)
+    written = []
+    for rank, shard in enumerate(shards):
+        state = {k: v for k, v in parts[0].items() if k != "last_optimizer_state"}
+        state["model"] = shard
+        cfg = state.get("cfg")
+        if cfg is not None:
+            for section in ("common", "checkpoint"):
+                if section in cfg and "model_parallel_size" in cfg[section]:
+                    cfg[section]["model_parallel_size"] = to_size
+        path = _part_path(out_prefix, rank, to_size)
+        torch.save(state, path)
+        written.append(path)
+    return written
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Collectives with the gradients they need
 
@@ -300,3 +329,20 @@ def install_megatron_mpu_shim():
                      "get_cuda_rng_tracker"):
             setattr(trainer, attr, getattr(mpu, attr))
         trainer.has_megatron_submodule = True
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m tnllm_plugin.parallel",
+                                 description="Re-split fairseq checkpoints for another --model-parallel-size.")
+    ap.add_argument("checkpoint", help="e.g. checkpoints/checkpoint_last.pt (parts -model_part-R are found)")
+    ap.add_argument("--from-size", type=int, required=True)
+    ap.add_argument("--to-size", type=int, required=True)
+    ap.add_argument("--out", required=True, help="output name, e.g. mp4/checkpoint_last.pt")
+    args = ap.parse_args(argv)
+    for path in reshard_checkpoint(args.checkpoint, args.from_size, args.to_size, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""FSDP and tensor (model) parallelism through fairseq-train on 2 GPUs, each next to the 1-GPU run it must match.
+
+    1 GPU                          vs  --model-parallel-size 2 (2 GPUs, the same batches, split weights)
+    1 GPU with --update-freq 2     vs  --ddp-backend fully_sharded on 2 GPUs (each GPU one of the 2 batches)
+
+fairseq gives the 2 data-parallel workers batches b0, b1 for the first update, exactly what one worker with
+--update-freq 2 accumulates, so the curves agree up to floating-point reduction order (fp32 training).
+Each worker is started by this script (tcp rendezvous, --distributed-no-spawn): fairseq's own spawn would not
+import the plugin before its distributed init, and the plugin must map fairseq's Megatron import first.
+
+    python benchmarks/multi_gpu.py                 # 2 GPUs; loss curves side by side; logs under $OUT
+    python benchmarks/multi_gpu.py --cpu --updates 3 --arch transnormer_llm_tiny    # the same on CPU (gloo)
+"""
+import argparse
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_corpus(workdir, n_train=4000, n_valid=200, vocab=500, seed=0):
+    """Synthetic text with structure to learn (each sentence walks the vocabulary with a fixed stride)."""
+    rng = random.Random(seed)
+    for name, n in (("train", n_train), ("valid", n_valid)):
+        with open(os.path.join(workdir, f"{name}.txt"), "w") as f:
+            for _ in range(n):
+                start, stride = rng.randrange(vocab), rng.choice((1, 3, 7))
+                f.write(" ".join(f"w{(start + stride * j) % vocab}" for j in range(rng.randint(8, 64))) + "\n")
+    data = os.path.join(workdir, "data-bin")
+    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", f"{workdir}/train.txt",
+                    "--validpref", f"{workdir}/valid.txt", "--destdir", data, "--workers", "1"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(name, data, args, world, extra, logdir):
+    """Run fairseq-train on ``world`` workers; returns {update: loss} from its per-update log lines."""
+    base = ["fairseq-train", data, "--user-dir", os.path.join(REPO, "tnllm_plugin"), "--task", "language_modeling",
+            "--arch", args.arch, "--criterion", "transnormer_llm_cross_entropy",
+            "--tokens-per-sample", str(args.tokens_per_sample), "--max-tokens", str(args.max_tokens),
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr), "--clip-norm", "1.0",
+            "--max-update", str(args.updates), "--seed", "1", "--no-save", "--disable-validation",
+            "--log-format", "simple", "--log-interval", "1", "--num-workers", "0", "--required-batch-size-multiple", "1"]
+    if args.cpu:
+        base += ["--cpu", "--distributed-backend", "gloo"]
+    base += extra
+    logs = [os.path.join(logdir, f"{name}.rank{r}.log") for r in range(world)]
+    if world == 1:
+        cmds = [base]
+    else:
+        port = free_port()
+        cmds = [base + ["--distributed-world-size", str(world), "--distributed-rank", str(r), "--device-id", str(r),
+                        "--distributed-no-spawn", "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+                for r in range(world)]
+    print(f"[{name}] " + " ".join(cmds[0]), flush=True)
+    procs = [subprocess.Popen(c, stdout=open(log, "w"), stderr=subprocess.STDOUT) for c, log in zip(cmds, logs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        sys.exit(f"[{name}] failed with exit codes {codes}; see {logs}")
+    losses = {}
+    for line in open(logs[0]):
+        m = re.search(r"\| train_inner \|.* loss=([\d.]+).* num_updates=(\d+)", line)
+        if m:
+            losses[int(m.group(2))] = float(m.group(1))
+    if not losses:
+        sys.exit(f"[{name}] no loss lines in {logs[0]}")
+    return losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="transnormer_llm_385m")
+    ap.add_argument("--updates", type=int, default=30)
+    ap.add_argument("--tokens-per-sample", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU (a check of the script, tiny sizes)")
+    ap.add_argument("--tolerance", type=float, default=2e-3, help="largest |loss difference| that counts as a match")
+    args = ap.parse_args()
+    if args.cpu:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    else:
+        import torch
+        if torch.cuda.device_count() < 2:
+            sys.exit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    out = os.environ.get("OUT") or tempfile.mkdtemp(prefix="tnllm_multi_gpu_")
+    work = tempfile.mkdtemp(prefix="tnllm_corpus_")
+    data = make_corpus(work)
+    runs = {
+        "1gpu": train("1gpu", data, args, 1, [], out),
+        "mp2": train("mp2", data, args, 2, ["--model-parallel-size", "2"], out),
+        "1gpu_uf2": train("1gpu_uf2", data, args, 1, ["--update-freq", "2"], out),
+        "fsdp2": train("fsdp2", data, args, 2, ["--ddp-backend", "fully_sharded"], out),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    pairs = (("1gpu", "mp2"), ("1gpu_uf2", "fsdp2"))
+    lines = ["| update | " + " | ".join(runs) + " | mp2 - 1gpu | fsdp2 - 1gpu_uf2 |",
+             "|---|" + "---|" * (len(runs) + 2)]
+    worst = {p: 0.0 for p in pairs}
+    for u in sorted(runs["1gpu"]):
+        row = [runs[r].get(u, float("nan")) for r in runs]
+        diffs = []
+        for a, b in pairs:
+            d = runs[b].get(u, float("nan")) - runs[a][u]
+            worst[(a, b)] = max(worst[(a, b)], abs(d)) if d == d else float("inf")
+            diffs.append(f"{d:+.4f}")
+        lines.append(f"| {u} | " + " | ".join(f"{x:.4f}" for x in row) + " | " + " | ".join(diffs) + " |")
+    lines.append("")
+    for (a, b), w in worst.items():
+        verdict = "MATCH" if w <= args.tolerance else "MISMATCH"
+        lines.append(f"{b} vs {a}: largest |loss difference| {w:.2e} over {len(runs[a])} updates: {verdict}")
+    report = "\n".join(lines)
+    print("\n" + report)
+    with open(os.path.join(out, "multi_gpu.md"), "w") as f:
+        f.write(report + "\n")
+    print(f"logs in {out}")
+
+
+if __name__ == "__main__":
+    main()
