@@ -77,6 +77,12 @@ def state_dict_to_released(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
 
 def load_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """load_state_dict that names every missing, unexpected or mis-shaped tensor before touching the model."""
+    check_state_dict(model, sd)
+    model.load_state_dict(sd, strict=True)
+
+
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor of ``sd`` for ``model``."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -91,4 +97,3 @@ def load_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None
         problems.append(f"not in the model: {unexpected}")
     if problems:
         raise ValueError("checkpoint does not match the architecture: " + " | ".join(problems))
-    model.load_state_dict(sd, strict=True)
