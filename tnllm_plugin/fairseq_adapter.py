@@ -36,6 +36,11 @@ def allow_fairseq_checkpoints_in_torch_load():
 
 allow_fairseq_checkpoints_in_torch_load()
 
+# fairseq's --model-parallel-size imports Megatron's mpu, a submodule the pip package lacks: map it to fairscale's
+# (done at import, before fairseq-train's distributed init; see parallel.install_megatron_mpu_shim)
+from .parallel import install_megatron_mpu_shim  # noqa: E402
+install_megatron_mpu_shim()
+
 
 def config_from_args(args, dictionary) -> TransNormerConfig:
     return TransNormerConfig(
