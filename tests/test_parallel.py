@@ -3,6 +3,11 @@ gradients at model-parallel sizes 2 and 4, on CPU with gloo. One spawn of 4 proc
 work (MP 2 as two groups of 2, then MP 4) and saves what it computed; the tests compare that here with the
 unsharded model. Resharding, activation checkpointing and bf16 state run in this process."""
 import os
+import random
+import re
+import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +19,7 @@ from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
 from tnllm_plugin.parallel import (apply_activation_checkpointing, consolidate_state_dict, reshard_state_dicts,
                                    shard_state_dict)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = -100
 WORLD = 4
 # preset-like, with n_heads divisible by 4, LRPE on layer 0 (theta slicing), several attention blocks
@@ -70,8 +76,9 @@ def _sharded_step(name, out):
     model = apply_tensor_parallel(build(name))
     tokens, target = batch()
     logits_shard, _ = model(tokens)
-    per_token = vocab_parallel_cross_entropy(logits_shard, target, IGNORE)
+    per_token = vocab_parallel_cross_entropy(logits_shard, target, IGNORE, reduction="none")
     loss = loss_of(per_token, target)
+    assert torch.equal(vocab_parallel_cross_entropy(logits_shard, target, IGNORE), per_token.sum())
     loss.backward()
     group = mpu.get_model_parallel_group()
     shards = [None] * mpu.get_model_parallel_world_size()
@@ -237,3 +244,62 @@ def test_bf16_model_keeps_fp32_attention_state():
     for layer, ref in zip(model.layers, fp32_slopes):
         assert layer.token_mixer.slope.dtype == torch.float32
         assert torch.equal(layer.token_mixer.slope, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One host: fairseq-train at --model-parallel-size 2 (two CPU processes, gloo) against size 1
+
+def _fairseq_train(data, save_dir, world, port=None):
+    bin_dir = os.path.dirname(sys.executable)
+    cmd = [os.path.join(bin_dir, "fairseq-train"), data, "--user-dir", os.path.join(REPO, "tnllm_plugin"),
+           "--task", "language_modeling", "--arch", "transnormer_llm_tiny", "--criterion",
+           "transnormer_llm_cross_entropy", "--tokens-per-sample", "32", "--max-tokens", "128",
+           "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2",
+           "--seed", "7", "--cpu", "--num-workers", "0", "--disable-validation", "--log-format", "simple",
+           "--log-interval", "1", "--save-dir", save_dir, "--no-epoch-checkpoints", "--save-interval-updates", "2"]
+    if world > 1:
+        cmd += ["--model-parallel-size", str(world), "--distributed-world-size", str(world),
+                "--distributed-backend", "gloo", "--distributed-no-spawn",
+                "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd + (["--distributed-rank", str(r), "--device-id", str(r)] if world > 1 else []),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(world)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [float(x) for x in re.findall(r"\| train_inner \|.* loss=([\d.]+)", logs[0])]
+
+
+@pytest.mark.slow
+def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
+    if not os.path.exists(os.path.join(REPO, "tnllm_plugin", "fairseq_adapter.py")):
+        pytest.skip("tnllm_plugin/fairseq_adapter.py is not there yet")
+    rng = random.Random(0)
+    for name, n in (("train", 60), ("valid", 4)):     # 60 words + 4 specials: a vocabulary divisible by 2
+        with open(tmp_path / f"{name}.txt", "w") as f:
+            for _ in range(n):
+                start = rng.randrange(60)
+                f.write(" ".join(f"w{(start + 3 * j) % 60}" for j in range(rng.randint(5, 30))) + "\n")
+    words = " ".join(f"w{i}" for i in range(60))
+    with open(tmp_path / "train.txt", "a") as f:
+        f.write(words + "\n")
+    data = str(tmp_path / "data-bin")
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
+                    "--trainpref", str(tmp_path / "train.txt"), "--validpref", str(tmp_path / "valid.txt"),
+                    "--destdir", data, "--workers", "1"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loss_mp1 = _fairseq_train(data, str(tmp_path / "mp1"), 1)
+    loss_mp2 = _fairseq_train(data, str(tmp_path / "mp2"), 2, port)
+    assert len(loss_mp1) == 2 and len(loss_mp2) == 2
+    assert loss_mp2 == pytest.approx(loss_mp1, abs=2e-3)      # the host logs 3 decimals
+    # the weights after two Adam steps: the MP2 parts consolidate to the MP1 checkpoint
+    mp1 = torch.load(tmp_path / "mp1" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    parts = [torch.load(tmp_path / "mp2" / f"checkpoint_last-model_part-{r}.pt", map_location="cpu",
+                        weights_only=False)["model"] for r in range(2)]
+    mp2 = consolidate_state_dict(parts)
+    assert set(mp2) == set(mp1)
+    for k in mp1:
+        torch.testing.assert_close(mp2[k], mp1[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -239,19 +239,23 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
     return model
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Per-token cross entropy [*target.shape] (0 where target == ignore_index) from logits sharded over the
-    vocabulary. fairscale's _VocabParallelCrossEntropy is exact but shifts its input in place and has no
-    ignore_index: it gets an fp32 copy (so the caller's logits stay intact and the softmax is fp32) and the
-    ignored positions are zeroed, which also zeroes their gradient."""
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                                 reduction: str = "sum") -> torch.Tensor:
+    """Cross entropy from logits sharded over the vocabulary, ignoring ``ignore_index`` targets: summed
+    (``reduction="sum"``, what a fairseq criterion returns) or per token (``"none"``, 0 at ignored targets).
+    fairscale's _VocabParallelCrossEntropy is exact but shifts its input in place and has no ignore_index:
+    it gets an fp32 copy (so the caller's logits stay intact and the softmax is fp32) and the ignored positions
+    are zeroed, which also zeroes their gradient."""
     from fairscale.nn.model_parallel.cross_entropy import vocab_parallel_cross_entropy as fairscale_vpce
 
     if logits_shard.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits_shard.shape)} do not match target {tuple(target.shape)}")
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     ignored = target == ignore_index
     loss = fairscale_vpce(logits_shard.to(torch.float32, copy=True), target.masked_fill(ignored, 0))
-    return loss.masked_fill(ignored, 0.0)
+    loss = loss.masked_fill(ignored, 0.0)
+    return loss.sum() if reduction == "sum" else loss
 
 
 def gather_vocab_parallel_logits(logits_shard: torch.Tensor) -> torch.Tensor:
