@@ -102,6 +102,8 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         parser.add_argument("--no-scale-embedding", action="store_true")
         parser.add_argument("--dropout", type=float, metavar="D")
         parser.add_argument("--init-std", type=float)
+        parser.add_argument("--checkpoint-activations", action="store_true",
+                            help="recompute each block's activations in the backward pass")
 
     @classmethod
     def build_model(cls, args, task):
@@ -110,6 +112,10 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         if getattr(args, "model_parallel_size", 1) > 1:
             from .parallel import apply_tensor_parallel
             apply_tensor_parallel(decoder.transnormer)
+        from .parallel import apply_activation_checkpointing, apply_fsdp
+        if getattr(args, "checkpoint_activations", False):
+            apply_activation_checkpointing(decoder.transnormer)
+        apply_fsdp(decoder.transnormer)     # one FSDP unit per block under --ddp-backend fully_sharded, else no-op
         return cls(decoder)
 
     @property
