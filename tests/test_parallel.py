@@ -257,8 +257,8 @@ def _fairseq_train(data, save_dir, world, port=None):
            "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2",
            "--seed", "7", "--cpu", "--num-workers", "0", "--disable-validation", "--log-format", "simple",
            "--log-interval", "1", "--save-dir", save_dir, "--no-epoch-checkpoints", "--save-interval-updates", "2"]
-    if world > 1:
-        cmd += ["--model-parallel-size", str(world), "--distributed-world-size", str(world),
+    if world > 1:      # with per-block activation checkpointing too: it must not change the numbers
+        cmd += ["--checkpoint-activations", "--model-parallel-size", str(world), "--distributed-world-size", str(world),
                 "--distributed-backend", "gloo", "--distributed-no-spawn",
                 "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
