@@ -57,8 +57,8 @@ def train(name, data, args, world, extra, logdir):
         base += ["--cpu", "--distributed-backend", "gloo"]
     base += extra
     logs = [os.path.join(logdir, f"{name}.rank{r}.log") for r in range(world)]
-    if world == 1:
-        cmds = [base]
+    if world == 1:     # explicitly: fairseq otherwise defaults to every visible GPU
+        cmds = [base + ["--distributed-world-size", "1"]]
     else:
         port = free_port()
         cmds = [base + ["--distributed-world-size", str(world), "--distributed-rank", str(r), "--device-id", str(r),
