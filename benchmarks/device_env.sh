@@ -1,0 +1,5 @@
+# On the GPU machine, sourced first: install the carried wheels (fetch_device_wheels.sh) into /tmp/site and
+# make this checkout importable (tnllm_plugin, and kernels/ under its installed name tnllm_kernels).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+mkdir -p /tmp/tnllm_path && ln -sfn "$PWD/kernels" /tmp/tnllm_path/tnllm_kernels
+export PYTHONPATH="/tmp/site:/tmp/tnllm_path:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
