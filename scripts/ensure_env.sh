@@ -5,6 +5,9 @@
 _root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _pins=$(cat "$_root/requirements.txt" "$_root/constraints.txt" | sha256sum | cut -c1-12)
 TNLLM_VENV=${TNLLM_VENV:-$HOME/.cache/tnllm/venv-$_pins}
+mkdir -p "$(dirname "$TNLLM_VENV")"
+exec 9>"$TNLLM_VENV.lock"       # one creator at a time (parallel shells, CI next to a developer)
+flock 9
 if [ ! -f "$TNLLM_VENV/.complete" ]; then
     echo "[tnllm] creating the environment in $TNLLM_VENV (first time: about 5-10 minutes, fairseq compiles)"
     rm -rf "$TNLLM_VENV"
@@ -14,6 +17,7 @@ if [ ! -f "$TNLLM_VENV/.complete" ]; then
         -c "$_root/constraints.txt" -r "$_root/requirements.txt" || { echo "[tnllm] install failed" >&2; return 1 2>/dev/null || exit 1; }
     touch "$TNLLM_VENV/.complete"
 fi
+flock -u 9
 # point the editable install at this checkout (several clones may share one env)
 _where=$(cd / && "$TNLLM_VENV/bin/python" -c 'import os, tnllm_plugin, tnllm_kernels; print(os.path.dirname(os.path.dirname(tnllm_plugin.__file__)), os.path.dirname(os.path.dirname(tnllm_kernels.__file__)))' 2>/dev/null)
 if [ "$_where" != "$_root $_root" ]; then
@@ -22,4 +26,5 @@ if [ "$_where" != "$_root $_root" ]; then
 fi
 export TNLLM_VENV
 export PATH="$TNLLM_VENV/bin:$PATH"
+exec 9>&-
 unset _root _pins _where

@@ -1,0 +1,149 @@
+"""The fairseq host: registration, incremental decoding through fairseq's decoder API, the criterion, and a
+real fairseq-train -> fairseq-eval-lm -> generation run on CPU (subprocesses of the host's own CLIs)."""
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+fairseq = pytest.importorskip("fairseq")
+from fairseq.criterions import CRITERION_REGISTRY  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY  # noqa: E402
+
+from tnllm_plugin import fairseq_adapter  # noqa: E402
+from tnllm_plugin.fairseq_adapter import TransNormerCrossEntropy, TransNormerLanguageModel  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = ["tiny", "385m", "1b", "3b", "7b", "13b", "65b", "175b"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_registered():
+    assert MODEL_REGISTRY["transnormer_llm"] is TransNormerLanguageModel
+    for name in PRESETS:
+        assert ARCH_MODEL_REGISTRY[f"transnormer_llm_{name}"] is TransNormerLanguageModel
+    assert CRITERION_REGISTRY["transnormer_llm_cross_entropy"] is TransNormerCrossEntropy
+
+
+def make_task(vocab=40):
+    d = Dictionary()
+    for i in range(vocab):
+        d.add_symbol(f"w{i}")
+    return Namespace(target_dictionary=d, source_dictionary=d), d
+
+
+def build(arch="transnormer_llm_tiny", **over):
+    task, d = make_task()
+    args = Namespace(arch=arch, **over)
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    ARCH_CONFIG_REGISTRY[arch](args)
+    torch.manual_seed(0)
+    return TransNormerLanguageModel.build_model(args, task).double().eval(), d
+
+
+@pytest.mark.parametrize("arch", ["transnormer_llm_385m", "transnormer_llm_7b"])
+def test_presets_give_table10_shapes(arch):
+    task, _ = make_task()
+    args = Namespace(arch=arch)
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    ARCH_CONFIG_REGISTRY[arch](args)
+    cfg = fairseq_adapter.config_from_args(args, task.target_dictionary)
+    want = {"transnormer_llm_385m": (24, 1024, 8, 2816), "transnormer_llm_7b": (30, 4096, 32, 11008)}[arch]
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.glu_dim) == want
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_full_forward():
+    model, d = build(lrpe_layers="0,1")
+    tokens = torch.randint(d.nspecial, len(d), (3, 23), generator=torch.Generator().manual_seed(0))
+    full = model.decoder(tokens)[0]
+    inc = {}
+    outs = [model.decoder(tokens[:, :9], incremental_state=inc)[0]]   # prefill of 9 tokens
+    for t in range(10, 24):                                            # fairseq passes the whole prefix
+        outs.append(model.decoder(tokens[:, :t], incremental_state=inc)[0])
+    assert rel(torch.cat(outs, 1), full) < 1e-10
+
+
+@torch.no_grad()
+def test_reorder_incremental_state():
+    model, d = build()
+    tokens = torch.randint(d.nspecial, len(d), (3, 12), generator=torch.Generator().manual_seed(1))
+    inc = {}
+    model.decoder(tokens[:, :11], incremental_state=inc)
+    order = torch.tensor([2, 0, 0])
+    model.decoder.reorder_incremental_state_scripting(inc, order)
+    step = model.decoder(tokens[order], incremental_state=inc)[0]
+    full = model.decoder(tokens[order])[0]
+    assert rel(step[:, -1], full[:, -1]) < 1e-10
+
+
+def test_criterion_ignores_padding():
+    model, d = build()
+    tokens = torch.randint(d.nspecial, len(d), (2, 10), generator=torch.Generator().manual_seed(2))
+    target = tokens.roll(-1, 1)
+    padded = target.clone()
+    padded[1, 6:] = d.pad()
+    crit = TransNormerCrossEntropy(Namespace(target_dictionary=d, source_dictionary=d))
+    sample = {"net_input": {"src_tokens": tokens}, "target": padded, "ntokens": int(padded.ne(d.pad()).sum())}
+    loss, sample_size, log = crit(model, sample)
+    logits = model(tokens)[0]
+    want = torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum") + \
+        torch.nn.functional.cross_entropy(logits[1, :6], target[1, :6], reduction="sum")
+    assert sample_size == 16 and torch.allclose(loss.double(), want, rtol=1e-6)  # the criterion works in fp32
+
+
+def test_mismatched_checkpoint_names_the_tensor():
+    model, _ = build()
+    sd = model.state_dict()
+    key = "decoder.transnormer.layers.0.token_mixer.qkvu_proj.weight"
+    sd[key] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=re.escape(f"{key}: checkpoint (5, 5) vs model (256, 64)")):
+        model.load_state_dict(sd)
+
+
+# --- the real host, end to end -----------------------------------------------------------------------------
+
+def host(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([str(bindir / cmd[0])] + [str(c) for c in cmd[1:]], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_train_eval_generate_through_fairseq(tmp_path):
+    # a corpus with structure to learn: counting sequences over 30 words
+    lines = [" ".join(f"w{(s + i) % 30}" for i in range(12)) for s in range(400)]
+    for split, part in [("train", lines[:360]), ("valid", lines[360:])]:
+        (tmp_path / f"{split}.txt").write_text("\n".join(part) + "\n")
+    host(["fairseq-preprocess", "--only-source", "--trainpref", tmp_path / "train.txt", "--validpref",
+          tmp_path / "valid.txt", "--destdir", tmp_path / "bin", "--workers", "1"], tmp_path)
+    user_dir = REPO / "tnllm_plugin"
+    log = host(["fairseq-train", tmp_path / "bin", "--user-dir", user_dir, "--task", "language_modeling", "--cpu",
+                "--arch", "transnormer_llm_tiny", "--criterion", "transnormer_llm_cross_entropy",
+                "--tokens-per-sample", "64", "--max-tokens", "1024", "--optimizer", "adam", "--lr", "5e-3",
+                "--max-update", "60", "--log-interval", "10", "--log-format", "simple", "--save-dir",
+                tmp_path / "ckpt", "--no-epoch-checkpoints", "--seed", "1", "--num-workers", "0"], tmp_path)
+    losses = [float(x) for x in re.findall(r"train_inner .*? loss=([\d.]+)", log)]
+    assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0], losses
+    # the checkpoint reloads for evaluation with the default torch.load (weights_only) and no env variable
+    ev = host(["fairseq-eval-lm", tmp_path / "bin", "--user-dir", user_dir, "--path",
+               tmp_path / "ckpt" / "checkpoint_last.pt", "--cpu", "--tokens-per-sample", "64",
+               "--gen-subset", "valid", "--num-workers", "0"], tmp_path)
+    ppl = float(re.search(r"Perplexity: ([\d.]+)", ev).group(1))
+    assert ppl < 2 ** losses[0]
+    # generation through fairseq's sequence generator: the learnt counting continues
+    lm = TransNormerLanguageModel.from_pretrained(str(tmp_path / "ckpt"), "checkpoint_last.pt", str(tmp_path / "bin"))
+    lm.eval()
+    out = lm.sample("w3 w4 w5 w6 w7", beam=1, max_len_b=8)     # the length counts the prompt
+    assert out.split()[:7] == ["w3", "w4", "w5", "w6", "w7", "w8", "w9"], out
