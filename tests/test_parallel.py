@@ -295,11 +295,14 @@ def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
     loss_mp2 = _fairseq_train(data, str(tmp_path / "mp2"), 2, port)
     assert len(loss_mp1) == 2 and len(loss_mp2) == 2
     assert loss_mp2 == pytest.approx(loss_mp1, abs=2e-3)      # the host logs 3 decimals
-    # the weights after two Adam steps: the MP2 parts consolidate to the MP1 checkpoint
+    # the weights after two Adam steps: the MP2 checkpoint files, resharded to MP1, equal the MP1 checkpoint
+    from tnllm_plugin.parallel import main as reshard_cli
+    reshard_cli([str(tmp_path / "mp2" / "checkpoint_last.pt"), "--from-size", "2", "--to-size", "1",
+                 "--out", str(tmp_path / "mp2_as_mp1.pt")])
     mp1 = torch.load(tmp_path / "mp1" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
-    parts = [torch.load(tmp_path / "mp2" / f"checkpoint_last-model_part-{r}.pt", map_location="cpu",
-                        weights_only=False)["model"] for r in range(2)]
-    mp2 = consolidate_state_dict(parts)
+    resharded = torch.load(tmp_path / "mp2_as_mp1.pt", map_location="cpu", weights_only=False)
+    assert resharded["cfg"]["common"]["model_parallel_size"] == 1
+    mp2 = resharded["model"]
     assert set(mp2) == set(mp1)
     for k in mp1:
         torch.testing.assert_close(mp2[k], mp1[k], rtol=1e-4, atol=1e-5, msg=k)
