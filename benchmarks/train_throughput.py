@@ -217,7 +217,8 @@ def table(results, s, longest):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (checks the script, measures nothing)")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated subset of " + ",".join(MODELS) + " ('' for the longest-sequence search only)")
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
     args = ap.parse_args()
     s = SMOKE if args.smoke else FULL
@@ -237,7 +238,11 @@ def main():
             print("TransNormerLLM attention: Triton kernel", flush=True)
         except ImportError as e:
             print(f"TransNormerLLM attention: PyTorch block form (no Triton kernel: {e})", flush=True)
-    results = {name: run_model(name, s, device) for name in args.models.split(",")}
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        sys.exit(f"unknown models {unknown}; known: {list(MODELS)}")
+    results = {name: run_model(name, s, device) for name in names}
     longest = {} if args.no_longest else longest_sequence(s, device)
     report = table(results, s, longest)
     print("\n" + report)
