@@ -1,0 +1,227 @@
+"""The Triton lightning-attention kernel (forward and backward) against the float64 quadratic reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the kernel module
+is imported) at small shapes; with CUDA the same tests run on the GPU, and the tests marked ``gpu`` add large
+shapes and a comparison of our error with flash-linear-attention's ``chunk_simple_gla`` on the same inputs.
+Error measure: ||out - ref|| / ||ref||.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"          # must precede the @triton.jit decorations below
+pytest.importorskip("triton")
+
+_MOD = "tnllm_kernels.lightning_attention.triton_chunk"
+if not CUDA and _MOD in sys.modules:             # imported earlier without the interpreter: decorate again
+    importlib.reload(sys.modules[_MOD])
+from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
+from tnllm_kernels.lightning_attention.naive import lightning_attention_naive  # noqa: E402
+from tnllm_kernels.lightning_attention.triton_chunk import MAX_DK, MAX_DV, lightning_attention_triton  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _inputs(B, N, H, DK, DV, dtype, slopes, seed, with_s0=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.silu(torch.randn(B, N, H, DK, generator=g)) * 0.5
+    k = torch.nn.functional.silu(torch.randn(B, N, H, DK, generator=g)) * 0.5
+    v = torch.randn(B, N, H, DV, generator=g)
+    s0 = torch.randn(B, H, DK, DV, generator=g) if with_s0 else None
+    do = torch.randn(B, N, H, DV, generator=g)
+    dht = torch.randn(B, H, DK, DV, generator=g)
+    slope = torch.tensor(slopes, dtype=torch.float32)
+    cast = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    return ([cast(t).to(dtype) for t in (q, k, v)], cast(slope), cast(s0), cast(do), cast(dht))
+
+
+def _run_ours(qkv, slope, s0, do, dht, **kw):
+    qkv = [t.detach().clone().requires_grad_() for t in qkv]
+    s0r = s0.detach().clone().requires_grad_() if s0 is not None else None
+    o, fin = lightning_attention_triton(*qkv, slope, s0r, **kw)
+    loss = (o.float() * do).sum() + (fin * dht).sum()
+    loss.backward()
+    return o, fin, [t.grad for t in qkv], (s0r.grad if s0r is not None else None)
+
+
+def _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_naive):
+    qkv = [t.detach().double().requires_grad_() for t in qkv]
+    s0r = s0.detach().double().requires_grad_() if s0 is not None else None
+    o, fin = fn(*qkv, slope.double(), s0r)
+    ((o * do.double()).sum() + (fin * dht.double()).sum()).backward()
+    return o, fin, [t.grad for t in qkv], (s0r.grad if s0r is not None else None)
+
+
+def _compare(ours, ref, tol, label=""):
+    names = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
+    got = [ours[0], ours[1], *ours[2], ours[3]]
+    exp = [ref[0], ref[1], *ref[2], ref[3]]
+    errs = {}
+    for n, a, b in zip(names, got, exp):
+        if b is None:
+            assert a is None, f"{label}{n}: expected no gradient"
+            continue
+        assert a is not None, f"{label}{n} missing"
+        assert a.shape == b.shape, f"{label}{n}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert torch.isfinite(a).all(), f"{label}{n} has non-finite values"
+        errs[n] = rel(a, b)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"{label}relative errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# (B, N, H, Dk, Dv, chunk, segments, dtype, slopes, initial state)
+CASES = [
+    (2, 77, 2, 32, 16, 16, None, torch.float32, [0.0, 0.3], True),         # odd N, batch 2, Dk != Dv, lambda = 1
+    (1, 100, 3, 16, 32, 16, 3, torch.float32, [0.0, 0.05, 1.0], True),    # several segments (pre-pass + scan)
+    (2, 77, 2, 32, 16, 16, None, torch.bfloat16, [0.0, 0.3], True),
+    (1, 90, 2, 32, 32, 32, 2, torch.bfloat16, [0.02, 0.5], False),        # no initial state, 2 segments
+    (1, 37, 2, 200, 72, 16, 2, torch.float32, [0.0, 0.1], True),          # Dk > 128 (LRPE-doubled): Dv tiles
+    (1, 20, 1, 16, 16, 16, None, torch.float16, [0.2], True),
+    (1, 1, 1, 16, 16, 16, None, torch.float32, [0.7], True),              # a single token
+]
+
+
+@pytest.mark.parametrize("B,N,H,DK,DV,C,NSEG,dtype,slopes,with_s0", CASES)
+def test_matches_float64_reference(B, N, H, DK, DV, C, NSEG, dtype, slopes, with_s0):
+    qkv, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, slopes, seed=N * 7 + DK, with_s0=with_s0)
+    ours = _run_ours(qkv, slope, s0, do, dht, chunk_size=C, num_segments=NSEG)
+    ref = _run_ref(qkv, slope, s0, do, dht)
+    assert ours[0].dtype == dtype and ours[1].dtype == torch.float32
+    _compare(ours, ref, TOL[dtype])
+
+
+def test_segments_and_chunk_size_do_not_change_the_result():
+    qkv, slope, s0, do, dht = _inputs(1, 70, 2, 16, 16, torch.float32, [0.0, 0.2], seed=3)
+    base = _run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=1)
+    for kw in (dict(chunk_size=16, num_segments=5), dict(chunk_size=32, num_segments=2)):
+        other = _run_ours(qkv, slope, s0, do, dht, **kw)
+        _compare(other, base, 1e-5, label=f"{kw}: ")
+
+
+def test_no_final_state_and_strided_inputs():
+    """Views from a fused projection (non-contiguous along N and H) work without copies; output_final_state=False
+    returns None and the gradients still flow to q, k, v."""
+    B, N, H, D = 2, 33, 2, 16
+    g = torch.Generator().manual_seed(5)
+    fused = torch.randn(B, N, 3 * H * D, generator=g).to(DEV)
+    q, k, v = (t.reshape(B, N, H, D) for t in fused.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    slope = torch.tensor([0.0, 0.4], device=DEV)
+    q, k, v = (torch.nn.functional.silu(t) if i < 2 else t for i, t in enumerate((q, k, v)))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o, fin = lightning_attention_triton(*leaves, slope, None, output_final_state=False, chunk_size=16)
+    assert fin is None
+    do = torch.randn(o.shape, generator=g).to(DEV)
+    (o * do).sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    od, _ = lightning_attention_naive(*refs, slope.double())
+    (od * do.double()).sum().backward()
+    assert rel(o, od) < 1e-4
+    for a, b in zip(leaves, refs):
+        assert rel(a.grad, b.grad) < 1e-4
+
+
+def test_gradient_of_initial_state_without_final_state_gradient():
+    qkv, slope, s0, do, _ = _inputs(1, 50, 2, 16, 16, torch.float32, [0.0, 0.3], seed=11)
+    s0r = s0.clone().requires_grad_()
+    o, _ = lightning_attention_triton(*qkv, slope, s0r, chunk_size=16, num_segments=2)
+    (o * do).sum().backward()
+    s0d = s0.double().requires_grad_()
+    od, _ = lightning_attention_naive(*(t.double() for t in qkv), slope.double(), s0d)
+    (od * do.double()).sum().backward()
+    assert rel(s0r.grad, s0d.grad) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _ok(B=1, N=8, H=2, DK=16, DV=16, dtype=torch.float32):
+    return (torch.randn(B, N, H, DK, device=DEV, dtype=dtype), torch.randn(B, N, H, DK, device=DEV, dtype=dtype),
+            torch.randn(B, N, H, DV, device=DEV, dtype=dtype), torch.zeros(H, device=DEV))
+
+
+def test_clear_errors():
+    q, k, v, s = _ok()
+    with pytest.raises(TypeError, match="dtype"):
+        lightning_attention_triton(q.double(), k.double(), v.double(), s)
+    with pytest.raises(TypeError, match="dtype"):
+        lightning_attention_triton(q.long(), k.long(), v.long(), s)
+    with pytest.raises(TypeError, match="share one dtype"):
+        lightning_attention_triton(q, k.half(), v, s)
+    with pytest.raises(ValueError, match="4-D"):
+        lightning_attention_triton(q[0], k[0], v[0], s)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lightning_attention_triton(q, k[:, :4], v, s)
+    with pytest.raises(ValueError, match="v's"):
+        lightning_attention_triton(q, k, v[:, :4], s)
+    with pytest.raises(ValueError, match="slope"):
+        lightning_attention_triton(q, k, v, torch.zeros(3, device=DEV))
+    with pytest.raises(ValueError, match="initial_state"):
+        lightning_attention_triton(q, k, v, s, torch.zeros(1, 2, 16, 8, device=DEV))
+    with pytest.raises(ValueError, match="chunk_size"):
+        lightning_attention_triton(q, k, v, s, chunk_size=48)
+    q2, k2, v2, _ = _ok(DK=MAX_DK + 1)
+    with pytest.raises(ValueError, match="over the limits"):
+        lightning_attention_triton(q2, k2, v2, s)
+    q3, k3, v3, _ = _ok(DV=MAX_DV + 1)
+    with pytest.raises(ValueError, match="over the limits"):
+        lightning_attention_triton(q3, k3, v3, s)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        lightning_attention_triton(q, k, v, [0.0, 0.0])
+
+
+def test_cpu_tensors_are_refused_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, s = (t.cpu() for t in _ok())
+    with pytest.raises(ValueError, match="CUDA"):
+        lightning_attention_triton(q, k, v, s)
+
+
+# ------------------------------------------------------------------------------------------------ GPU, large
+def _fla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:          # noqa: BLE001  (fla absent or broken: compare with the reference only)
+        return None
+    return chunk_simple_gla
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,DK,DV,dtype,with_s0", [
+    (2, 4096, 16, 128, 128, torch.bfloat16, True),
+    (1, 8191, 8, 128, 128, torch.bfloat16, False),
+    (2, 2000, 4, 256, 128, torch.bfloat16, True),         # LRPE-doubled q/k
+    (1, 3001, 4, 64, 64, torch.float32, True),
+    (1, 1500, 4, 128, 64, torch.float16, True),
+])
+def test_gpu_large_vs_reference_and_fla(B, N, H, DK, DV, dtype, with_s0):
+    slopes = [0.0] + [2 ** (-8 * (h + 1) / H) for h in range(1, H)]
+    qkv, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, slopes, seed=N, with_s0=with_s0)
+    ours = _run_ours(qkv, slope, s0, do, dht)
+    ref = _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_chunk)     # float64, linear in N
+    errs = _compare(ours, ref, TOL[dtype])
+    fla = _fla()
+    if fla is None or dtype == torch.float32:
+        return
+    # fla's chunk_simple_gla on the same inputs: g is the per-token log decay, scale 1 (no 1/sqrt(d))
+    leaves = [t.detach().clone().requires_grad_() for t in qkv]
+    s0r = s0.detach().clone().requires_grad_() if s0 is not None else None
+    g = (-slope.float())[None, None, :].expand(B, N, H).contiguous()
+    o, fin = fla(*leaves, g=g, scale=1.0, initial_state=s0r, output_final_state=True)
+    ((o.float() * do).sum() + (fin.float() * dht).sum()).backward()
+    fla_out = (o, fin, [t.grad for t in leaves], s0r.grad if s0r is not None else None)
+    fla_errs = _compare(fla_out, ref, 1.0, label="fla ")
+    print(f"\nours {errs}\nfla  {fla_errs}")
+    # ours must be no worse than fla's (10% slack for rounding noise between two bf16 computations)
+    worse = {n: (errs[n], fla_errs[n]) for n in errs if errs[n] > 1.1 * fla_errs[n] + 1e-6}
+    assert not worse, f"our error exceeds fla's: {worse}"

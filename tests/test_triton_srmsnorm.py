@@ -1,0 +1,96 @@
+"""The Triton SRMSNorm (and the fused norm * gate) against the float64 reference, forward and backward.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernel module is
+imported); with CUDA the same tests run on the GPU, plus large shapes marked ``gpu``.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+_MOD = "tnllm_kernels.srmsnorm.triton_srmsnorm"
+if not CUDA and _MOD in sys.modules:
+    importlib.reload(sys.modules[_MOD])
+from tnllm_kernels.srmsnorm import srms_norm, srms_norm_gate  # noqa: E402
+from tnllm_kernels.srmsnorm.reference import srms_norm_reference  # noqa: E402
+from tnllm_kernels.srmsnorm.triton_srmsnorm import srms_norm_gate_triton, srms_norm_triton  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check(shape, dtype, seed, gate):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(DEV, dtype).requires_grad_()
+    u = torch.randn(shape, generator=g).to(DEV, dtype).requires_grad_()
+    dz = torch.randn(shape, generator=g).to(DEV)
+    z = srms_norm_gate_triton(x, u) if gate else srms_norm_triton(x)
+    assert z.dtype == dtype and z.shape == x.shape
+    (z.float() * dz).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ud = u.detach().double().requires_grad_()
+    zd = srms_norm_reference(xd) * ud if gate else srms_norm_reference(xd)
+    (zd * dz.double()).sum().backward()
+    tol = TOL[dtype]
+    assert rel(z, zd) < tol
+    assert rel(x.grad, xd.grad) < tol
+    if gate:
+        assert rel(u.grad, ud.grad) < tol
+    else:
+        assert u.grad is None
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (7, 300), (2, 9000), (1, 4096)])   # 9000 > one block: two passes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", [False, True])
+def test_matches_float64_reference(shape, dtype, gate):
+    _check(shape, dtype, seed=sum(shape), gate=gate)
+
+
+def test_dispatch_and_non_contiguous_input():
+    x = torch.randn(4, 6, 32, device=DEV).transpose(0, 1)        # non-contiguous
+    u = torch.randn(6, 4, 32, device=DEV)
+    ref = srms_norm_reference(x.double())
+    assert rel(srms_norm_triton(x), ref) < 1e-5
+    assert rel(srms_norm_gate_triton(x, u), ref * u.double()) < 1e-5
+    assert rel(srms_norm(x), ref) < 1e-5                            # the package entry point (reference on CPU)
+    assert rel(srms_norm_gate(x, u), ref * u.double()) < 1e-5
+
+
+def test_clear_errors(monkeypatch):
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(TypeError, match="dtype"):
+        srms_norm_triton(x.double())
+    with pytest.raises(TypeError, match="dtype"):
+        srms_norm_triton(x.long())
+    with pytest.raises(ValueError, match="shape"):
+        srms_norm_gate_triton(x, torch.randn(2, 4, device=DEV))
+    with pytest.raises(TypeError, match="dtype"):
+        srms_norm_gate_triton(x, x.half())
+    with pytest.raises(ValueError, match="last dimension"):
+        srms_norm_triton(torch.randn(2, 0, device=DEV))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        srms_norm_triton([1.0, 2.0])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        srms_norm_triton(torch.randn(2, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gate", [False, True])
+def test_gpu_large(dtype, gate):
+    _check((8192, 4096), dtype, seed=1, gate=gate)
+    _check((300, 20000), dtype, seed=2, gate=gate)
