@@ -213,15 +213,49 @@ def test_gpu_large_vs_reference_and_fla(B, N, H, DK, DV, dtype, with_s0):
     fla = _fla()
     if fla is None or dtype == torch.float32:
         return
-    # fla's chunk_simple_gla on the same inputs: g is the per-token log decay, scale 1 (no 1/sqrt(d))
-    leaves = [t.detach().clone().requires_grad_() for t in qkv]
-    s0r = s0.detach().clone().requires_grad_() if s0 is not None else None
-    g = (-slope.float())[None, None, :].expand(B, N, H).contiguous()
-    o, fin = fla(*leaves, g=g, scale=1.0, initial_state=s0r, output_final_state=True)
-    ((o.float() * do).sum() + (fin.float() * dht).sum()).backward()
-    fla_out = (o, fin, [t.grad for t in leaves], s0r.grad if s0r is not None else None)
-    fla_errs = _compare(fla_out, ref, 1.0, label="fla ")
-    print(f"\nours {errs}\nfla  {fla_errs}")
+    # fla's chunk_simple_gla on the same inputs, scale 1 (no 1/sqrt(d)). The per-token log-decay form g = -slope
+    # is what the issue names; fla 0.6.0 refuses its backward on Hopper with Triton 3.4 to 3.7.0 (fla #640), and
+    # then its constant-decay form g_gamma = -slope (same function) is the comparison.
+    fla_errs = None
+    for form in ("g", "g_gamma"):
+        leaves = [t.detach().clone().requires_grad_() for t in qkv]
+        s0r = s0.detach().clone().requires_grad_() if s0 is not None else None
+        decay = dict(g=(-slope.float())[None, None, :].expand(B, N, H).contiguous()) if form == "g" else \
+            dict(g_gamma=-slope.float())
+        try:
+            o, fin = fla(*leaves, **decay, scale=1.0, initial_state=s0r, output_final_state=True)
+            ((o.float() * do).sum() + (fin.float() * dht).sum()).backward()
+        except RuntimeError as e:
+            if "#640" in str(e):
+                continue
+            raise
+        fla_out = (o, fin, [t.grad for t in leaves], s0r.grad if s0r is not None else None)
+        fla_errs = _compare(fla_out, ref, 1.0, label=f"fla ({form}) ")
+        break
+    assert fla_errs is not None
+    print(f"\nours {errs}\nfla ({form}) {fla_errs}")
     # ours must be no worse than fla's (10% slack for rounding noise between two bf16 computations)
     worse = {n: (errs[n], fla_errs[n]) for n in errs if errs[n] > 1.1 * fla_errs[n] + 1e-6}
     assert not worse, f"our error exceeds fla's: {worse}"
+
+
+@pytest.mark.gpu
+def test_gpu_every_autotune_config_is_correct():
+    """Each (num_warps, num_stages) the autotuner may pick gives the right answer at the benchmark's tile shapes
+    (Dk = Dv = 128, several segments, initial and final state)."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    qkv, slope, s0, do, dht = _inputs(1, 1000, 4, 128, 128, torch.bfloat16, [0.0, 0.01, 0.1, 0.5], seed=7)
+    ref = _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_chunk)
+    saved = os.environ.get("TNLLM_TRITON_AUTOTUNE")
+    os.environ["TNLLM_TRITON_AUTOTUNE"] = "1"
+    try:
+        for cfg in tc._configs():
+            tc._force_configs([cfg])
+            ours = _run_ours(qkv, slope, s0, do, dht)
+            _compare(ours, ref, TOL[torch.bfloat16], label=f"{cfg}: ")
+    finally:
+        if saved is None:
+            os.environ.pop("TNLLM_TRITON_AUTOTUNE")
+        else:
+            os.environ["TNLLM_TRITON_AUTOTUNE"] = saved
+        tc._force_configs(None)

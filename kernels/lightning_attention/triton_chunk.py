@@ -48,7 +48,7 @@ def _configs(extra=None):
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if os.environ.get("TNLLM_TRITON_AUTOTUNE", "1") == "0":      # one config, e.g. for quick GPU tests
         return [triton.Config({}, num_warps=8, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 1), (8, 2))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,45 +217,47 @@ def _fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# backward: dq (forward walk carrying S)
+# backward. No kernel transposes a matrix-unit result in registers before feeding it to another product (the
+# pattern that Triton 3.4 to 3.7.0 miscompiles on Hopper, fla issue #640): the transposed products are formed
+# from the loaded tiles, and each walk carries its state in the orientation its products need.
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_S0", "PARTIAL"], **_AUTOTUNE_KW)
+@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_S0"], **_AUTOTUNE_KW)
 @triton.jit
 def _bwd_dq_kernel(
     K, V, DO, DQ, SLOPE, S0,
-    skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
-    sdq_v, sdqb, sdqn, sdqh,
+    skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod, sdqb, sdqn, sdqh,
     s0_bh, s0_s,
     N, H, NC, CPS,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_S0: tl.constexpr, PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_S0: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """dq = ((dO V^T) * M) K + lambda^(i+1) dO S^T: a forward walk carrying S^T [Dv, BK] (a Dk tile, all of Dv)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_k = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     dt = K.dtype.element_ty
     sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
     kmask = offs_k < DK
     vmask = offs_v < DV
     gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
-    mask_dec = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
+    mask_dec = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)       # [i, j]
     q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
 
     if HAS_S0:
         p_s = S0 + pid_bh.to(tl.int64) * s0_bh + pid_s.to(tl.int64) * s0_s
-        S = tl.load(p_s + offs_k[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
+        ST = tl.load(p_s + offs_k[None, :] * DV + offs_v[:, None], mask=vmask[:, None] & kmask[None, :], other=0.0)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        ST = tl.zeros([BV, BK], dtype=tl.float32)
 
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    dq_base = DQ + pid_v.to(tl.int64) * sdq_v + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
+    dq_base = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
     c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
     for c in range(c_lo, c_hi):
         rows = c * C + offs_c
@@ -266,27 +268,80 @@ def _bwd_dq_kernel(
         do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
         da = _mm(do, tl.trans(v), DOT_PREC) * mask_dec
         dq = _mm(da.to(dt), k, DOT_PREC)
-        dq += _mm(do, tl.trans(S.to(dt)), DOT_PREC) * q_dec[:, None]
+        dq += _mm(do, ST.to(dt), DOT_PREC) * q_dec[:, None]
         tl.store(dq_base + r64 * sdqn + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
         m = tl.minimum(N - c * C, C)
         k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        S = S * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans(k), (v * k_dec[:, None]).to(dt), DOT_PREC)
+        ST = ST * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((v * k_dec[:, None]).to(dt)), k, DOT_PREC)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# backward: dk, dv (reverse walk carrying dS), and the gradient of the initial state
-# ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_D0", "STORE_DH0", "PARTIAL"], **_AUTOTUNE_KW)
+@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_D0"], **_AUTOTUNE_KW)
 @triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK_, DV_, SLOPE, D0, DH0,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod,
-    sdk_v, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+def _bwd_dk_kernel(
+    Q, V, DO, DK_, SLOPE, D0,
+    sqb, sqn, sqh, sqd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod, sdkb, sdkn, sdkh,
     d0_bh, d0_s,
     N, H, NC, CPS,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_D0: tl.constexpr, STORE_DH0: tl.constexpr, PARTIAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_D0: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """dk = ((V dO^T) * M^T) Q + lambda^(m-1-j) V dS^T: a reverse walk carrying dS^T [Dv, BK]."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    dt = Q.dtype.element_ty
+    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+    offs_c = tl.arange(0, C)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    kmask = offs_k < DK
+    vmask = offs_v < DV
+    gap = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)                      # [j, i]: i - j
+    mask_t = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
+    q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
+
+    if HAS_D0:
+        p_d = D0 + pid_bh.to(tl.int64) * d0_bh + pid_s.to(tl.int64) * d0_s
+        DT = tl.load(p_d + offs_k[None, :] * DV + offs_v[:, None], mask=vmask[:, None] & kmask[None, :], other=0.0)
+    else:
+        DT = tl.zeros([BV, BK], dtype=tl.float32)
+
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+    dk_base = DK_ + b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh
+    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
+    for i in range(0, c_hi - c_lo):
+        c = c_hi - 1 - i
+        rows = c * C + offs_c
+        rmask = rows < N
+        r64 = rows[:, None].to(tl.int64)
+        q = tl.load(q_base + r64 * sqn + offs_k[None, :] * sqd, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        v = tl.load(v_base + r64 * svn + offs_v[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+        do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
+        m = tl.minimum(N - c * C, C)
+        k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
+        dat = _mm(v, tl.trans(do), DOT_PREC) * mask_t                                # [j, i]
+        dk = _mm(dat.to(dt), q, DOT_PREC)
+        dk += _mm(v, DT.to(dt), DOT_PREC) * k_dec[:, None]
+        tl.store(dk_base + r64 * sdkn + offs_k[None, :], dk.to(DK_.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
+        DT = DT * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((do * q_dec[:, None]).to(dt)), q, DOT_PREC)
+
+
+@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_D0", "STORE_DH0"], **_AUTOTUNE_KW)
+@triton.jit
+def _bwd_dv_kernel(
+    Q, K, DO, DV_, SLOPE, D0, DH0,
+    sqb, sqn, sqh, sqd, skb, skn, skh, skd, sdob, sdon, sdoh, sdod, sdvb, sdvn, sdvh,
+    d0_bh, d0_s,
+    N, H, NC, CPS,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    HAS_D0: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dv = ((K Q^T) * M^T) dO + lambda^(m-1-j) K dS: a reverse walk carrying dS [Dk, BV] (all of Dk, a Dv
+    tile); segment 0's dS at its start is the gradient of the initial state."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -299,8 +354,8 @@ def _bwd_dkdv_kernel(
     offs_v = pid_v * BV + tl.arange(0, BV)
     kmask = offs_k < DK
     vmask = offs_v < DV
-    gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
-    mask_dec = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)     # [i, j]
+    gap = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)                      # [j, i]: i - j
+    mask_t = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
     q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
 
     if HAS_D0:
@@ -311,9 +366,7 @@ def _bwd_dkdv_kernel(
 
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    dk_base = DK_ + pid_v.to(tl.int64) * sdk_v + b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh
     dv_base = DV_ + b.to(tl.int64) * sdvb + h.to(tl.int64) * sdvh
     c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
     for i in range(0, c_hi - c_lo):
@@ -323,25 +376,29 @@ def _bwd_dkdv_kernel(
         r64 = rows[:, None].to(tl.int64)
         q = tl.load(q_base + r64 * sqn + offs_k[None, :] * sqd, mask=rmask[:, None] & kmask[None, :], other=0.0)
         k = tl.load(k_base + r64 * skn + offs_k[None, :] * skd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(v_base + r64 * svn + offs_v[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
         do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
         m = tl.minimum(N - c * C, C)
         k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        a = _mm(q, tl.trans(k), DOT_PREC) * mask_dec          # [i, j]
-        da = _mm(do, tl.trans(v), DOT_PREC) * mask_dec        # [i, j]
-        Dc = D.to(dt)
-        dv = _mm(tl.trans(a.to(dt)), do, DOT_PREC)
-        dv += _mm(k, Dc, DOT_PREC) * k_dec[:, None]
-        dk = _mm(tl.trans(da.to(dt)), q, DOT_PREC)
-        dk += _mm(v, tl.trans(Dc), DOT_PREC) * k_dec[:, None]
+        at = _mm(k, tl.trans(q), DOT_PREC) * mask_t                                  # [j, i]
+        dv = _mm(at.to(dt), do, DOT_PREC)
+        dv += _mm(k, D.to(dt), DOT_PREC) * k_dec[:, None]
         tl.store(dv_base + r64 * sdvn + offs_v[None, :], dv.to(DV_.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
-        tl.store(dk_base + r64 * sdkn + offs_k[None, :], dk.to(DK_.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
         D = D * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((q * q_dec[:, None]).to(dt)), do, DOT_PREC)
 
     if STORE_DH0:
         if pid_s == 0:
             p_h = DH0 + pid_bh.to(tl.int64) * DK * DV
             tl.store(p_h + offs_k[:, None] * DV + offs_v[None, :], D, mask=kmask[:, None] & vmask[None, :])
+
+
+_AUTOTUNED = [_seg_local_kernel, _fwd_kernel, _bwd_dq_kernel, _bwd_dk_kernel, _bwd_dv_kernel]
+
+
+def _force_configs(configs=None):
+    """Tests: make every autotuned kernel use exactly ``configs`` (None: the default space)."""
+    for kern in _AUTOTUNED:
+        kern.configs = list(configs) if configs is not None else _configs()
+        kern.cache = {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,13 +411,14 @@ def _num_sms(device) -> int:
 
 
 def _plan(B, N, H, DK, DV, C, device, num_segments=None):
-    """Tile sizes and the number of segments: enough programs for ~2 waves of the GPU's SMs."""
-    BK = max(16, triton.next_power_of_2(DK))
-    if BK <= 128:
-        BV = max(16, triton.next_power_of_2(DV))
-    else:
-        BV = max(16, min(64, triton.next_power_of_2(DV)))
-    NV = triton.cdiv(DV, BV)
+    """Tile sizes and the number of segments (enough programs for ~2 waves of the GPU's SMs).
+    Forward and dv walks hold all of Dk and a Dv tile (BVT); dq and dk walks hold all of Dv and a Dk tile (BKT)."""
+    BKF = max(16, triton.next_power_of_2(DK))
+    BVF = max(16, triton.next_power_of_2(DV))
+    BVT = BVF if BKF <= 128 else min(64, BVF)
+    BKT = min(128, BKF)
+    NV = triton.cdiv(DV, BVT)
+    NK = triton.cdiv(DK, BKT)
     NC = max(1, triton.cdiv(N, C))
     if num_segments is None:
         target = 2 * _num_sms(device)
@@ -368,7 +426,7 @@ def _plan(B, N, H, DK, DV, C, device, num_segments=None):
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
-    return BK, BV, NV, NC, CPS, NSEG
+    return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, NV=NV, NK=NK, NC=NC, CPS=CPS, NSEG=NSEG)
 
 
 def _dot_prec(dtype):
@@ -421,7 +479,8 @@ def _check_inputs(q, k, v, slope, initial_state):
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
-    BK, BV, NV, NC, CPS, NSEG = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    BK, BV, NV, NC, CPS, NSEG = P["BKF"], P["BVT"], P["NV"], P["NC"], P["CPS"], P["NSEG"]
     prec = _dot_prec(q.dtype)
     o = torch.empty(B, N, H, DV, dtype=v.dtype, device=q.device)
     sfin = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -450,35 +509,32 @@ def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
     return o, sfin, sinit
 
 
-def _bwd(q, k, v, slope, s0, sinit, do, dht, need_dh0, C, num_segments):
+def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
-    BK, BV, NV, NC, CPS, NSEG = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    NC, CPS, NSEG = P["NC"], P["CPS"], P["NSEG"]
     prec = _dot_prec(q.dtype)
     dev = q.device
-    if NV > 1:
-        dq_buf = torch.empty(NV, B, N, H, DK, dtype=torch.float32, device=dev)
-        dk_buf = torch.empty(NV, B, N, H, DK, dtype=torch.float32, device=dev)
-    else:
-        dq_buf = torch.empty(1, B, N, H, DK, dtype=q.dtype, device=dev)
-        dk_buf = torch.empty(1, B, N, H, DK, dtype=k.dtype, device=dev)
+    dq = torch.empty(B, N, H, DK, dtype=q.dtype, device=dev)
+    dk = torch.empty(B, N, H, DK, dtype=k.dtype, device=dev)
     dv = torch.empty(B, N, H, DV, dtype=v.dtype, device=dev)
     dh0 = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev) if need_dh0 else None
 
-    # dq: forward walk, same segment initial states as the forward pass
+    # dq: forward walk from the same segment initial states as the forward pass
     if sinit is None:
         s0_bh, s0_s = 0, 0
     elif NSEG > 1:
         s0_bh, s0_s = NSEG * DK * DV, DK * DV
     else:
         s0_bh, s0_s = DK * DV, 0
-    _bwd_dq_kernel[(B * H, NSEG, NV)](
-        k, v, do, dq_buf, slope, sinit if sinit is not None else dq_buf,
-        *k.stride(), *v.stride(), *do.stride(), dq_buf.stride(0), *dq_buf.stride()[1:4], s0_bh, s0_s,
+    _bwd_dq_kernel[(B * H, NSEG, P["NK"])](
+        k, v, do, dq, slope, sinit if sinit is not None else dq,
+        *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3], s0_bh, s0_s,
         N, H, NC, CPS,
-        DK=DK, DV=DV, BK=BK, BV=BV, C=C, HAS_S0=sinit is not None, PARTIAL=NV > 1, DOT_PREC=prec)
+        DK=DK, DV=DV, BK=P["BKT"], BV=P["BVF"], C=C, HAS_S0=sinit is not None, DOT_PREC=prec)
 
-    # dk, dv: reverse walk; segment end states of dS from a pre-pass and a reverse scan
+    # dk, dv: reverse walks; dS at each segment's end from a pre-pass and a reverse scan
     dinit, d0_bh, d0_s = None, 0, 0
     if NSEG > 1:
         dinit = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=dev)
@@ -486,9 +542,9 @@ def _bwd(q, k, v, slope, s0, sinit, do, dht, need_dh0, C, num_segments):
             dinit[:, NSEG - 1] = dht.reshape(B * H, DK, DV)
         else:
             dinit[:, NSEG - 1].zero_()
-        _seg_local_kernel[(B * H, NSEG - 1, NV)](
+        _seg_local_kernel[(B * H, NSEG - 1, P["NV"])](
             q, do, slope, dinit, *q.stride(), *do.stride(), N, H, NC, CPS, NSEG,
-            DK=DK, DV=DV, BK=BK, BV=BV, C=C, REVERSE=True, DOT_PREC=prec)
+            DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, REVERSE=True, DOT_PREC=prec)
         blk = min(1024, triton.next_power_of_2(DK * DV))
         _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
             dinit, slope, H, N, NSEG, CPS * C, DK * DV, REVERSE=True, BLOCK=blk)
@@ -496,18 +552,17 @@ def _bwd(q, k, v, slope, s0, sinit, do, dht, need_dh0, C, num_segments):
     elif dht is not None:
         dinit = dht
         d0_bh, d0_s = DK * DV, 0
-    _bwd_dkdv_kernel[(B * H, NSEG, NV)](
-        q, k, v, do, dk_buf, dv, slope, dinit if dinit is not None else dv, dh0 if dh0 is not None else dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        dk_buf.stride(0), *dk_buf.stride()[1:4], *dv.stride()[:3], d0_bh, d0_s,
+    _bwd_dk_kernel[(B * H, NSEG, P["NK"])](
+        q, v, do, dk, slope, dinit if dinit is not None else dk,
+        *q.stride(), *v.stride(), *do.stride(), *dk.stride()[:3], d0_bh, d0_s,
         N, H, NC, CPS,
-        DK=DK, DV=DV, BK=BK, BV=BV, C=C, HAS_D0=dinit is not None, STORE_DH0=dh0 is not None,
-        PARTIAL=NV > 1, DOT_PREC=prec)
-    if NV > 1:
-        dq = dq_buf.sum(0).to(q.dtype)
-        dk = dk_buf.sum(0).to(k.dtype)
-    else:
-        dq, dk = dq_buf[0], dk_buf[0]
+        DK=DK, DV=DV, BK=P["BKT"], BV=P["BVF"], C=C, HAS_D0=dinit is not None, DOT_PREC=prec)
+    _bwd_dv_kernel[(B * H, NSEG, P["NV"])](
+        q, k, do, dv, slope, dinit if dinit is not None else dv, dh0 if dh0 is not None else dv,
+        *q.stride(), *k.stride(), *do.stride(), *dv.stride()[:3], d0_bh, d0_s,
+        N, H, NC, CPS,
+        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, HAS_D0=dinit is not None, STORE_DH0=dh0 is not None,
+        DOT_PREC=prec)
     return dq, dk, dv, dh0
 
 
@@ -539,7 +594,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         if dht is not None:
             dht = dht.to(torch.float32).contiguous()
         need_dh0 = ctx.has_s0 and ctx.needs_input_grad[4]
-        dq, dk, dv, dh0 = _bwd(q, k, v, slope32, None, sinit, do, dht, need_dh0, ctx.chunk_size, ctx.num_segments)
+        dq, dk, dv, dh0 = _bwd(q, k, v, slope32, sinit, do, dht, need_dh0, ctx.chunk_size, ctx.num_segments)
         if dh0 is not None and ctx.s0_dtype != torch.float32:
             dh0 = dh0.to(ctx.s0_dtype)
         return dq, dk, dv, None, dh0, None, None, None
