@@ -152,11 +152,12 @@ def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16):
                 f_only()
                 res["f_mem"] = peak_gib(f_only)
                 res["f_ms"] = bench(f_only)
-            except RuntimeError as e:          # torch.cuda.OutOfMemoryError is a RuntimeError
-                if "out of memory" not in str(e).lower():
-                    raise
+            except Exception as e:  # noqa: BLE001  (torch.cuda.OutOfMemoryError is a RuntimeError)
+                tag = OOM if "out of memory" in str(e).lower() else "error"
+                if tag != OOM:
+                    log(f"  {name} N={N}: {type(e).__name__}: {str(e)[:300]}")
                 for key in ("fb_mem", "fb_ms", "f_mem", "f_ms"):
-                    res.setdefault(key, OOM)
+                    res.setdefault(key, tag)
             finally:
                 q = k = v = do = None
                 torch.cuda.empty_cache()
@@ -297,7 +298,11 @@ def main():
     log(parts[0])
     t0 = time.time()
     if "accuracy" not in skip:
-        acc = accuracy()
+        try:
+            acc = accuracy()
+        except Exception:  # noqa: BLE001  (report and go on to the timings)
+            import traceback
+            acc = "accuracy check failed:\n" + traceback.format_exc()
         log(acc)
         parts.append(acc)
     if "attention" not in skip:
