@@ -18,8 +18,9 @@ if [ ! -f "$TNLLM_VENV/.complete" ]; then
     touch "$TNLLM_VENV/.complete"
 fi
 flock -u 9
-# point the editable install at this checkout (several clones may share one env)
-_where=$(cd / && "$TNLLM_VENV/bin/python" -c 'import os, tnllm_plugin, tnllm_kernels; print(os.path.dirname(os.path.dirname(tnllm_plugin.__file__)), os.path.dirname(os.path.dirname(tnllm_kernels.__file__)))' 2>/dev/null)
+# point the editable install at this checkout (several clones may share one env; the one it pointed at
+# may since have been deleted, so a failing import only means: install again)
+_where=$(cd / && "$TNLLM_VENV/bin/python" -c 'import os, tnllm_plugin, tnllm_kernels; print(os.path.dirname(os.path.dirname(tnllm_plugin.__file__)), os.path.dirname(os.path.dirname(tnllm_kernels.__file__)))' 2>/dev/null || true)
 if [ "$_where" != "$_root $_root" ]; then
     "$TNLLM_VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation \
         -c "$_root/constraints.txt" -e "$_root" >/dev/null || { echo "[tnllm] installing the plugin failed" >&2; return 1 2>/dev/null || exit 1; }
