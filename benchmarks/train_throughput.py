@@ -183,6 +183,30 @@ def longest_sequence(s, device):
     return dict(best or {}, search_cap_reached=reached_cap)
 
 
+def profile_step(s, device, seq, rows=30):
+    """Where one TransNormerLLM training step spends GPU time (torch.profiler, kernels by total time)."""
+    model, logits_fn = transnormer(s)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = max(1, s["tokens"] // seq)
+    x = torch.randint(3, s["vocab"], (batch, seq), device=device)
+    loss_fn = plain_loss(logits_fn)
+    for _ in range(3):
+        train_step(model, loss_fn, opt, x, x, device)
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step(model, loss_fn, opt, x, x, device)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=rows)
+    del model, opt
+    free_memory(device)
+    return f"profile of 2 steps, seq {seq}, batch {batch}\n" + text
+
+
 def table(results, s, longest):
     seqs = s["seqs"]
     lines = ["| model | params | " + " | ".join(f"seq {n} tokens/s" for n in seqs) + " | peak memory (GB) |",
@@ -220,6 +244,8 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS),
                     help="comma-separated subset of " + ",".join(MODELS) + " ('' for the longest-sequence search only)")
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
+    ap.add_argument("--profile", type=int, default=0, metavar="SEQ",
+                    help="also print a torch.profiler table of our training step at this sequence length")
     args = ap.parse_args()
     s = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -245,6 +271,8 @@ def main():
     results = {name: run_model(name, s, device) for name in names}
     longest = {} if args.no_longest else longest_sequence(s, device)
     report = table(results, s, longest)
+    if args.profile:
+        report += "\n\n" + profile_step(s, device, args.profile)
     print("\n" + report)
     out = os.environ.get("OUT")
     if out:

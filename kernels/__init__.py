@@ -4,6 +4,6 @@ Installed under the import name ``tnllm_kernels`` (see setup.py) so that it neve
 the PyPI package ``kernels``.
 """
 from .lightning_attention import lightning_attention, lightning_attention_step
-from .srmsnorm import srms_norm
+from .srmsnorm import srms_norm, srms_norm_gate
 
-__all__ = ["lightning_attention", "lightning_attention_step", "srms_norm"]
+__all__ = ["lightning_attention", "lightning_attention_step", "srms_norm", "srms_norm_gate"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnllm_kernels import lightning_attention, lightning_attention_step, srms_norm
+from tnllm_kernels import lightning_attention, lightning_attention_step, srms_norm, srms_norm_gate
 
 DECAY_SCHEDULES = ("released", "paper")
 QK_ACTIVATIONS = ("silu", "1+elu", "none")
@@ -191,7 +191,11 @@ class GatedLinearAttention(nn.Module):
             o = o[:, None]
         else:
             o, state = lightning_attention(q, k, v, self.slope, state, self.block_size)
-        o = self.out_norm(o.reshape(b, n, -1)) * u
+        o = o.reshape(b, n, -1)
+        if type(self.out_norm) is SRMSNorm:     # norm and gate in one kernel on CUDA (same values as below)
+            o = srms_norm_gate(o, u, self.out_norm.eps)
+        else:
+            o = self.out_norm(o) * u
         return self.out_proj(o), state
 
 
