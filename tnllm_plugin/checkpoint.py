@@ -21,6 +21,7 @@ def config_from_released(hf: Mapping) -> TransNormerConfig:
     if missing:
         raise ValueError(f"released config lacks keys {missing}")
     n_layers = int(hf["decoder_layers"])
+    d_model = int(hf["decoder_embed_dim"])
     lrpe_list = list(hf.get("linear_use_lrpe_list", [1] + [0] * (n_layers - 1)))
     if len(lrpe_list) != n_layers:
         raise ValueError(f"linear_use_lrpe_list has {len(lrpe_list)} entries for {n_layers} layers")
@@ -32,11 +33,11 @@ def config_from_released(hf: Mapping) -> TransNormerConfig:
         raise ValueError(f"unknown released linear_act_fun {act!r}; known: {sorted(ACTIVATIONS)}")
     return TransNormerConfig(
         vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["decoder_embed_dim"]),
+        d_model=d_model,
         n_layers=n_layers,
         n_heads=int(hf["decoder_attention_heads"]),
-        hidden_dim=int(hf.get("hidden_dim", hf["decoder_embed_dim"])),
-        glu_dim=int(hf["glu_dim"]),
+        hidden_dim=int(hf.get("hidden_dim", d_model)),
+        glu_dim=d_model if int(hf["glu_dim"]) == -1 else int(hf["glu_dim"]),   # released: -1 means d_model
         lrpe_layers=tuple(i for i, use in enumerate(lrpe_list) if use),
         decay="released",
         qk_act=ACTIVATIONS[act],
@@ -83,11 +84,17 @@ def load_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None
 
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor of ``sd`` for ``model``."""
-    own = model.state_dict()
+    check_tensor_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+
+
+def check_tensor_shapes(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor]) -> None:
+    """check_state_dict against a table of names -> shapes (e.g. of a model built on the meta device, or
+    with the names of another layout), so that the error names tensors as the checkpoint file does."""
+    own = {k: tuple(s) for k, s in expected.items()}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(sd)) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {own[k]}"
+                  for k in sorted(set(own) & set(sd)) if tuple(sd[k].shape) != own[k]]
     problems = []
     if mis_shaped:
         problems.append("shape mismatch: " + "; ".join(mis_shaped))
