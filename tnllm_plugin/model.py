@@ -136,12 +136,19 @@ class LRPE(nn.Module):
         d = n_heads * head_dim
         self.theta = nn.Parameter((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
 
-    def forward(self, x, offset: int = 0):
+    def forward(self, x, offset=0):
         # x [B, N, H, e]; positions are absolute (offset = tokens already consumed); angles in at least fp32
-        # (the released code forms them in the input dtype, which loses positions past 256 in bf16)
+        # (the released code forms them in the input dtype, which loses positions past 256 in bf16).
+        # offset may also be a tensor [B] of per-row start positions (left-padded batches, CUDA graphs): the
+        # angles of a row are then the same numbers as when that row runs alone at that offset.
         acc = torch.promote_types(x.dtype, torch.float32)
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=acc)
-        angle = pos[:, None, None] * self.theta.to(acc).squeeze(1)[None]          # [N, H, e]
+        theta = self.theta.to(acc).squeeze(1)                                       # [H, e]
+        if torch.is_tensor(offset):
+            pos = offset.to(acc)[:, None] + torch.arange(x.shape[1], device=x.device, dtype=acc)   # [B, N]
+            angle = pos[:, :, None, None] * theta                                   # [B, N, H, e]
+        else:
+            pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=acc)
+            angle = pos[:, None, None] * theta[None]                                # [N, H, e]
         xf = x.to(acc)
         return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
 
@@ -176,7 +183,7 @@ class GatedLinearAttention(nn.Module):
         self.slope = slope.to(self.slope.device)
         return self
 
-    def forward(self, x, state=None, offset: int = 0, padding_mask=None):
+    def forward(self, x, state=None, offset=0, padding_mask=None):
         b, n, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         # heads from the tensor width, so that a tensor-parallel shard holding H/tp heads runs unchanged
@@ -224,7 +231,7 @@ class TransNormerBlock(nn.Module):
         self.channel_mixer = SGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, state=None, offset: int = 0, padding_mask=None):
+    def forward(self, x, state=None, offset=0, padding_mask=None):
         mixed, state = self.token_mixer(self.token_norm(x), state, offset, padding_mask)
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
@@ -237,13 +244,17 @@ class TransNormerBlock(nn.Module):
 @dataclass
 class DecodeState:
     """What generation carries between calls: each layer's fp32 attention state [B, H, Dk, Dv] and the
-    number of positions consumed so far (LRPE needs the absolute position of the next token)."""
+    number of positions consumed so far (LRPE needs the absolute position of the next token).
+    ``positions`` (optional, int64 [B]) is each row's own next position; when set it replaces ``offset`` for
+    LRPE (left-padded batches whose rows have different lengths; a device tensor a CUDA graph can advance)."""
     kv: List[torch.Tensor] = field(default_factory=list)
     offset: int = 0
+    positions: Optional[torch.Tensor] = None
 
     def index_select(self, order: torch.Tensor) -> "DecodeState":
         """Reorder or select batch rows (beam search, finished sequences)."""
-        return replace(self, kv=[s.index_select(0, order) for s in self.kv])
+        positions = None if self.positions is None else self.positions.index_select(0, order)
+        return replace(self, kv=[s.index_select(0, order) for s in self.kv], positions=positions)
 
 
 class TransNormerLLM(nn.Module):
@@ -281,26 +292,50 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
     def forward(self, tokens, state: Optional[DecodeState] = None, padding_mask=None, use_cache: bool = False,
-                return_hidden: bool = False):
+                return_hidden: bool = False, positions: Optional[torch.Tensor] = None):
         """tokens [B, N] -> (logits [B, N, vocab], state). The returned state is None unless ``use_cache`` or
         a ``state`` was given; feeding it back continues the sequence (prefill, then one token per call).
         ``padding_mask`` [B, N] is True at padding (left padding keeps every sequence's state exact).
-        With ``return_hidden`` the final-norm hidden states come back in place of logits."""
+        ``positions`` [B] (optional): each row's position of tokens[:, 0], for LRPE; default: the state's
+        per-row positions if it has them, else its offset. With ``return_hidden`` the final-norm hidden states
+        come back in place of logits."""
         self.check_tokens(tokens)
         if state is not None and len(state.kv) not in (0, len(self.layers)):
             raise ValueError(f"decode state has {len(state.kv)} layers, the model {len(self.layers)}")
         offset = 0 if state is None else state.offset
-        x = self.dropout(self.embed_tokens(tokens) * self.embed_scale)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            layer_state = state.kv[i] if state is not None and state.kv else None
-            x, layer_state = layer(x, layer_state, offset, padding_mask)
-            new_kv.append(layer_state)
-        x = self.final_norm(x)
+        if positions is None and state is not None:
+            positions = state.positions
+        if positions is not None and tuple(positions.shape) != (tokens.shape[0],):
+            raise ValueError(f"positions must be [batch]={tokens.shape[0]}, got shape {tuple(positions.shape)}")
+        kv = state.kv if state is not None else None
+        x, new_kv = self._blocks(tokens, kv, offset if positions is None else positions, padding_mask)
         out = x if return_hidden else self.lm_head(x)
         if state is None and not use_cache:
             return out, None
-        return out, DecodeState(kv=new_kv, offset=offset + tokens.shape[1])
+        n = tokens.shape[1]
+        return out, DecodeState(kv=new_kv, offset=offset + n, positions=None if positions is None else positions + n)
+
+    def _blocks(self, tokens, kv, positions, padding_mask):
+        """Embedding, the blocks and the final norm. positions: an int offset or per-row start positions [B]."""
+        x = self.dropout(self.embed_tokens(tokens) * self.embed_scale)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask)
+            new_kv.append(layer_state)
+        return self.final_norm(x), new_kv
+
+    def decode_step_(self, tokens, state: DecodeState):
+        """One recurrence step for tokens [B, 1] that updates ``state`` in place (its kv tensors and its per-row
+        ``positions``) and returns the logits [B, 1, vocab]. Reads nothing back to the host and keeps the state's
+        tensors (the new values are copied into them), so it can be captured in a CUDA graph and replayed; no input
+        checks (forward does those). ``state.offset`` is left as it is: a replayed graph could not advance an int."""
+        if state.positions is None or len(state.kv) != len(self.layers):
+            raise ValueError("decode_step_ needs a full decode state with per-row positions")
+        x, new_kv = self._blocks(tokens, state.kv, state.positions, None)
+        for static, new in zip(state.kv, new_kv):
+            static.copy_(new)
+        state.positions.add_(1)
+        return self.lm_head(x)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
