@@ -13,14 +13,19 @@
 Token ids are embedding rows in both formats (no permutation, logits unchanged); see tnllm_plugin/convert.py for
 how fairseq's four special symbols line up with the released pad/bos/eos ids.
 """
+import logging
 import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))     # the repository root
 
 from tnllm_plugin.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore", module="hydra")      # fairseq's config machinery is chatty
+    # importing fairseq (to write a complete cfg) is chatty: deprecation notices of its dependencies, hydra's logs
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="hydra")
+    for name in ("hydra", "fairseq"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     main()

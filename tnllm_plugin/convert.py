@@ -104,7 +104,9 @@ ARCHITECTURAL_WORDS = ("dim", "layers", "heads", "vocab", "expert", "rope", "win
 @dataclass
 class ReleasedCheckpoint:
     config: dict                      # config.json as read (every key, in file order)
-    tensors: Dict[str, torch.Tensor]  # released names, file order
+    model_config: TransNormerConfig   # what config.json says, interpreted
+    unknown_keys: List[str]           # config.json keys kept but not interpreted
+    tensors: Dict[str, torch.Tensor]  # released names, file order; checked against model_config
     weight_files: List[Path]
     layout: str                       # e.g. "safetensors, 3 shards (model.safetensors.index.json)"
     directory: Path
@@ -159,13 +161,13 @@ def released_config_for(cfg: TransNormerConfig, original: Optional[Mapping], dty
     """config.json for ``cfg``: the original file verbatim when it still describes the model (lossless round
     trip), else the original's other keys with the architecture keys of ``cfg``."""
     derived = config_to_released(cfg)
+    dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
     if original is None:
-        if dtype is not None:
-            derived["torch_dtype"] = str(dtype).replace("torch.", "")
-        return derived
-    if _same_architecture(config_from_released(original), cfg):
-        return dict(original)
-    return {**original, **derived}
+        return {**derived, "torch_dtype": dtype_name} if dtype_name else derived
+    config = dict(original) if _same_architecture(config_from_released(original), cfg) else {**original, **derived}
+    if "torch_dtype" in config and dtype_name:   # e.g. bf16 weights fine-tuned and saved in fp32
+        config["torch_dtype"] = dtype_name
+    return config
 
 
 def _same_architecture(a: TransNormerConfig, b: TransNormerConfig) -> bool:
@@ -177,7 +179,8 @@ def _same_architecture(a: TransNormerConfig, b: TransNormerConfig) -> bool:
 # Reading the released layout
 
 def read_released(src, allowed_keys=()) -> ReleasedCheckpoint:
-    """Read config.json and every tensor of a released checkpoint directory (single file or shards)."""
+    """Read config.json and every tensor of a released checkpoint directory (single file or shards), and check
+    the tensors' names and shapes against the architecture config.json describes."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"released checkpoint directory not found: {src}")
@@ -185,16 +188,17 @@ def read_released(src, allowed_keys=()) -> ReleasedCheckpoint:
     if not config_path.is_file():
         raise FileNotFoundError(f"{src}: no {CONFIG_NAME} (not a released checkpoint directory)")
     config = json.loads(config_path.read_text())
-    interpret_released_config(config, allowed_keys)       # fail early on an unusable config
+    model_config, unknown = interpret_released_config(config, allowed_keys)    # fail before reading weights
     fmt, sharded = _find_layout(src)
     if sharded:
-        tensors, files = _read_sharded(src / INDEX_NAME[fmt], fmt)
+        tensors, files = _read_sharded(src / INDEX_NAME[fmt])
         layout = f"{fmt}, {len(files)} shards ({INDEX_NAME[fmt]})"
     else:
         path = src / WEIGHTS_NAME[fmt]
         tensors, files = load_weight_file(path), [path]
         layout = f"{fmt}, single file ({path.name})"
-    return ReleasedCheckpoint(config, tensors, files, layout, src)
+    check_tensor_shapes(_expected_released_shapes(model_config), tensors)
+    return ReleasedCheckpoint(config, model_config, unknown, tensors, files, layout, src)
 
 
 def _find_layout(src: Path) -> Tuple[str, bool]:
@@ -222,7 +226,7 @@ def load_weight_file(path) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _read_sharded(index_path: Path, fmt: str) -> Tuple[Dict[str, torch.Tensor], List[Path]]:
+def _read_sharded(index_path: Path) -> Tuple[Dict[str, torch.Tensor], List[Path]]:
     weight_map = _read_index(index_path)
     by_file: Dict[str, List[str]] = {}
     for name, file in weight_map.items():
@@ -239,9 +243,9 @@ def _read_sharded(index_path: Path, fmt: str) -> Tuple[Dict[str, torch.Tensor], 
         not_listed = sorted(set(shard) - set(names))
         absent = sorted(set(names) - set(shard))
         if not_listed or absent:
-            raise ValueError(f"shard {file} does not match {index_path.name}: "
-                             + (f"in the shard but mapped elsewhere or not at all: {not_listed}; " if not_listed else "")
-                             + (f"mapped to it but absent: {absent}" if absent else ""))
+            problems = ([f"in the shard but mapped elsewhere or not at all: {not_listed}"] if not_listed else []) \
+                + ([f"mapped to it but absent: {absent}"] if absent else [])
+            raise ValueError(f"shard {file} does not match {index_path.name}: " + "; ".join(problems))
         tensors.update((n, shard[n]) for n in names)
         files.append(index_path.parent / file)
     return tensors, files
@@ -352,7 +356,8 @@ def _save_weights(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str) -> 
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    nbytes = t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == nbytes
 
 
 # =============================================================================================================
@@ -380,17 +385,21 @@ def fairseq_arch_name(cfg: TransNormerConfig) -> str:
     return "transnormer_llm_tiny"
 
 
-def config_from_fairseq_args(args: Mapping, vocab_size: int, special_ids: Mapping[str, int]) -> TransNormerConfig:
-    """A fairseq checkpoint's model arguments (as a dict) -> TransNormerConfig, without fairseq."""
+def _check_arch(path, args: Mapping):
     arch = args.get("arch") or args.get("_name")
     if arch is not None and not str(arch).startswith("transnormer_llm"):
-        raise ValueError(f"not a transnormer_llm checkpoint: its architecture is {arch!r}")
+        raise ValueError(f"{path}: not a transnormer_llm checkpoint: its architecture is {arch!r}")
+
+
+def config_from_fairseq_args(args: Mapping, vocab_size: int, special_ids: Mapping[str, int]) -> TransNormerConfig:
+    """A fairseq checkpoint's model arguments (as a dict) -> TransNormerConfig, without fairseq."""
+    _check_arch("model arguments", args)
     missing = [k for k in ("decoder_embed_dim", "decoder_layers", "decoder_attention_heads", "glu_dim")
                if args.get(k) is None]
     if missing:
         raise ValueError(f"the checkpoint's model arguments lack {missing}")
     d_model = int(args["decoder_embed_dim"])
-    lrpe = str(args.get("lrpe_layers") if args.get("lrpe_layers") is not None else "0")
+    lrpe = str(args.get("lrpe_layers") or "0")        # as the adapter's base_architecture: empty means "0"
     return TransNormerConfig(
         vocab_size=vocab_size, d_model=d_model, n_layers=int(args["decoder_layers"]),
         n_heads=int(args["decoder_attention_heads"]), hidden_dim=int(args.get("hidden_dim") or d_model),
@@ -421,7 +430,9 @@ def fairseq_cfg(cfg: TransNormerConfig, data_dir: str, use_fairseq: Optional[boo
     from omegaconf import OmegaConf
 
     from . import fairseq_adapter  # noqa: F401  (registers transnormer_llm)
-    argv = [data_dir, "--user-dir", str(PLUGIN_DIR), "--task", "language_modeling", "--arch", fairseq_arch_name(cfg),
+    # no --user-dir on this command line: the plugin is registered already, and fairseq's import_user_module
+    # refuses a package imported through a differently spelled path; the cfg records it afterwards
+    argv = [data_dir, "--task", "language_modeling", "--arch", fairseq_arch_name(cfg),
             "--criterion", "transnormer_llm_cross_entropy"]
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
@@ -432,6 +443,7 @@ def fairseq_cfg(cfg: TransNormerConfig, data_dir: str, use_fairseq: Optional[boo
     with warnings.catch_warnings():      # hydra's deprecation notices about fairseq's own config use
         warnings.simplefilter("ignore")
         parsed = options.parse_args_and_arch(options.get_training_parser(), argv)
+        parsed.user_dir = str(PLUGIN_DIR)
         return OmegaConf.to_container(convert_namespace_to_omegaconf(parsed), resolve=True, enum_to_str=True)
 
 
@@ -513,6 +525,8 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except ValueError:      # legacy (non-zip) file: let weights_only loading say what it refuses
         unsafe = []
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
     allowed, refused = [], []
     for name in unsafe:
         if name in REAL_GLOBALS:
@@ -528,27 +542,35 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
 
 
+def _omegaconf_state(obj) -> Optional[dict]:
+    if isinstance(obj, _Unpickled):
+        state = getattr(obj, "pickled_state", None)
+        if isinstance(state, tuple) and len(state) == 2:      # (dict state, slot state)
+            state = state[0]
+        return state if isinstance(state, dict) else {}
+    if type(obj).__module__.split(".")[0] == "omegaconf" and hasattr(obj, "__dict__"):
+        return vars(obj)
+    return None
+
+
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
 
 
 def plain(obj):
-    """Namespaces, omegaconf containers (real or stood in for) -> dicts and lists, recursively."""
+    """Namespaces and omegaconf containers (real, or stood in for) -> dicts and lists, recursively."""
     if isinstance(obj, argparse.Namespace):
         return {k: plain(v) for k, v in vars(obj).items()}
-    if isinstance(obj, _Unpickled):
-        state = getattr(obj, "pickled_state", None)
-        if isinstance(state, tuple) and len(state) == 2:      # (dict state, slot state)
-            state = state[0]
-        if isinstance(state, dict) and "_content" in state:  # an omegaconf DictConfig / ListConfig
+    state = _omegaconf_state(obj)
+    if state is not None:
+        # a DictConfig / ListConfig keeps its items in _content, a value node its value in _val; read them
+        # directly rather than through omegaconf, which may not be installed (or only partly allow-listed)
+        if "_content" in state:
             return plain(state["_content"])
-        if isinstance(state, dict) and "_val" in state:      # an omegaconf value node
+        if "_val" in state:
             return plain(state["_val"])
-        return plain(dict(obj)) if len(obj) else plain(state)
-    if type(obj).__module__.split(".")[0] == "omegaconf":     # real omegaconf objects (allow-listed by the host)
-        from omegaconf import OmegaConf
-        return plain(OmegaConf.to_container(obj, resolve=False)) if OmegaConf.is_config(obj) else obj
+        return plain(dict(obj)) if isinstance(obj, _Unpickled) and len(obj) else None
     if isinstance(obj, Mapping):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -577,6 +599,7 @@ def read_plugin_checkpoint(path, trusted: bool = False) -> PluginCheckpoint:
     if not isinstance(model_args, Mapping):
         raise ValueError(f"{path}: neither cfg['model'] nor args hold the model arguments")
     _refuse_model_parallel(path, cfg_entry, model_args)
+    _check_arch(path, model_args)
     sd = dict(state["model"])
     vocab_size = _vocab_rows(path, sd)
     data_dir = ((cfg_entry or {}).get("task") or model_args).get("data")
@@ -664,14 +687,13 @@ def _expected_released_shapes(cfg: TransNormerConfig) -> Dict[str, tuple]:
 # =============================================================================================================
 # Conversions
 
-def released_to_plugin(src_dir, out_dir, overwrite: bool = False, allowed_keys=(),
+def released_to_plugin(src, out_dir, overwrite: bool = False, allowed_keys=(),
                        use_fairseq: Optional[bool] = None) -> List[Path]:
-    """Released directory -> OUT_DIR/checkpoint.pt (fairseq format), dict.txt, released_config.json and the
-    tokenizer files. OUT_DIR is also the ``data`` directory fairseq's language_modeling task reads dict.txt
-    from. Returns the written paths."""
-    released = read_released(src_dir, allowed_keys)
-    cfg, _ = interpret_released_config(released.config, allowed_keys)
-    check_tensor_shapes(_expected_released_shapes(cfg), released.tensors)
+    """Released directory (or a ReleasedCheckpoint read from one) -> OUT_DIR/checkpoint.pt (fairseq format),
+    dict.txt, released_config.json and the tokenizer files. OUT_DIR is also the ``data`` directory fairseq's
+    language_modeling task reads dict.txt from. Returns the written paths."""
+    released = src if isinstance(src, ReleasedCheckpoint) else read_released(src, allowed_keys)
+    cfg = released.model_config
     out = Path(out_dir)
     _prepare_plugin_dir(out, overwrite)
     state = plugin_checkpoint_state(cfg, state_dict_from_released(released.tensors), str(out.resolve()),
@@ -718,8 +740,7 @@ def plugin_to_released(ckpt, out_dir, safetensors: bool = False, max_shard_size=
     the checkpoint carries it and it still describes the model, else derived from the model arguments (with
     the checkpoint vocabulary's special ids). A dict.txt that holds real symbols travels along."""
     plugin = read_plugin_checkpoint(_plugin_file(Path(ckpt)), trusted)
-    first = next(iter(plugin.tensors.values()))
-    config = released_config_for(plugin.config, plugin.released_config, first.dtype)
+    config = released_config_for(plugin.config, plugin.released_config, plugin.tensors["embed_tokens.weight"].dtype)
     written = write_released(out_dir, config, state_dict_to_released(plugin.tensors), safetensors, max_shard_size,
                              overwrite)
     out = Path(out_dir)
@@ -759,7 +780,7 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, trusted:
         cfg, tensors, info = _load_plugin_for_model(_plugin_file(path), trusted)
     model = build_with_tensors(cfg, tensors)
     model.to(device=device, dtype=dtype)
-    info.dtype = dtype or next(iter(tensors.values())).dtype
+    info.dtype = dtype or tensors["embed_tokens.weight"].dtype
     return model.eval(), info
 
 
@@ -772,16 +793,13 @@ def _is_released_path(path: Path) -> bool:
 
 def _load_released_for_model(directory: Path):
     released = read_released(directory)
-    with warnings.catch_warnings():        # read_released warned about unknown keys already
-        warnings.simplefilter("ignore")
-        cfg, unknown = interpret_released_config(released.config)
-    check_tensor_shapes(_expected_released_shapes(cfg), released.tensors)
+    cfg = released.model_config
     unk = released.config.get("unk_token_id")
     info = CheckpointInfo(
         path=str(directory), format="released", config=cfg, vocab_size=cfg.vocab_size, pad_id=cfg.pad_id,
         bos_id=cfg.bos_id, eos_id=cfg.eos_id, unk_id=None if unk is None else int(unk),
         dict_path=_str_or_none(find_dict(directory, None, cfg.vocab_size)), released_config=released.config,
-        unknown_config_keys=unknown)
+        unknown_config_keys=released.unknown_keys)
     return cfg, state_dict_from_released(released.tensors), info
 
 
@@ -835,12 +853,12 @@ def _parameters_on_meta():
 # =============================================================================================================
 # CLI
 
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if nbytes < 1000:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
-    return f"{nbytes} B"
+    return f"{nbytes:.1f} GB"
 
 
 def _report(written: List[Path]):
@@ -870,25 +888,15 @@ def main(argv=None):
     if args.command == "released-to-plugin":
         released = read_released(args.src_dir, args.allow_config_key)
         print(f"read {args.src_dir}: {len(released.tensors)} tensors, {released.layout}")
-        written = released_to_plugin(args.src_dir, args.out_dir, args.overwrite, args.allow_config_key)
+        written = released_to_plugin(released, args.out_dir, args.overwrite)
+        cfg = released.model_config
     else:
         written = plugin_to_released(args.ckpt, args.out_dir, args.safetensors, args.max_shard_size,
                                      args.overwrite, args.trust_checkpoint)
+        cfg = config_from_released(json.loads((Path(args.out_dir) / CONFIG_NAME).read_text()))
     _report(written)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # unknown config keys were reported while reading
-        info = load_model_info(args.out_dir)
-    print(f"vocab {info.vocab_size}; special ids pad {info.pad_id}, bos {info.bos_id}, eos {info.eos_id}"
-          + (f", unk {info.unk_id}" if info.unk_id is not None else "")
-          + f"; LRPE layers {list(info.config.lrpe_layers)}; decay {info.config.decay}")
-
-
-def load_model_info(path) -> CheckpointInfo:
-    """``info`` of load_model without building the model."""
-    path = Path(path)
-    if _is_released_path(path):
-        return _load_released_for_model(path if path.is_dir() else path.parent)[2]
-    return _load_plugin_for_model(_plugin_file(path), False)[2]
+    print(f"vocab {cfg.vocab_size}; special ids pad {cfg.pad_id}, bos {cfg.bos_id}, eos {cfg.eos_id}; "
+          f"LRPE layers {list(cfg.lrpe_layers)}; decay {cfg.decay}")
 
 
 if __name__ == "__main__":
