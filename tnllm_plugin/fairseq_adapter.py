@@ -57,12 +57,20 @@ class TransNormerDecoder(FairseqIncrementalDecoder):
     tokens it has not seen: the first call prefills the prompt with the block form, every later call is one
     recurrence step. The state (each layer's fp32 state and the position offset) lives in incremental_state."""
 
-    def __init__(self, cfg: TransNormerConfig, dictionary):
+    def __init__(self, cfg: TransNormerConfig, dictionary, bf16_autocast: bool = False):
         super().__init__(dictionary)
         self.transnormer = TransNormerLLM(cfg)
+        self.bf16_autocast = bf16_autocast
 
-    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False,
-                **unused):
+    def forward(self, prev_output_tokens, **kwargs):
+        # bf16 matmuls over fp32 weights (fairseq's optimizer then keeps fp32 weights and states by itself);
+        # the attention states stay fp32 inside the kernels either way
+        enabled = self.bf16_autocast and prev_output_tokens.is_cuda
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled):
+            return self._forward(prev_output_tokens, **kwargs)
+
+    def _forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False,
+                 **unused):
         if incremental_state is None:
             out, _ = self.transnormer(prev_output_tokens, return_hidden=features_only)
             return out, {"attn": [None], "inner_states": None}
@@ -104,11 +112,15 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         parser.add_argument("--init-std", type=float)
         parser.add_argument("--checkpoint-activations", action="store_true",
                             help="recompute each block's activations in the backward pass")
+        parser.add_argument("--bf16-autocast", action="store_true",
+                            help="bf16 mixed precision on CUDA: fp32 weights and optimizer, bf16 matmuls "
+                                 "(torch.autocast), fp32 attention states; fairseq 0.12's own --bf16 means TPU")
 
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
-        decoder = TransNormerDecoder(config_from_args(args, task.target_dictionary), task.target_dictionary)
+        decoder = TransNormerDecoder(config_from_args(args, task.target_dictionary), task.target_dictionary,
+                                     bf16_autocast=getattr(args, "bf16_autocast", False))
         if getattr(args, "model_parallel_size", 1) > 1:
             from .parallel import apply_tensor_parallel
             apply_tensor_parallel(decoder.transnormer)
