@@ -1,0 +1,107 @@
+"""What the fairseq and Metaseq adapters share, with no host import: the model's command-line arguments and
+their defaults, the preset architectures, the config built from parsed arguments, the incremental decoder's
+methods, and the criterion's loss and logged metrics. Each adapter adds only its host's base classes and
+registries (fairseq_adapter.py, metaseq_adapter.py)."""
+import math
+
+import torch.nn.functional as F
+
+from .model import DECAY_SCHEDULES, NORMS, QK_ACTIVATIONS, TransNormerConfig
+
+NO_POSITION_LIMIT = 1_000_000_000   # linear attention has none; --tokens-per-sample governs
+
+
+def add_model_args(parser):
+    parser.add_argument("--decoder-embed-dim", type=int, help="d_model")
+    parser.add_argument("--decoder-layers", type=int)
+    parser.add_argument("--decoder-attention-heads", type=int)
+    parser.add_argument("--hidden-dim", type=int, help="GLA width (default: d_model)")
+    parser.add_argument("--glu-dim", type=int, help="SGLU inner width")
+    parser.add_argument("--lrpe-layers", type=str, help="comma list of layers using LRPE-d (default: 0)")
+    parser.add_argument("--decay-schedule", choices=DECAY_SCHEDULES)
+    parser.add_argument("--qk-act", choices=QK_ACTIVATIONS)
+    parser.add_argument("--norm-type", choices=NORMS)
+    parser.add_argument("--bias", action="store_true", help="biases in the linear layers")
+    parser.add_argument("--no-scale-embedding", action="store_true")
+    parser.add_argument("--dropout", type=float, metavar="D")
+    parser.add_argument("--init-std", type=float)
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="recompute each block's activations in the backward pass")
+
+
+def base_architecture(args):
+    """Defaults for every argument the user left unset (the 385M shape, released choices)."""
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", None) or 1024
+    args.decoder_layers = getattr(args, "decoder_layers", None) or 24
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", None) or 8
+    args.hidden_dim = getattr(args, "hidden_dim", None) or args.decoder_embed_dim
+    args.glu_dim = getattr(args, "glu_dim", None) or 2816
+    args.lrpe_layers = getattr(args, "lrpe_layers", None) or "0"
+    args.decay_schedule = getattr(args, "decay_schedule", None) or "released"
+    args.qk_act = getattr(args, "qk_act", None) or "silu"
+    args.norm_type = getattr(args, "norm_type", None) or "srms"
+    args.bias = getattr(args, "bias", False)
+    args.no_scale_embedding = getattr(args, "no_scale_embedding", False)
+    args.dropout = getattr(args, "dropout", None) or 0.0
+    args.init_std = getattr(args, "init_std", None) or 0.02
+
+
+def preset_architecture(shape):
+    """The architecture function of one preset: its shape unless the user set a value, then the defaults."""
+    def arch(args):
+        for key, field in (("decoder_embed_dim", "d_model"), ("decoder_layers", "n_layers"),
+                           ("decoder_attention_heads", "n_heads"), ("hidden_dim", "hidden_dim"),
+                           ("glu_dim", "glu_dim")):
+            setattr(args, key, getattr(args, key, None) or shape[field])
+        base_architecture(args)
+    return arch
+
+
+def config_from_args(args, dictionary) -> TransNormerConfig:
+    return TransNormerConfig(
+        vocab_size=len(dictionary), d_model=args.decoder_embed_dim, n_layers=args.decoder_layers,
+        n_heads=args.decoder_attention_heads, hidden_dim=args.hidden_dim or None, glu_dim=args.glu_dim,
+        lrpe_layers=tuple(int(i) for i in str(args.lrpe_layers).split(",") if i.strip() != ""),
+        decay=args.decay_schedule, qk_act=args.qk_act, norm=args.norm_type, bias=args.bias,
+        no_scale_embedding=args.no_scale_embedding, dropout=args.dropout, init_std=args.init_std,
+        pad_id=dictionary.pad(), bos_id=dictionary.bos(), eos_id=dictionary.eos())
+
+
+class IncrementalDecoding:
+    """Decoder methods over ``self.transnormer`` and the host's incremental_state helpers (both hosts' decoder
+    bases provide get/set_incremental_state). With an incremental_state only the tokens not yet seen are
+    consumed: the first call prefills the prompt with the block form, each later call is one recurrence step.
+    The DecodeState (each layer's fp32 state and the position offset) lives under the key "decode"."""
+
+    def decode(self, prev_output_tokens, incremental_state=None, features_only=False):
+        if incremental_state is None:
+            out, _ = self.transnormer(prev_output_tokens, return_hidden=features_only)
+            return out, {"attn": [None], "inner_states": None}
+        state = self.get_incremental_state(incremental_state, "decode")
+        offset = 0 if state is None else state.offset
+        out, state = self.transnormer(prev_output_tokens[:, offset:], state, use_cache=True,
+                                      return_hidden=features_only)
+        self.set_incremental_state(incremental_state, "decode", state)
+        return out, {"attn": [None], "inner_states": None}
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        state = self.get_incremental_state(incremental_state, "decode")
+        if state is not None:
+            self.set_incremental_state(incremental_state, "decode", state.index_select(new_order))
+
+    def max_positions(self):
+        return NO_POSITION_LIMIT
+
+
+def token_cross_entropy(logits, target, padding_idx, reduce=True):
+    """Cross entropy in fp32 over non-padding targets: summed, or per token (padding 0) without reduce."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+                           ignore_index=padding_idx, reduction="sum" if reduce else "none")
+
+
+def log_loss_and_perplexity(metrics, get_perplexity, logging_outputs):
+    """The criterion's reduce_metrics with the host's metrics module: loss per token in base 2, and ppl."""
+    loss = sum(log.get("loss", 0) for log in logging_outputs)
+    sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+    metrics.log_scalar("loss", loss / sample_size / math.log(2), sample_size, round=3)
+    metrics.log_derived("ppl", lambda meters: get_perplexity(meters["loss"].avg))
