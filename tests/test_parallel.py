@@ -1,7 +1,9 @@
 """Tensor parallelism equals the single-device model: logits, loss (vocab-parallel cross entropy) and
 gradients at model-parallel sizes 2 and 4, on CPU with gloo. One spawn of 4 processes does all the sharded
 work (MP 2 as two groups of 2, then MP 4) and saves what it computed; the tests compare that here with the
-unsharded model. Resharding, activation checkpointing and bf16 state run in this process."""
+unsharded model. Through fairseq's model too: full-vocabulary log-probs (get_normalized_probs), greedy
+decoding with incremental_state (by hand and by SequenceGenerator), per-token criterion losses.
+Resharding, activation checkpointing and bf16 state run in this process."""
 import os
 import random
 import re
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from argparse import Namespace
 
 import pytest
 import torch
@@ -67,6 +70,76 @@ def unsharded_run(name):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fairseq's model and criterion at the current model-parallel size (1 here, 2 and 4 in the spawned ranks):
+# what generation and scoring see (get_normalized_probs, incremental decoding) and per-token losses
+
+PROMPT_LEN, NEW_TOKENS = 7, 8
+INIT_STD = 0.2     # peaked enough that greedy tokens depend on the context (at 0.02 the logits are near uniform)
+
+
+def fairseq_lm(model_parallel_size):
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    from tnllm_plugin.fairseq_adapter import TransNormerLanguageModel
+
+    dictionary = Dictionary()
+    for i in range(60):         # + 4 specials: a vocabulary of 64, divisible by 2 and 4
+        dictionary.add_symbol(f"w{i}")
+    task = Namespace(target_dictionary=dictionary, source_dictionary=dictionary)
+    args = Namespace(arch="transnormer_llm_tiny", model_parallel_size=model_parallel_size, init_std=INIT_STD)
+    ARCH_CONFIG_REGISTRY[args.arch](args)
+    torch.manual_seed(0)        # every rank builds the same full model, then keeps its shard
+    return TransNormerLanguageModel.build_model(args, task).eval(), task
+
+
+@torch.no_grad()
+def greedy_by_hand(model, prompt):
+    """Greedy decoding, calling the model as SequenceGenerator does: the whole prefix each step, incremental_state
+    keeping what was seen, log-probs of the last position (a strided view) only."""
+    tokens, incremental_state, step_lprobs = prompt, {}, []
+    for _ in range(NEW_TOKENS):
+        logits, extra = model.decoder(tokens, incremental_state=incremental_state)
+        lprobs = model.get_normalized_probs((logits[:, -1:, :], extra), log_probs=True)[:, -1]
+        step_lprobs.append(lprobs)
+        tokens = torch.cat([tokens, lprobs.argmax(-1, keepdim=True)], 1)
+    return tokens[:, prompt.size(1):], torch.stack(step_lprobs, 1)
+
+
+@torch.no_grad()
+def greedy_by_sequence_generator(model, dictionary, prompt):
+    from fairseq.sequence_generator import SequenceGenerator
+    length = prompt.size(1) + NEW_TOKENS
+    generator = SequenceGenerator([model], dictionary, beam_size=1, max_len_b=length, min_len=length)
+    sample = {"net_input": {"src_tokens": prompt, "src_lengths": torch.full((prompt.size(0),), prompt.size(1))}}
+    hypotheses = generator.generate([model], sample, prefix_tokens=prompt)
+    return torch.stack([h[0]["tokens"][prompt.size(1):length] for h in hypotheses])
+
+
+def fairseq_outputs(model_parallel_size):
+    from tnllm_plugin.fairseq_adapter import TransNormerCrossEntropy
+
+    model, task = fairseq_lm(model_parallel_size)
+    dictionary = task.target_dictionary
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, 19), generator=g)
+    target = tokens.roll(-1, 1)
+    target[0, -4:] = dictionary.pad()
+    with torch.no_grad():
+        lprobs = model.get_normalized_probs(model(tokens), log_probs=True)
+        probs = model.get_normalized_probs(model(tokens), log_probs=False)
+    criterion = TransNormerCrossEntropy(task)
+    sample = {"net_input": {"src_tokens": tokens}, "target": target,
+              "ntokens": int(target.ne(dictionary.pad()).sum())}
+    per_token, _, _ = criterion(model, sample, reduce=False)
+    summed, _, _ = criterion(model, sample)
+    prompt = tokens[:, :PROMPT_LEN]
+    greedy, step_lprobs = greedy_by_hand(model, prompt)
+    return dict(lprobs=lprobs, probs=probs, per_token_loss=per_token.detach(), loss=summed.detach(),
+                greedy=greedy, step_lprobs=step_lprobs,
+                generated=greedy_by_sequence_generator(model, dictionary, prompt))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the sharded side, in spawned processes
 
 def _sharded_step(name, out):
@@ -117,6 +190,7 @@ def _worker(rank, init_file, out_dir):
         for name in CONFIGS:
             out = results.setdefault((tp, name), {})
             _sharded_step(name, out)
+        results[(tp, "fairseq")] = fairseq_outputs(tp)
         if tp == 2:
             results["errors"] = _errors()
             # an MP2 checkpoint (the weights gathered above) loaded at MP4 into a differently seeded model
@@ -156,6 +230,22 @@ def test_logits_loss_grads_match_single_device(sharded, tp, name):
         assert set(got["grads"]) == set(grads)
         for k in grads:
             torch.testing.assert_close(got["grads"][k], grads[k], **TOL, msg=f"grad of {k}, rank {rank}")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fairseq_generation_and_per_token_loss_match_single_device(sharded, tp):
+    """Under model parallelism fairseq's get_normalized_probs (generation, eval-lm) covers the whole
+    vocabulary, greedy decoding picks the same tokens, and the criterion gives per-token losses without
+    reduce."""
+    want = fairseq_outputs(1)
+    assert want["lprobs"].shape[-1] == 64 and want["per_token_loss"].shape == (2 * 19,)
+    assert (want["per_token_loss"].view(2, 19)[0, -4:] == 0).all()     # padding
+    for rank, results in sharded.items():
+        got = results[(tp, "fairseq")]
+        for key in ("lprobs", "probs", "step_lprobs", "per_token_loss", "loss"):
+            torch.testing.assert_close(got[key], want[key], **TOL, msg=f"{key}, rank {rank}")
+        assert torch.equal(got["greedy"], want["greedy"]), f"rank {rank}"
+        assert torch.equal(got["generated"], want["generated"]), f"rank {rank}"
 
 
 def test_sharded_weights_consolidate_to_the_model(sharded):

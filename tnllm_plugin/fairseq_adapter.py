@@ -90,6 +90,14 @@ class TransNormerLanguageModel(FairseqLanguageModel):
     def vocab_parallel(self):
         return getattr(self.decoder.transnormer, "vocab_parallel", False)
 
+    def get_normalized_probs(self, net_output, log_probs, sample=None):
+        # a vocab-parallel LM head gives each rank only its vocabulary shard of the logits; generation and
+        # scoring (SequenceGenerator, fairseq-eval-lm) normalise them here, so gather the whole vocabulary first
+        if self.vocab_parallel:
+            from .parallel import gather_vocab_parallel_logits
+            net_output = (gather_vocab_parallel_logits(net_output[0]), *net_output[1:])
+        return super().get_normalized_probs(net_output, log_probs, sample)
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         # name every missing or mis-shaped tensor before torch's own (terser) check
         check_state_dict(self, state_dict)
@@ -102,14 +110,16 @@ for _name, _shape in PRESETS.items():
 
 @register_criterion("transnormer_llm_cross_entropy")
 class TransNormerCrossEntropy(FairseqCriterion):
-    """Token-level cross entropy summed over non-padding targets; logs loss (base 2) and perplexity."""
+    """Token-level cross entropy summed over non-padding targets (per token, padding 0, with reduce=False);
+    logs loss (base 2) and perplexity."""
 
     def forward(self, model, sample, reduce=True):
         logits = model(**sample["net_input"])[0]
         target = model.get_targets(sample, [logits])
         if getattr(model, "vocab_parallel", False):
             from .parallel import vocab_parallel_cross_entropy
-            loss = vocab_parallel_cross_entropy(logits, target, self.padding_idx)
+            loss = vocab_parallel_cross_entropy(logits, target, self.padding_idx, "sum" if reduce else "none")
+            loss = loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
         else:
             loss = token_cross_entropy(logits, target, self.padding_idx, reduce)
         ntokens = sample["ntokens"]

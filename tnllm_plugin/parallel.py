@@ -259,9 +259,12 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
 
 
 def gather_vocab_parallel_logits(logits_shard: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits from the shards (for generation and scoring)."""
+    """Full-vocabulary logits from the shards (for generation and scoring): concatenated in model-parallel rank
+    order, which is the order of the vocabulary shards (VocabParallelEmbedding and the LM head split by rank)."""
     from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
-    return gather_from_model_parallel_region(logits_shard)
+    # contiguous: SequenceGenerator passes the last position, a strided view, which NCCL's all_gather refuses
+    # (gloo copes)
+    return gather_from_model_parallel_region(logits_shard.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------
