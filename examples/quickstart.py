@@ -6,7 +6,8 @@
   3. fairseq-train --user-dir tnllm_plugin --arch transnormer_llm_tiny for a few minutes, with progress
   4. validation perplexity on the test split (fairseq-eval-lm)
   5. a continuation of a prompt through fairseq's sequence generator (incremental decoding on the
-     recurrent state)
+     recurrent state; it ends at the end of the line, as fairseq's language-model data ends lines with </s>),
+     then several lines with tnllm_plugin.generation on the same checkpoint (</s> read as a newline)
 
     bash examples/quickstart.sh [--minutes 4] [--text my_corpus.txt] [--work-dir work_dirs/quickstart]
 """
@@ -126,6 +127,31 @@ def main():
                      max_len_b=args.gen_len)
     print(f"[quickstart] prompt: {args.prompt!r}\n[quickstart] continuation (fairseq's sequence generator, "
           f"one recurrence step per token):\n{text}", flush=True)
+    lines = continue_lines(ckpt / "checkpoint_last.pt", f"{spm_prefix}.model", data_bin / "dict.txt", args)
+    print(f"[quickstart] continuation over several lines (tnllm_plugin.generation, same checkpoint):\n{lines}",
+          flush=True)
+
+
+def continue_lines(checkpoint, spm_model, dict_path, args):
+    """Sample past the end of the line: fairseq's training stream separates lines with </s>, so the prompt's
+    lines are joined with </s>, nothing stops at </s>, and each </s> produced is printed as a newline."""
+    from tnllm_plugin.convert import load_model
+    from tnllm_plugin.generation import SamplingConfig, TextCodec, generate
+    model, _ = load_model(str(checkpoint))
+    codec = TextCodec(str(spm_model), str(dict_path))
+    ids = [codec.eos_id]
+    for line in args.prompt.split("\n"):
+        ids += codec.encode(line) + [codec.eos_id]
+    sampling = SamplingConfig(max_new_tokens=args.gen_len, temperature=0.8, top_k=20, seed=1)
+    new = generate(model.eval(), [ids[:-1]], sampling)[0]      # the prompt's last line goes on
+    text, line = [args.prompt], []
+    for token in new + [codec.eos_id]:
+        if token == codec.eos_id:
+            text.append(codec.decode(line))
+            line = []
+        else:
+            line.append(token)
+    return "".join(text[:2]) + "".join("\n" + t for t in text[2:])
 
 
 if __name__ == "__main__":
