@@ -273,8 +273,10 @@ def test_fairseq_checkpoint_files_reshard(sharded, tmp_path):
     from tnllm_plugin.parallel import main as reshard_cli
     mp2 = sharded[0][(2, "srms")]["weights"]
     for r, shard in enumerate(mp2):
+        cfg = {"common": {"model_parallel_size": 2}, "checkpoint": {"model_parallel_size": 2},
+               "model": Namespace(arch="transnormer_llm_tiny", model_parallel_size=2)}    # build_model reads this
         torch.save({"model": {f"decoder.{k}": v for k, v in shard.items()}, "last_optimizer_state": {"r": r},
-                    "extra_state": {"epoch": 3}}, tmp_path / f"checkpoint_last-model_part-{r}.pt")
+                    "extra_state": {"epoch": 3}, "cfg": cfg}, tmp_path / f"checkpoint_last-model_part-{r}.pt")
     full = {f"decoder.{k}": v for k, v in build("srms").state_dict().items()}
     for size in (4, 1):
         (tmp_path / f"mp{size}").mkdir()
@@ -284,6 +286,9 @@ def test_fairseq_checkpoint_files_reshard(sharded, tmp_path):
             name = "checkpoint_last.pt" if size == 1 else f"checkpoint_last-model_part-{r}.pt"
             state = torch.load(tmp_path / f"mp{size}" / name, weights_only=False)
             assert "last_optimizer_state" not in state and state["extra_state"] == {"epoch": 3}
+            cfg = state["cfg"]
+            assert cfg["common"]["model_parallel_size"] == cfg["checkpoint"]["model_parallel_size"] == size
+            assert cfg["model"].model_parallel_size == size and cfg["model"].arch == "transnormer_llm_tiny"
             expected = shard_state_dict(full, r, size)
             assert set(state["model"]) == set(expected)
             assert all(torch.equal(state["model"][k], expected[k]) for k in expected)
@@ -391,7 +396,7 @@ def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
                  "--out", str(tmp_path / "mp2_as_mp1.pt")])
     mp1 = torch.load(tmp_path / "mp1" / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
     resharded = torch.load(tmp_path / "mp2_as_mp1.pt", map_location="cpu", weights_only=False)
-    assert resharded["cfg"]["common"]["model_parallel_size"] == 1
+    assert resharded["cfg"]["common"]["model_parallel_size"] == resharded["cfg"]["model"].model_parallel_size == 1
     mp2 = resharded["model"]
     assert set(mp2) == set(mp1)
     for k in mp1:

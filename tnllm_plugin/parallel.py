@@ -13,6 +13,7 @@ Parameter names do not change, so a sharded state dict has the unsharded keys wi
 Also here: per-block activation checkpointing, per-block FSDP wrapping (fairseq's ``fsdp_wrap``), and the
 shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
 """
+import argparse
 import functools
 import re
 import sys
@@ -105,6 +106,20 @@ def _part_path(prefix: str, rank: int, world_size: int) -> str:
     return f"{stem}.pt" if world_size == 1 else f"{stem}-model_part-{rank}.pt"
 
 
+def _record_model_parallel_size(state: dict, size: int):
+    """Set the model-parallel size everywhere a fairseq checkpoint records it: the common and checkpoint config
+    sections, and the model's own arguments (an argparse Namespace in cfg["model"], or "args" in older
+    checkpoints), which build_model reads when fairseq-eval-lm or fairseq-generate load the file."""
+    cfg = state.get("cfg")
+    sections = [cfg[name] for name in ("common", "checkpoint", "model") if cfg is not None and name in cfg]
+    for section in sections + [state.get("args")]:
+        if isinstance(section, argparse.Namespace):
+            if hasattr(section, "model_parallel_size"):
+                section.model_parallel_size = size
+        elif section is not None and "model_parallel_size" in section:
+            section["model_parallel_size"] = size
+
+
 def reshard_checkpoint(prefix: str, from_size: int, to_size: int, out_prefix: str) -> List[str]:
     """Rewrite fairseq checkpoint files written at model-parallel size ``from_size`` for ``to_size``: the model
     weights are consolidated and re-split; the rest of part 0 is kept, except the optimizer state, whose
@@ -117,11 +132,7 @@ def reshard_checkpoint(prefix: str, from_size: int, to_size: int, out_prefix: st
     for rank, shard in enumerate(shards):
         state = {k: v for k, v in parts[0].items() if k != "last_optimizer_state"}
         state["model"] = shard
-        cfg = state.get("cfg")
-        if cfg is not None:
-            for section in ("common", "checkpoint"):
-                if section in cfg and "model_parallel_size" in cfg[section]:
-                    cfg[section]["model_parallel_size"] = to_size
+        _record_model_parallel_size(state, to_size)
         path = _part_path(out_prefix, rank, to_size)
         torch.save(state, path)
         written.append(path)
@@ -339,7 +350,6 @@ def install_megatron_mpu_shim():
 
 
 def main(argv=None):
-    import argparse
     ap = argparse.ArgumentParser(prog="python -m tnllm_plugin.parallel",
                                  description="Re-split fairseq checkpoints for another --model-parallel-size.")
     ap.add_argument("checkpoint", help="e.g. checkpoints/checkpoint_last.pt (parts -model_part-R are found)")
