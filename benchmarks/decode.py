@@ -32,7 +32,6 @@ For each model, batch (1, 16) and prompt length (1k, 8k, 32k, 128k random tokens
     python benchmarks/decode.py --smoke      # tiny models on CPU, prompts 16/64/128, batch 1/2: every code path
 """
 import argparse
-import gc
 import inspect
 import json
 import math
@@ -46,8 +45,7 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tnllm_plugin.model import TransNormerLLM  # noqa: E402
-from tnllm_plugin.presets import preset_config  # noqa: E402
+from benchmark_common import free_memory, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
 
 OURS, LLAMA = "transnormer_llm_385m", "llama_385m_sdpa"
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, batches=(1, 16),
@@ -70,10 +68,7 @@ class Ours:
     name = OURS
 
     def __init__(self, s, device, dtype):
-        cfg = preset_config("385m", vocab_size=s["vocab"]) if s is FULL else preset_config(
-            "tiny", vocab_size=s["vocab"], n_layers=s["layers"], d_model=s["dim"], hidden_dim=s["dim"],
-            n_heads=s["heads"], glu_dim=s["ffn"])
-        self.model = TransNormerLLM(cfg).to(device=device, dtype=dtype).eval()
+        self.model = transnormer_model(s, full=s is FULL).to(device=device, dtype=dtype).eval()
         self.tokens_per_call = s["tokens_per_call"]
 
     def prefill(self, tokens, piece=None):
@@ -103,13 +98,8 @@ class Llama:
     name = LLAMA
 
     def __init__(self, s, device, dtype, cache_kind="dynamic"):
-        from transformers import LlamaConfig, LlamaForCausalLM
         self.extra = s["warmup"] + s["steps"] + 2        # positions the decode steps (and the check) add
-        cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
-                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                          num_key_value_heads=s["heads"], max_position_embeddings=max(s["prompts"]) + self.extra,
-                          tie_word_embeddings=False, attn_implementation="sdpa")
-        self.model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+        self.model = llama_model(s, max(s["prompts"]) + self.extra).to(device=device, dtype=dtype).eval()
         self.cache_kind = cache_kind
         params = inspect.signature(self.model.forward).parameters
         self.keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -183,22 +173,6 @@ def with_positions(state, device):
 
 # ---------------------------------------------------------------------------------------------------------
 # Measuring
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
 
 def peak_gb(device):
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")

@@ -12,7 +12,6 @@ per-block activation checkpointing and a chunked LM-head loss (doubling search; 
     python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
 """
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -24,9 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tnllm_plugin.model import TransNormerLLM  # noqa: E402
+from benchmark_common import free_memory as release, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
-from tnllm_plugin.presets import preset_config  # noqa: E402
 
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
             warmup=3, steps=10, longest_start=32768, longest_max=1 << 22)
@@ -38,19 +36,11 @@ SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32
 # The models; each builder returns (model, logits_fn) or raises with the reason it is skipped
 
 def transnormer(s):
-    cfg = preset_config("385m", vocab_size=s["vocab"]) if s is FULL else preset_config(
-        "tiny", vocab_size=s["vocab"], n_layers=s["layers"], d_model=s["dim"], hidden_dim=s["dim"],
-        n_heads=s["heads"], glu_dim=s["ffn"])
-    return TransNormerLLM(cfg), lambda m, x: m(x)[0]
+    return transnormer_model(s, full=s is FULL), lambda m, x: m(x)[0]
 
 
 def llama_sdpa(s):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
-                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-                      max_position_embeddings=max(s["seqs"]), tie_word_embeddings=False,
-                      attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg), lambda m, x: m(input_ids=x, use_cache=False).logits
+    return llama_model(s, max(s["seqs"])), lambda m, x: m(input_ids=x, use_cache=False).logits
 
 
 def fla_retnet(s):
@@ -67,16 +57,10 @@ MODELS = {"transnormer_llm_385m": transnormer, "llama_385m_sdpa": llama_sdpa, "f
 
 # ---------------------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    """Memory back to the allocator and the peak counter reset: each measurement's peak is its own."""
+    release(device)
+    reset_peak(device)
 
 
 def train_step(model, loss_fn, opt, x, y, device):

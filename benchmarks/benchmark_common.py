@@ -1,0 +1,41 @@
+"""What the GPU benchmarks share: the same-size models they compare, built from one settings dict (keys vocab,
+layers, dim, heads, ffn), and the device bookkeeping around a measurement."""
+import gc
+
+import torch
+
+from tnllm_plugin.model import TransNormerLLM
+from tnllm_plugin.presets import preset_config
+
+
+def transnormer_model(s, full: bool) -> TransNormerLLM:
+    """transnormer_llm_385m (full) or a tiny model of the smoke sizes."""
+    cfg = preset_config("385m", vocab_size=s["vocab"]) if full else preset_config(
+        "tiny", vocab_size=s["vocab"], n_layers=s["layers"], d_model=s["dim"], hidden_dim=s["dim"],
+        n_heads=s["heads"], glu_dim=s["ffn"])
+    return TransNormerLLM(cfg)
+
+
+def llama_model(s, max_positions: int):
+    """Hugging Face LlamaForCausalLM of the same sizes, SDPA attention, untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                      max_position_embeddings=max_positions, tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
