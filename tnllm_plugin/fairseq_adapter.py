@@ -10,7 +10,7 @@ from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, reg
 
 from .checkpoint import check_state_dict
 from .host_common import (IncrementalDecoding, add_model_args, base_architecture, config_from_args,
-                          log_loss_and_perplexity, preset_architecture, token_cross_entropy)
+                          criterion_result, log_loss_and_perplexity, preset_architecture, token_cross_entropy)
 from .model import TransNormerConfig, TransNormerLLM
 from .presets import PRESETS
 
@@ -122,10 +122,7 @@ class TransNormerCrossEntropy(FairseqCriterion):
             loss = loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
         else:
             loss = token_cross_entropy(logits, target, self.padding_idx, reduce)
-        ntokens = sample["ntokens"]
-        logging_output = {"loss": loss.data, "ntokens": ntokens, "nsentences": sample["target"].size(0),
-                          "sample_size": ntokens}
-        return loss, ntokens, logging_output
+        return criterion_result(loss, sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -99,6 +99,14 @@ def token_cross_entropy(logits, target, padding_idx, reduce=True):
                            ignore_index=padding_idx, reduction="sum" if reduce else "none")
 
 
+def criterion_result(loss, sample):
+    """What a host criterion returns: (loss, sample size in target tokens, the logging output)."""
+    ntokens = sample["ntokens"]
+    logging_output = {"loss": loss.data, "ntokens": ntokens, "nsentences": sample["target"].size(0),
+                      "sample_size": ntokens}
+    return loss, ntokens, logging_output
+
+
 def log_loss_and_perplexity(metrics, get_perplexity, logging_outputs):
     """The criterion's reduce_metrics with the host's metrics module: loss per token in base 2, and ppl."""
     loss = sum(log.get("loss", 0) for log in logging_outputs)

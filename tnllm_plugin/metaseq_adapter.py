@@ -13,7 +13,7 @@ from metaseq.models import BaseDecoder, BaseModel, register_model, register_mode
 
 from .checkpoint import check_state_dict
 from .host_common import (IncrementalDecoding, add_model_args, base_architecture, config_from_args,
-                          log_loss_and_perplexity, preset_architecture, token_cross_entropy)
+                          criterion_result, log_loss_and_perplexity, preset_architecture, token_cross_entropy)
 from .model import TransNormerConfig, TransNormerLLM
 from .presets import PRESETS
 
@@ -80,10 +80,7 @@ class TransNormerCrossEntropy(BaseCriterion):
         logits = model(**sample["net_input"])[0]
         target = model.get_targets(sample)
         loss = token_cross_entropy(logits, target, self.padding_idx, reduce)
-        ntokens = sample["ntokens"]
-        logging_output = {"loss": loss.data, "ntokens": ntokens, "nsentences": sample["target"].size(0),
-                          "sample_size": ntokens}
-        return loss, ntokens, logging_output
+        return criterion_result(loss, sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
