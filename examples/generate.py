@@ -11,9 +11,9 @@ are sentencepiece's ids and the prompt starts with bos. Generation stops at eos 
 """
 import argparse
 import sys
-from collections.abc import Mapping
 
-from tnllm_plugin.generation import SamplingConfig, TextCodec, TextStream, stream, unwrap_model
+from tnllm_plugin.generation import (SamplingConfig, TextCodec, TextStream, info_field, prompt_special_ids,
+                                     stream, unwrap_model)
 
 
 def load_model(path, device):
@@ -41,28 +41,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def info_value(info, key: str):
-    """A field of load_model's info: convert.CheckpointInfo (attributes) or a plain dict; None when absent."""
-    if info is None:
-        return None
-    if isinstance(info, Mapping):
-        return info.get(key)
-    return getattr(info, key, None)
-
-
-def start_and_stop_ids(codec: TextCodec, info, cfg, with_dict: bool):
-    """(the id a prompt starts with, eos id). A fairseq dict's ids are fixed by the dictionary; otherwise the
-    checkpoint's own ids come first, then sentencepiece's, then the model config's."""
-    if with_dict:
-        return codec.eos_id, codec.eos_id
-    bos, eos = info_value(info, "bos_id"), info_value(info, "eos_id")
-    if bos is None:
-        bos = codec.bos_id if codec.bos_id >= 0 else cfg.bos_id
-    if eos is None:
-        eos = codec.eos_id if codec.eos_id >= 0 else cfg.eos_id
-    return bos, eos
-
-
 def main(argv=None, out=sys.stdout):
     args = parse_args(argv)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -70,12 +48,11 @@ def main(argv=None, out=sys.stdout):
     sampling.validate(vocab_size=sys.maxsize)      # bad options fail before the (slow) load
     model, info = load_model(args.checkpoint, args.device)
     model = unwrap_model(model).eval()
-    dict_path = args.dict or info_value(info, "dict_path")
-    codec = TextCodec(args.spm, dict_path)
+    codec = TextCodec(args.spm, args.dict or info_field(info, "dict_path"))
     if codec.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {codec.vocab_size} ids, the model {model.cfg.vocab_size}: a --spm/--dict "
                          "of another model?")
-    bos, eos = start_and_stop_ids(codec, info, model.cfg, dict_path is not None)
+    bos, eos = prompt_special_ids(codec, info, model.cfg)
     prompt = ([] if args.no_bos else [bos]) + codec.encode(args.prompt)
     stops = ([] if args.no_eos_stop else [eos]) + [codec.token_id(text) for text in args.stop]
     sampling.stop_tokens = stops

@@ -375,6 +375,28 @@ def test_without_a_dict_sentencepiece_ids_are_model_ids(spm_files):
     assert codec.token_id("</s>") == sp.eos_id()
 
 
+def test_a_dict_listing_ids_means_sentencepiece_ids(spm_files, tmp_path, monkeypatch):
+    """tnllm_plugin.convert writes a dict.txt of ids ("4", "5", ...) beside a checkpoint converted from the released
+    layout; it names no pieces, so text must encode to sentencepiece's ids (not to <unk> everywhere), in the codec
+    and in the example script, which finds that dict.txt through load_model's info."""
+    spm_model, _, sp = spm_files
+    ids_dict = tmp_path / "dict.txt"
+    ids_dict.write_text("".join(f"{i} 1\n" for i in range(4, sp.get_piece_size())), encoding="utf-8")
+    text = "def read_file(path): return the fox"
+    codec = TextCodec(spm_model, ids_dict)
+    assert codec.symbols is None and codec.encode(text) == list(sp.encode(text))
+    model = tiny(vocab_size=sp.get_piece_size())
+    example = load_example()
+    info = {"dict_path": str(ids_dict), "bos_id": 1, "eos_id": 2}
+    monkeypatch.setattr(example, "load_model", lambda path, device: (model, info))
+    out = io.StringIO()
+    example.main(["--checkpoint", "converted", "--spm", str(spm_model), "--prompt", text, "--max-new-tokens", "6"],
+                 out=out)
+    prompt = [1] + list(sp.encode(text))
+    want = generate(model, [prompt], SamplingConfig(max_new_tokens=6, stop_tokens=[2]))[0]
+    assert out.getvalue() == text + sp.decode(prompt + want)[len(sp.decode(prompt)):] + "\n"
+
+
 def test_dict_reader_errors_and_overwrite(tmp_path):
     p = tmp_path / "dict.txt"
     p.write_text("a 3\nb 2\na 1 #fairseq:overwrite\n")

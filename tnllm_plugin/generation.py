@@ -13,7 +13,7 @@ prompt alone (up to float rounding):
     CUDA graph needs (a Python int offset would be frozen into the captured graph).
 """
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -300,7 +300,12 @@ class TextCodec:
     def __init__(self, spm_model: str, dict_path: Optional[str] = None):
         import sentencepiece as spm          # only text generation needs it
         self.sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-        self.symbols = read_fairseq_dict(dict_path) if dict_path else None
+        symbols = read_fairseq_dict(dict_path) if dict_path else None
+        # a dict.txt whose symbols are the ids themselves ("4", "5", ...: what tnllm_plugin.convert writes beside
+        # a checkpoint converted from the released layout) names no pieces: the ids are sentencepiece's own
+        if symbols is not None and symbols[len(SPECIALS):] == [str(i) for i in range(len(SPECIALS), len(symbols))]:
+            symbols = None
+        self.symbols = symbols
         if self.symbols is not None:
             self.index = {word: i for i, word in enumerate(self.symbols)}   # later repeats win (overwrite)
             self.bos_id, self.pad_id, self.eos_id, self.unk_id = range(4)
@@ -342,6 +347,31 @@ class TextCodec:
         if len(ids) != 1:
             raise ValueError(f"{text!r} is {len(ids)} tokens ({ids}); a stop token must be a single token")
         return ids[0]
+
+
+def info_field(info, key: str):
+    """A field of tnllm_plugin.convert.load_model's info (a CheckpointInfo, or a dict); None when absent."""
+    if info is None:
+        return None
+    return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
+
+
+def prompt_special_ids(tokenizer, info, cfg) -> Tuple[int, int]:
+    """(the id a prompt starts with, the eos id). With a fairseq dictionary both are its </s> (fairseq's
+    language-model data is a stream of lines each ended by </s>, and its generator starts from it); otherwise the
+    ids the checkpoint was trained with (load_model's info), else the tokenizer's, else the model config's.
+    Negative ids (sentencepiece's mark of a disabled special) are skipped."""
+    def first_valid(*candidates) -> int:
+        for c in candidates:
+            if c is not None and int(c) >= 0:
+                return int(c)
+        raise ValueError("no usable special token id")
+    if getattr(tokenizer, "symbols", None) is not None:
+        eos = first_valid(tokenizer.eos_id)
+        return eos, eos
+    eos = first_valid(info_field(info, "eos_id"), getattr(tokenizer, "eos_id", None), cfg.eos_id)
+    start = first_valid(info_field(info, "bos_id"), getattr(tokenizer, "bos_id", None), cfg.bos_id)
+    return start, eos
 
 
 class TextStream:

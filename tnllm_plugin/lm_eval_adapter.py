@@ -45,7 +45,7 @@ How requests are batched (exact, not approximations; see tests/test_lm_eval_adap
 """
 import json
 import logging
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -55,7 +55,8 @@ import lm_eval.models  # noqa: F401  (lm-eval's built-in models: registered lazi
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from .generation import SamplingConfig, TextCodec, generate, left_pad, unwrap_model
+from .generation import (SamplingConfig, TextCodec, generate, info_field, left_pad, prompt_special_ids,
+                         unwrap_model)
 from .model import DecodeState, TransNormerLLM
 
 MODEL_NAME = "transnormer_llm"
@@ -117,24 +118,6 @@ def sampling_from_gen_kwargs(gen_kwargs: Dict, default_max_gen_toks: int):
     return until, max_gen, temperature, top_k, top_p
 
 
-def info_get(info, key):
-    """A field of load_model's info (a CheckpointInfo or a dict), None when absent."""
-    if info is None:
-        return None
-    return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
-
-
-def make_tokenizer(spm_model: str, dict_path: Optional[str] = None) -> TextCodec:
-    """TextCodec over spm_model, through dict_path when that is a real fairseq dictionary of pieces. A dict.txt
-    whose symbols are the ids themselves ("4", "5", ...: what tnllm_plugin.convert writes beside a checkpoint
-    converted from the released layout) names no pieces: the ids are then sentencepiece's own."""
-    codec = TextCodec(spm_model, dict_path)
-    if codec.symbols is not None and codec.symbols[4:] == [str(i) for i in range(4, len(codec.symbols))]:
-        log.info("transnormer_llm: %s lists ids, not pieces: using sentencepiece's ids", dict_path)
-        codec = TextCodec(spm_model)
-    return codec
-
-
 class _AllStopped(Exception):
     """Raised from generate's on_token once every row of the batch has reached a stop string or eos."""
 
@@ -174,7 +157,7 @@ class TransNormerLMEval(LM):
         if tokenizer is None:
             if spm is None:
                 raise ValueError("transnormer_llm needs spm=SPM_MODEL (or a tokenizer= object)")
-            tokenizer = make_tokenizer(spm, dict or info_get(info, "dict_path"))
+            tokenizer = TextCodec(spm, dict or info_field(info, "dict_path"))
         self.model: TransNormerLLM = unwrap_model(model).to(self._device)
         if dtype is not None:
             self.model.to(DTYPES[dtype])
@@ -184,20 +167,8 @@ class TransNormerLMEval(LM):
         vocab = getattr(tokenizer, "vocab_size", None)
         if vocab is not None and vocab > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {vocab} ids, the model's vocabulary only {cfg.vocab_size}")
-        fairseq_vocab = getattr(tokenizer, "symbols", None) is not None
-        # special ids: a fairseq dict fixes them; else what the checkpoint says it was trained with, else the
-        # tokenizer's, else the model config's
-        if fairseq_vocab:
-            self.eos_id = self._valid_id(tokenizer.eos_id)
-        else:
-            self.eos_id = self._valid_id(info_get(info, "eos_id"), getattr(tokenizer, "eos_id", None), cfg.eos_id)
-        if prefix_token_id is not None:
-            self.prefix_id = int(prefix_token_id)
-        elif fairseq_vocab:               # fairseq's start symbol
-            self.prefix_id = self.eos_id
-        else:
-            self.prefix_id = self._valid_id(info_get(info, "bos_id"), getattr(tokenizer, "bos_id", None),
-                                            cfg.bos_id)
+        start_id, self.eos_id = prompt_special_ids(tokenizer, info, cfg)
+        self.prefix_id = start_id if prefix_token_id is None else int(prefix_token_id)
         if not 0 <= self.prefix_id < cfg.vocab_size:
             raise ValueError(f"prefix token id {self.prefix_id} is outside the vocabulary [0, {cfg.vocab_size})")
 
@@ -217,14 +188,6 @@ class TransNormerLMEval(LM):
             log.warning("transnormer_llm: no CUDA device, running on the CPU (lm-eval's default device %s)",
                         extra.pop("device"))
         return cls(**arg_dict, **extra)
-
-    @staticmethod
-    def _valid_id(*candidates) -> int:
-        """The first candidate that is a real id (sentencepiece reports -1 for a disabled special)."""
-        for c in candidates:
-            if c is not None and int(c) >= 0:
-                return int(c)
-        raise ValueError("no usable special token id")
 
     @property
     def tokenizer_name(self) -> str:
