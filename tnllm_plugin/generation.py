@@ -152,8 +152,9 @@ def prefill(model: TransNormerLLM, prompts: List[List[int]]):
     DecodeState with per-row positions)."""
     device = model.lm_head.weight.device
     tokens, padding_mask, positions = left_pad(prompts, model.cfg.pad_id, device)
-    logits, state = model(tokens, padding_mask=padding_mask, use_cache=True, positions=positions)
-    return logits[:, -1], state
+    # the LM head on the last position only: the [B, P, vocab] logits of a long prompt would not fit
+    hidden, state = model(tokens, padding_mask=padding_mask, use_cache=True, positions=positions, return_hidden=True)
+    return model.lm_head(hidden[:, -1]), state
 
 
 class EagerDecoder:
