@@ -1,6 +1,13 @@
 import pytest
 import torch
 
+from shared_data import RELEASED_TINY
+
+
+def pytest_report_header(config):
+    found = "found" if (RELEASED_TINY / "config.json").is_file() else "MISSING (set TNLLM_SHARED_DIR)"
+    return f"released_tiny fixture: {RELEASED_TINY} ({found})"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")

@@ -15,8 +15,10 @@ from tnllm_plugin.checkpoint import (config_from_released, config_to_released, l
                                      state_dict_to_released)
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
 
+from shared_data import RELEASED_TINY
+
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "released_tiny"
+FIXTURE = RELEASED_TINY
 
 
 def rel(a, b):

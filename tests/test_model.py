@@ -2,7 +2,6 @@
 ablation options and the errors bad input must raise."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,9 @@ import torch
 from tnllm_plugin.checkpoint import config_from_released, load_checked, state_dict_from_released
 from tnllm_plugin.model import LRPE, TransNormerConfig, TransNormerLLM, alibi_slopes, decay_slopes
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "released_tiny"
+from shared_data import RELEASED_TINY
+
+FIXTURE = RELEASED_TINY
 
 
 def rel(a, b):
