@@ -27,35 +27,58 @@ from benchmark_common import free_memory as release, llama_model, reset_peak, sy
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
 
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
-            warmup=3, steps=10, longest_start=32768, longest_max=1 << 22)
+            warmup=3, steps=10, longest_start=32768, longest_max=1 << 22, smoke=False)
 SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32, 64, 128),
-             warmup=1, steps=2, longest_start=128, longest_max=512)
+             warmup=1, steps=2, longest_start=128, longest_max=512, smoke=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The models; each builder returns (model, logits_fn) or raises with the reason it is skipped
+# The models; each builder returns (model, loss_fn(model, x, y)) or raises with the reason it is skipped
 
 def transnormer(s):
-    return transnormer_model(s, full=s is FULL), lambda m, x: m(x)[0]
+    return transnormer_model(s, full=not s["smoke"]), plain_loss(lambda m, x: m(x)[0])
 
 
 def llama_sdpa(s):
-    return llama_model(s, max(s["seqs"])), lambda m, x: m(input_ids=x, use_cache=False).logits
+    return llama_model(s, max(s["seqs"])), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
+
+
+def retnet_model(s):
+    if not torch.cuda.is_available():
+        raise ImportError("fla's Triton kernels need CUDA")
+    from fla.models import RetNetConfig, RetNetForCausalLM    # fla's defaults otherwise (expand_v=2, ...): 446M
+    cfg = RetNetConfig(vocab_size=s["vocab"], hidden_size=s["dim"], num_hidden_layers=s["layers"],
+                       num_heads=s["heads"], tie_word_embeddings=False)
+    return RetNetForCausalLM(cfg)
 
 
 def fla_retnet(s):
-    if not torch.cuda.is_available():
-        raise ImportError("fla's Triton kernels need CUDA")
-    from fla.models import RetNetConfig, RetNetForCausalLM    # fla's defaults otherwise (expand_v=2, ...)
-    cfg = RetNetConfig(vocab_size=s["vocab"], hidden_size=s["dim"], num_hidden_layers=s["layers"],
-                       num_heads=s["heads"], tie_word_embeddings=False)
-    return RetNetForCausalLM(cfg), lambda m, x: m(input_ids=x, use_cache=False).logits
+    return retnet_model(s), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
 
 
-MODELS = {"transnormer_llm_385m": transnormer, "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet}
+def fla_retnet_fused_loss(s):
+    """RetNet with fla's own fused cross entropy (logits stay bf16, gradient written in place): RetNet's best
+    case, a cheaper loss than the fp32 one every other row pays."""
+    def loss_fn(m, x, y):
+        # fla shifts `labels` itself (label of position i is labels[i + 1], the last position is ignored)
+        labels = torch.cat([y[:, :1], y[:, :-1]], dim=1)
+        return m(input_ids=x, labels=labels, use_cache=False).loss
+    return retnet_model(s), loss_fn
+
+
+MODELS = {"transnormer_llm_385m": transnormer, "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet,
+          "fla_retnet_fused_loss": fla_retnet_fused_loss}
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+START = time.perf_counter()
+
+
+def log(*parts):
+    """A progress line with the seconds since start: where a run's time goes (compiling, autotuning, steps)."""
+    print(f"[{time.perf_counter() - START:6.0f} s]", *parts, flush=True)
+
 
 def free_memory(device):
     """Memory back to the allocator and the peak counter reset: each measurement's peak is its own."""
@@ -115,7 +138,7 @@ def is_oom(e):
 
 def run_model(name, s, device):
     try:
-        model, logits_fn = MODELS[name](s)
+        model, loss_fn = MODELS[name](s)
     except Exception as e:      # a baseline's package missing or broken: the others still run, the table says why
         return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     model.to(device)            # fp32 master weights; bf16 only inside autocast
@@ -124,13 +147,13 @@ def run_model(name, s, device):
     result = {"params": n_params, "seqs": {}}
     for seq in s["seqs"]:
         try:
-            result["seqs"][seq] = measure(model, plain_loss(logits_fn), opt, s, seq, device)
+            result["seqs"][seq] = measure(model, loss_fn, opt, s, seq, device)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             opt.zero_grad(set_to_none=True)
             result["seqs"][seq] = {"oom": True}
-        print(name, seq, result["seqs"][seq], flush=True)
+        log(name, seq, result["seqs"][seq])
     del model, opt
     free_memory(device)
     return result
@@ -152,7 +175,7 @@ def longest_sequence(s, device):
             sync(device)
             peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
             best = dict(seq=seq, step_s=time.perf_counter() - t0, peak_gb=peak)
-            print("longest so far", best, flush=True)
+            log("longest so far", best)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -169,12 +192,11 @@ def longest_sequence(s, device):
 
 def profile_step(s, device, seq, rows=30):
     """Where one TransNormerLLM training step spends GPU time (torch.profiler, kernels by total time)."""
-    model, logits_fn = transnormer(s)
+    model, loss_fn = transnormer(s)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = max(1, s["tokens"] // seq)
     x = torch.randint(3, s["vocab"], (batch, seq), device=device)
-    loss_fn = plain_loss(logits_fn)
     for _ in range(3):
         train_step(model, loss_fn, opt, x, x, device)
     sync(device)
@@ -210,8 +232,9 @@ def table(results, s, longest):
             return "n/a"
         return f"{ours[n]['tokens_per_s'] / o['tokens_per_s']:.2f}x"
     lines.append("")
-    for other in ("llama_385m_sdpa", "fla_retnet"):
-        lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
+    for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss"):
+        if other in results:
+            lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
     if all("tokens_per_s" in ours.get(n, {}) for n in (seqs[0], seqs[-1])):
         lines.append(f"ours seq {seqs[-1]} / seq {seqs[0]}: "
                      f"{ours[seqs[-1]]['tokens_per_s'] / ours[seqs[0]]['tokens_per_s']:.2f}")
@@ -230,8 +253,13 @@ def main():
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
     ap.add_argument("--profile", type=int, default=0, metavar="SEQ",
                     help="also print a torch.profiler table of our training step at this sequence length")
+    ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10)")
+    ap.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
     args = ap.parse_args()
-    s = SMOKE if args.smoke else FULL
+    s = dict(SMOKE if args.smoke else FULL)
+    s.update({k: getattr(args, k) for k in ("steps", "warmup") if getattr(args, k) is not None})
+    if s["steps"] < 1:
+        sys.exit("--steps must be at least 1")
     if args.smoke:
         # the CPU dev venv's torchaudio does not match its torch and fails to load; transformers imports it
         # (for audio helpers this script never uses) whenever it is installed, so hide it
@@ -252,19 +280,27 @@ def main():
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         sys.exit(f"unknown models {unknown}; known: {list(MODELS)}")
-    results = {name: run_model(name, s, device) for name in names}
-    longest = {} if args.no_longest else longest_sequence(s, device)
+    results, longest = {}, {}
+    for name in names:          # the report is rewritten after each model: a run cut short still leaves its tables
+        log("start", name)
+        results[name] = run_model(name, s, device)
+        write_report(table(results, s, longest), results, longest)
+    if not args.no_longest:
+        longest = longest_sequence(s, device)
     report = table(results, s, longest)
     if args.profile:
         report += "\n\n" + profile_step(s, device, args.profile)
     print("\n" + report)
+    write_report(report, results, longest)
+
+
+def write_report(report, results, longest):
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "train_throughput.md"), "w") as f:
             f.write(report + "\n")
         with open(os.path.join(out, "train_throughput.json"), "w") as f:
             json.dump(dict(results=results, longest=longest), f, indent=1, default=str)
-
 
 if __name__ == "__main__":
     main()
