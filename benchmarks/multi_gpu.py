@@ -4,7 +4,8 @@
     1 GPU with --update-freq 2     vs  --ddp-backend fully_sharded --checkpoint-activations on 2 GPUs
                                        (each GPU one of the 2 batches; one FSDP unit per block)
     with --bf16: 1 GPU --bf16-autocast  vs  --model-parallel-size 2 --bf16-autocast (fp32 weights and Adam
-                                       states, bf16 matmuls; fairseq 0.12's own --bf16 is its TPU mode)
+                                       states, bf16 matmuls; fairseq 0.12's own --bf16 is its TPU mode),
+                 and 1 GPU --bf16-autocast --update-freq 2  vs  FSDP --checkpoint-activations --bf16-autocast
 
 fairseq gives the 2 data-parallel workers batches b0, b1 for the first update, exactly what one worker with
 --update-freq 2 accumulates, so the curves agree up to floating-point reduction order (fp32 training).
@@ -91,8 +92,8 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (a check of the script, tiny sizes)")
     ap.add_argument("--tolerance", type=float, default=2e-3, help="largest |loss difference| that counts as a match")
     ap.add_argument("--bf16", action="store_true",
-                    help="also 1 GPU vs MP2 with --bf16-autocast (expect bf16-sized gaps)")
-    ap.add_argument("--only-bf16", action="store_true", help="only the --bf16 pair")
+                    help="also 1 GPU vs MP2 and 1 GPU vs FSDP with --bf16-autocast (expect bf16-sized gaps)")
+    ap.add_argument("--only-bf16", action="store_true", help="only the --bf16 pairs")
     args = ap.parse_args()
     args.bf16 = args.bf16 or args.only_bf16
     if args.cpu and args.bf16:
@@ -121,6 +122,12 @@ def main():
         runs["1gpu_bf16"] = train("1gpu_bf16", data, args, 1, ["--bf16-autocast"], out)
         runs["mp2_bf16"] = train("mp2_bf16", data, args, 2, ["--bf16-autocast", "--model-parallel-size", "2"], out)
         pairs.append(("1gpu_bf16", "mp2_bf16"))
+        if not args.cpu:    # the paper's recipe: FSDP, per-block activation checkpointing and bf16 together
+            runs["1gpu_uf2_bf16"] = train("1gpu_uf2_bf16", data, args, 1, ["--bf16-autocast", "--update-freq", "2"],
+                                          out)
+            runs["fsdp2_bf16"] = train("fsdp2_bf16", data, args, 2, ["--bf16-autocast", "--ddp-backend",
+                                       "fully_sharded", "--checkpoint-activations"], out)
+            pairs.append(("1gpu_uf2_bf16", "fsdp2_bf16"))
     shutil.rmtree(work, ignore_errors=True)
     lines = ["| update | " + " | ".join(runs) + " | " + " | ".join(f"{b} - {a}" for a, b in pairs) + " |",
              "|---|" + "---|" * (len(runs) + len(pairs))]
