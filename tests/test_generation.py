@@ -303,7 +303,7 @@ def test_greedy_equals_fairseq_sequence_generator():
     cfg = TransNormerConfig(vocab_size=len(d), d_model=32, n_layers=2, n_heads=4, glu_dim=48, init_std=0.2,
                             pad_id=d.pad(), bos_id=d.bos(), eos_id=d.eos())
     torch.manual_seed(0)
-    lm = TransNormerLanguageModel(TransNormerDecoder(cfg, d)).eval()
+    lm = TransNormerLanguageModel(TransNormerDecoder(TransNormerLLM(cfg), d)).eval()
     with_real_pad_embedding(lm.decoder.transnormer)
     new = 10
     for prompt in prompts_of([5, 17], seed=10):

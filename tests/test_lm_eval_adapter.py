@@ -237,7 +237,10 @@ def greedy_text(model, codec, context, n):
     return codec.decode(ids + new)[len(codec.decode(ids)):], new
 
 
-def test_generate_until_is_greedy_generate_cut_at_the_stop_string(model, codec, monkeypatch):
+def test_generate_until_is_greedy_generate_cut_at_the_stop_string(codec, monkeypatch):
+    model = tiny_model(codec.vocab_size)
+    with torch.no_grad():   # eos logit 0 while the others spread around 0: greedy text runs the full 20 tokens
+        model.lm_head.weight[codec.eos_id] = 0
     contexts = ["The lighthouse on Brindle Point is", "Every Tuesday the baker sells", "Snow"]
     full = [greedy_text(model, codec, c, 20) for c in contexts]
     assert all(len(new) == 20 for _, new in full), "pick contexts whose greedy text does not end at eos"

@@ -88,7 +88,7 @@ def fairseq_lm(model_parallel_size):
     task = Namespace(target_dictionary=dictionary, source_dictionary=dictionary)
     args = Namespace(arch="transnormer_llm_tiny", model_parallel_size=model_parallel_size, init_std=INIT_STD)
     ARCH_CONFIG_REGISTRY[args.arch](args)
-    torch.manual_seed(0)        # every rank builds the same full model, then keeps its shard
+    torch.manual_seed(0)        # under MP each rank builds its shard of the model this seed makes on one device
     return TransNormerLanguageModel.build_model(args, task).eval(), task
 
 
@@ -162,6 +162,20 @@ def _sharded_step(name, out):
                grads=consolidate_state_dict(shards), weights=weights)
 
 
+def _built_shard_weights(name, seed=0):
+    """Every rank's weights of build_tensor_parallel (the shard made without the whole model), gathered."""
+    from fairscale.nn.model_parallel import initialize as mpu
+    from tnllm_plugin.parallel import build_tensor_parallel
+
+    torch.manual_seed(seed)
+    model = build_tensor_parallel(TransNormerConfig(**CONFIGS[name]))
+    assert not any(p.is_meta for p in model.parameters())
+    shards = [None] * mpu.get_model_parallel_world_size()
+    dist.all_gather_object(shards, {k: v.detach() for k, v in model.state_dict().items()},
+                           group=mpu.get_model_parallel_group())
+    return shards
+
+
 def _errors():
     """Indivisible sizes raise, naming the culprit (at the current model-parallel size, 2)."""
     from tnllm_plugin.parallel import apply_tensor_parallel
@@ -190,6 +204,7 @@ def _worker(rank, init_file, out_dir):
         for name in CONFIGS:
             out = results.setdefault((tp, name), {})
             _sharded_step(name, out)
+            results[(tp, "built", name)] = _built_shard_weights(name)
         results[(tp, "fairseq")] = fairseq_outputs(tp)
         if tp == 2:
             results["errors"] = _errors()
@@ -256,6 +271,22 @@ def test_sharded_weights_consolidate_to_the_model(sharded):
         assert set(got) == set(full)
         for k in full:
             assert torch.equal(got[k], full[k]), k
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_shard_built_alone_equals_the_slice_of_the_model(sharded, name):
+    """build_tensor_parallel (structure on the meta device, each full initial value made alone and sliced)
+    gives every rank exactly its slice of the model TransNormerLLM(cfg) makes under the same seed."""
+    torch.manual_seed(0)
+    full = TransNormerLLM(TransNormerConfig(**CONFIGS[name])).state_dict()
+    for tp in (2, 4):
+        for rank, results in sharded.items():
+            shards = results[(tp, "built", name)]
+            assert len(shards) == tp
+            got = consolidate_state_dict(shards)
+            assert set(got) == set(full)
+            for k in full:
+                assert torch.equal(got[k], full[k]), f"{k}, tp {tp}, rank {rank}"
 
 
 def test_mp2_checkpoint_loads_at_mp1_and_mp4(sharded):
@@ -401,3 +432,45 @@ def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
     assert set(mp2) == set(mp1)
     for k in mp1:
         torch.testing.assert_close(mp2[k], mp1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# host memory of building a shard: the shard and one full parameter at a time, never the whole model
+
+MEMORY_CFG = dict(vocab_size=4096, d_model=1024, n_layers=12, n_heads=8, hidden_dim=1024, glu_dim=2816)
+
+
+def _memory_worker(rank, init_file, out_dir):
+    import gc
+    import resource
+    from fairscale.nn.model_parallel import initialize as mpu
+    from tnllm_plugin.parallel import build_tensor_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    mpu.initialize_model_parallel(WORLD)
+    with torch.device("meta"):      # the first model on the meta device loads ~150 MB of torch once: not measured
+        TransNormerLLM(TransNormerConfig(**{**MEMORY_CFG, "n_layers": 1}))
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB; the peak so far
+    model = build_tensor_parallel(TransNormerConfig(**MEMORY_CFG))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.save(dict(growth=peak - before, shard_bytes=shard_bytes), os.path.join(out_dir, f"mem{rank}.pt"))
+    mpu.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units differ off Linux")
+def test_building_a_shard_never_holds_the_whole_model():
+    with torch.device("meta"):
+        full_bytes = sum(p.numel() * 4 for p in TransNormerLLM(TransNormerConfig(**MEMORY_CFG)).parameters())
+    assert full_bytes > 650e6       # 175M parameters: big enough that the whole model would show in the peak
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_memory_worker, args=(os.path.join(d, "init"), d), nprocs=WORLD, join=True)
+        got = [torch.load(os.path.join(d, f"mem{r}.pt")) for r in range(WORLD)]
+    for rank, g in enumerate(got):
+        assert abs(g["shard_bytes"] - full_bytes / WORLD) < 0.02 * full_bytes, g     # a quarter of each matrix
+        # the shard (a quarter) plus one full matrix at a time; the whole model would be 4x the shard
+        assert g["growth"] < 0.5 * full_bytes, f"rank {rank}: peak grew {g['growth'] / 1e6:.0f} MB while building a " \
+                                                f"{g['shard_bytes'] / 1e6:.0f} MB shard of a {full_bytes / 1e6:.0f} MB model"

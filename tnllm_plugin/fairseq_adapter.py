@@ -43,9 +43,9 @@ install_megatron_mpu_shim()
 class TransNormerDecoder(IncrementalDecoding, FairseqIncrementalDecoder):
     """fairseq's decoder interface around TransNormerLLM (incremental decoding: host_common.IncrementalDecoding)."""
 
-    def __init__(self, cfg: TransNormerConfig, dictionary, bf16_autocast: bool = False):
+    def __init__(self, transnormer: TransNormerLLM, dictionary, bf16_autocast: bool = False):
         super().__init__(dictionary)
-        self.transnormer = TransNormerLLM(cfg)
+        self.transnormer = transnormer
         self.bf16_autocast = bf16_autocast
 
     def forward(self, prev_output_tokens, **kwargs):
@@ -75,11 +75,14 @@ class TransNormerLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         base_architecture(args)
-        decoder = TransNormerDecoder(config_from_args(args, task.target_dictionary), task.target_dictionary,
+        cfg = config_from_args(args, task.target_dictionary)
+        if getattr(args, "model_parallel_size", 1) > 1:     # each rank builds only its shard
+            from .parallel import build_tensor_parallel
+            transnormer = build_tensor_parallel(cfg)
+        else:
+            transnormer = TransNormerLLM(cfg)
+        decoder = TransNormerDecoder(transnormer, task.target_dictionary,
                                      bf16_autocast=getattr(args, "bf16_autocast", False))
-        if getattr(args, "model_parallel_size", 1) > 1:
-            from .parallel import apply_tensor_parallel
-            apply_tensor_parallel(decoder.transnormer)
         from .parallel import apply_activation_checkpointing, apply_fsdp
         if getattr(args, "checkpoint_activations", False):
             apply_activation_checkpointing(decoder.transnormer)

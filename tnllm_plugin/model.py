@@ -10,9 +10,11 @@ adapters wrap this module (see fairseq_adapter.py, metaseq_adapter.py). Module a
 the released checkpoints (``layers.{i}.token_mixer.qkvu_proj`` ...), so converting them is a renaming.
 The defaults reproduce the released checkpoints; the paper's ablation choices are options.
 """
+import functools
 import math
+import zlib
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +135,13 @@ class LRPE(nn.Module):
 
     def __init__(self, n_heads: int, head_dim: int):
         super().__init__()
+        self.theta = nn.Parameter(self.frequencies(n_heads, head_dim))
+
+    @staticmethod
+    def frequencies(n_heads: int, head_dim: int) -> torch.Tensor:
+        """theta's initial value [H, 1, e]: 10000^(-2i/d) over the whole width d = H * e."""
         d = n_heads * head_dim
-        self.theta = nn.Parameter((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
+        return (10000 ** (-2 / d * torch.arange(d, device="cpu"))).reshape(n_heads, 1, head_dim)
 
     def forward(self, x, offset=0):
         # x [B, N, H, e]; positions are absolute (offset = tokens already consumed); angles in at least fp32
@@ -261,6 +268,10 @@ class TransNormerLLM(nn.Module):
     def __init__(self, cfg: TransNormerConfig):
         super().__init__()
         self.cfg = cfg
+        # one draw from the global RNG, before the layers' constructors draw (they do not on the meta device),
+        # seeds each parameter's own generator: torch.manual_seed still decides the weights, and a parameter can
+        # be initialised alone (see initializers)
+        self.init_seed = int(torch.randint(1 << 62, (), device="cpu"))
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.d_model)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         slopes = decay_slopes(cfg)
@@ -268,16 +279,41 @@ class TransNormerLLM(nn.Module):
         self.final_norm = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)   # untied, as released
         self.dropout = nn.Dropout(cfg.dropout)
-        self.apply(self._init_weights)
+        self.reset_parameters()
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
+    def reset_parameters(self):
+        """Every parameter to its initial value (parameters on the meta device are left as they are)."""
+        with torch.no_grad():
+            for name, make in self.initializers().items():
+                p = self.get_parameter(name)
+                if not p.is_meta:
+                    p.copy_(make())
+
+    def initializers(self) -> Dict[str, Callable[[], torch.Tensor]]:
+        """For each parameter, a function that makes its initial value (fp32, on the CPU). Each draws from a
+        generator of its own (seeded by ``init_seed`` and the parameter's name), so a tensor-parallel rank can
+        make the full values one at a time and keep its slice of each, without ever holding the whole model."""
+        inits = {}
+        for mod_name, module in self.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                inits[name] = functools.partial(self._initial_value, module, p_name, name, tuple(p.shape))
+        return inits
+
+    def _initial_value(self, module: nn.Module, p_name: str, name: str, shape) -> torch.Tensor:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and p_name == "weight":   # N(0, init_std)
+            g = torch.Generator(device="cpu").manual_seed((self.init_seed + zlib.crc32(name.encode())) % (1 << 63))
+            w = torch.empty(shape, device="cpu").normal_(0.0, self.cfg.init_std, generator=g)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                w[module.padding_idx] = 0
+            return w
+        if p_name == "bias":
+            return torch.zeros(shape, device="cpu")
+        if isinstance(module, (nn.RMSNorm, nn.LayerNorm)) and p_name == "weight":
+            return torch.ones(shape, device="cpu")
+        if isinstance(module, LRPE):
+            return LRPE.frequencies(self.cfg.n_heads, self.cfg.head_dim)
+        raise TypeError(f"no initial value for parameter {name} of {type(module).__name__}")
 
     def check_tokens(self, tokens: torch.Tensor):
         if tokens.dim() != 2:

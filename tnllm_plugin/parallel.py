@@ -8,7 +8,8 @@ Tensor parallelism (Megatron style, with fairscale's model-parallel layers):
           go to ``vocab_parallel_cross_entropy``
 Parameter names do not change, so a sharded state dict has the unsharded keys with sliced tensors:
 ``shard_state_dict`` / ``consolidate_state_dict`` define the layout once, and ``apply_tensor_parallel`` is
-"swap the modules, then load the rank's slice of the full weights".
+"swap the modules, then load the rank's slice of the full weights". ``build_tensor_parallel`` does the same
+from a model on the meta device, making the full weights one at a time: no rank ever holds the whole model.
 
 Also here: per-block activation checkpointing, per-block FSDP wrapping (fairseq's ``fsdp_wrap``), and the
 shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .model import GatedLinearAttention, SGLU, TransNormerLLM
+from .model import GatedLinearAttention, SGLU, TransNormerConfig, TransNormerLLM, decay_slopes
 
 # ---------------------------------------------------------------------------------------------------------
 # The sharding layout, by parameter name (suffix match, so any host prefix such as "decoder." works).
@@ -200,10 +201,21 @@ def _check_divisible(model: TransNormerLLM, tp: int):
                              f"size {tp}")
 
 
+def build_tensor_parallel(cfg: TransNormerConfig) -> TransNormerLLM:
+    """This rank's shard of a new ``TransNormerLLM(cfg)``: exactly the slice of the model that the same call
+    would make on one device under the same seed, built without ever holding that model (its structure on the
+    meta device, then each parameter's full initial value in turn, of which the rank keeps its slice). Host
+    memory: the shard plus the largest single parameter, so 65B and 175B presets build on every rank."""
+    with torch.device("meta"):
+        model = TransNormerLLM(cfg)
+    return apply_tensor_parallel(model)
+
+
 def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
     """Shard ``model`` in place over fairscale's (already initialised) model-parallel group, copying this
     rank's slice of its current weights, so that every rank building the model from one seed and sharding
-    it computes exactly what the unsharded model computes. Returns the model, with ``vocab_parallel = True``
+    it computes exactly what the unsharded model computes. A model on the meta device (``build_tensor_parallel``)
+    gets the slices of its initial values instead, on the CPU. Returns the model, with ``vocab_parallel = True``
     (its logits are this rank's slice of the vocabulary)."""
     from fairscale.nn.model_parallel import initialize as mpu
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -216,7 +228,11 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
     _check_divisible(model, tp)
     cfg = model.cfg
     param = next(model.parameters())
-    full = {k: v.detach() for k, v in model.state_dict().items()}
+    if param.is_meta:       # full values made one at a time below, never all at once
+        full_values = {k: make for k, make in model.initializers().items()}
+    else:
+        full_values = {k: functools.partial(v.detach) for k, v in model.state_dict().items()}
+    slopes = decay_slopes(cfg).float().to("cpu" if param.is_meta else param.device)
     no_init = lambda w: w   # noqa: E731 -- the weights are copied from the full model below
 
     def column(linear, gather_output=False):
@@ -227,11 +243,11 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
         return RowParallelLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                  input_is_parallel=True, init_method=no_init)
 
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         gla: GatedLinearAttention = layer.token_mixer
         gla.qkvu_proj, gla.out_proj = column(gla.qkvu_proj), row(gla.out_proj)
         gla.out_norm = ParallelOutNorm(cfg.norm, cfg.hidden_dim, cfg.norm_eps, group)
-        gla.slope = gla.slope.chunk(tp)[rank].clone()
+        gla.slope = slopes[i].chunk(tp)[rank].clone()
         if gla.lrpe is not None:
             gla.lrpe.theta = nn.Parameter(torch.empty_like(gla.lrpe.theta.chunk(tp)[rank]))
         sglu: SGLU = layer.channel_mixer
@@ -244,8 +260,16 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
     model.embed_tokens = embed
     model.lm_head = column(model.lm_head)
 
-    model.to(device=param.device, dtype=param.dtype)
-    model.load_state_dict(shard_state_dict(full, rank, tp), strict=True)
+    for module in model.modules():  # what is still on the meta device gets (uninitialised) CPU memory
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            module.to_empty(device="cpu", recurse=False)
+    model.to(device=param.device if not param.is_meta else "cpu", dtype=param.dtype)
+    names = {k for k, _ in model.named_parameters()}
+    if names != set(full_values):
+        raise RuntimeError(f"tensor parallelism changed the parameter names: {sorted(names ^ set(full_values))}")
+    with torch.no_grad():
+        for name, make in full_values.items():
+            model.get_parameter(name).copy_(_shard_tensor(make(), _split_rule(name), rank, tp, name))
     model.vocab_parallel = True
     return model
 
