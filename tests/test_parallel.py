@@ -474,3 +474,100 @@ def test_building_a_shard_never_holds_the_whole_model():
         # the shard (a quarter) plus one full matrix at a time; the whole model would be 4x the shard
         assert g["growth"] < 0.5 * full_bytes, f"rank {rank}: peak grew {g['growth'] / 1e6:.0f} MB while building a " \
                                                 f"{g['shard_bytes'] / 1e6:.0f} MB shard of a {full_bytes / 1e6:.0f} MB model"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building one block at a time (the --ddp-backend fully_sharded path): the same model, never held whole
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_block_by_block_build_equals_the_model(name):
+    """build_block_by_block gives exactly TransNormerLLM(cfg) under the same seed (weights, decay buffers,
+    logits), with every block handed to the wrapper once, in order, already holding its values."""
+    from tnllm_plugin.parallel import build_block_by_block
+
+    cfg = TransNormerConfig(**CONFIGS[name])
+    torch.manual_seed(0)
+    full = TransNormerLLM(cfg)
+    handed = []
+
+    def wrap(block):
+        assert not any(t.is_meta for t in [*block.parameters(), *block.buffers()])
+        handed.append(block)
+        return block
+
+    torch.manual_seed(0)
+    built = build_block_by_block(cfg, wrap)
+    assert handed == list(built.layers) and len(handed) == cfg.n_layers
+    assert not any(t.is_meta for t in [*built.parameters(), *built.buffers()])
+    want, got = full.state_dict(), built.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for a, b in zip(full.layers, built.layers):
+        assert a.token_mixer.slope.dtype == b.token_mixer.slope.dtype == torch.float32
+        assert torch.equal(a.token_mixer.slope, b.token_mixer.slope)
+    tokens, _ = batch()
+    assert torch.equal(built(tokens)[0], full(tokens)[0])
+
+
+FSDP_MEMORY_CFG = dict(MEMORY_CFG, n_layers=24)
+FSDP_WORLD = 4
+
+
+def _fsdp_memory_worker(_, init_file, out_dir):
+    """fairseq's build_model as fairseq-train calls it under --ddp-backend fully_sharded (inside the wrap
+    context), with fairseq's FSDP class over a stand-in group of 4 ranks: fairscale shards each block as it
+    is wrapped, on the CPU too. One real process (the stand-in group never communicates while building)."""
+    import gc
+    import resource
+    from fairscale.nn import enable_wrap
+    from fairseq.data import Dictionary
+    from fairseq.distributed.fully_sharded_data_parallel import DummyProcessGroup, FullyShardedDataParallel
+    from tnllm_plugin.fairseq_adapter import TransNormerLanguageModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    cfg = FSDP_MEMORY_CFG
+    d = Dictionary()
+    for i in range(cfg["vocab_size"] - len(d)):
+        d.add_symbol(f"w{i}")
+    args = Namespace(arch="transnormer_llm", decoder_embed_dim=cfg["d_model"], decoder_layers=cfg["n_layers"],
+                     decoder_attention_heads=cfg["n_heads"], hidden_dim=cfg["hidden_dim"], glu_dim=cfg["glu_dim"],
+                     checkpoint_activations=True)
+    with torch.device("meta"):      # the first model on the meta device loads ~150 MB of torch once: not measured
+        TransNormerLLM(TransNormerConfig(**{**cfg, "n_layers": 1}))
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB; the peak so far
+    with enable_wrap(wrapper_cls=FullyShardedDataParallel, process_group=DummyProcessGroup(rank=0, size=FSDP_WORLD),
+                     flatten_parameters=True):
+        model = TransNormerLanguageModel.build_model(args, Namespace(target_dictionary=d))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    blocks = model.decoder.transnormer.layers
+    torch.save(dict(growth=peak - before, vocab=len(d),
+                    wrapped=[isinstance(b, FullyShardedDataParallel) for b in blocks],
+                    block_bytes=sum(p.numel() * p.element_size() for p in blocks.parameters())),
+               os.path.join(out_dir, "fsdp_mem.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units differ off Linux")
+def test_fully_sharded_build_never_holds_the_whole_model(monkeypatch):
+    # glibc's malloc raises its mmap threshold after large frees and then keeps freed blocks in its heap, so
+    # the process's peak would count memory the build had already released; a fixed threshold makes every
+    # tensor above 1 MB its own mapping, returned when freed, and the peak counts what was held at once
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    with torch.device("meta"):
+        model = TransNormerLLM(TransNormerConfig(**FSDP_MEMORY_CFG))
+    full_bytes = sum(p.numel() * 4 for p in model.parameters())
+    full_block_bytes = sum(p.numel() * 4 for p in model.layers.parameters())
+    assert full_bytes > 1.3e9       # 340M parameters: the whole model would dominate the peak
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_fsdp_memory_worker, args=(os.path.join(d, "init"), d), nprocs=1, join=True)
+        got = torch.load(os.path.join(d, "fsdp_mem.pt"))
+    assert got["vocab"] == FSDP_MEMORY_CFG["vocab_size"]
+    assert all(got["wrapped"]) and len(got["wrapped"]) == FSDP_MEMORY_CFG["n_layers"]
+    # each block keeps its quarter (flat, padded by at most 3 elements per block)
+    assert abs(got["block_bytes"] - full_block_bytes / FSDP_WORLD) < 1e-3 * full_block_bytes, got
+    # the shards (a quarter), one whole block and its flat copy, embedding and head: about 0.36 of the model
+    assert got["growth"] < 0.5 * full_bytes, f"peak grew {got['growth'] / 1e6:.0f} MB while building the shards " \
+                                             f"of a {full_bytes / 1e6:.0f} MB model"

@@ -76,17 +76,19 @@ class TransNormerLanguageModel(FairseqLanguageModel):
     def build_model(cls, args, task):
         base_architecture(args)
         cfg = config_from_args(args, task.target_dictionary)
+        from fairseq.distributed import fsdp_wrap
+        from .parallel import build_block_by_block, build_tensor_parallel, checkpoint_block, wrap_blocks
+        checkpointing = getattr(args, "checkpoint_activations", False)
+
+        def prepare_block(block):       # fsdp_wrap: one FSDP unit per block under --ddp-backend fully_sharded,
+            return fsdp_wrap(checkpoint_block(block) if checkpointing else block, min_num_params=0)   # else as is
+
         if getattr(args, "model_parallel_size", 1) > 1:     # each rank builds only its shard
-            from .parallel import build_tensor_parallel
-            transnormer = build_tensor_parallel(cfg)
-        else:
-            transnormer = TransNormerLLM(cfg)
+            transnormer = wrap_blocks(build_tensor_parallel(cfg), prepare_block)
+        else:   # each block wrapped (and so sharded under FSDP) before the next is made
+            transnormer = build_block_by_block(cfg, prepare_block)
         decoder = TransNormerDecoder(transnormer, task.target_dictionary,
                                      bf16_autocast=getattr(args, "bf16_autocast", False))
-        from .parallel import apply_activation_checkpointing, apply_fsdp
-        if getattr(args, "checkpoint_activations", False):
-            apply_activation_checkpointing(decoder.transnormer)
-        apply_fsdp(decoder.transnormer)     # one FSDP unit per block under --ddp-backend fully_sharded, else no-op
         return cls(decoder)
 
     @property

@@ -11,15 +11,15 @@ Parameter names do not change, so a sharded state dict has the unsharded keys wi
 "swap the modules, then load the rank's slice of the full weights". ``build_tensor_parallel`` does the same
 from a model on the meta device, making the full weights one at a time: no rank ever holds the whole model.
 
-Also here: per-block activation checkpointing, per-block FSDP wrapping (fairseq's ``fsdp_wrap``), and the
-shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
+Also here: per-block activation checkpointing, building a model one block at a time so that each block can be
+wrapped in its FSDP unit (fairseq's ``fsdp_wrap``) before the next exists, and the shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
 """
 import argparse
 import functools
 import re
 import sys
 import types
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -311,23 +311,53 @@ def _checkpointed_forward(block_forward, x, state=None, offset: int = 0, padding
     return checkpoint(block_forward, x, state, offset, padding_mask, use_reentrant=False)
 
 
-def apply_activation_checkpointing(model: TransNormerLLM) -> TransNormerLLM:
-    """Recompute each block's activations in the backward pass. The block's forward is replaced on the
-    instance, so parameter names (and checkpoints) are unchanged; the RNG state is restored for the
-    recomputation, so dropout masks match."""
-    for block in model.layers:
-        if not getattr(block, "activation_checkpointing", False):
-            block.forward = functools.partial(_checkpointed_forward, block.forward)
-            block.activation_checkpointing = True
+def checkpoint_block(block: nn.Module) -> nn.Module:
+    """Recompute the block's activations in the backward pass. Its forward is replaced on the instance, so
+    parameter names (and checkpoints) are unchanged; the RNG state is restored for the recomputation, so
+    dropout masks match."""
+    if not getattr(block, "activation_checkpointing", False):
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block.activation_checkpointing = True
+    return block
+
+
+def wrap_blocks(model: TransNormerLLM, wrap: Callable[[nn.Module], nn.Module]) -> TransNormerLLM:
+    """Replace each block of ``model`` by ``wrap(block)`` (checkpointing, an FSDP unit, ...)."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = wrap(block)
     return model
 
 
-def apply_fsdp(model: TransNormerLLM, min_num_params: int = 0) -> TransNormerLLM:
-    """Wrap each block with fairseq's fsdp_wrap, a no-op outside fairseq's fsdp_enable_wrap context (which
-    fairseq-train enters for --ddp-backend fully_sharded); the host wraps the whole model last."""
-    from fairseq.distributed import fsdp_wrap
+def apply_activation_checkpointing(model: TransNormerLLM) -> TransNormerLLM:
+    return wrap_blocks(model, checkpoint_block)
+
+
+def build_block_by_block(cfg: TransNormerConfig, wrap: Callable[[nn.Module], nn.Module]) -> TransNormerLLM:
+    """``TransNormerLLM(cfg)`` with each block replaced by ``wrap(block)``, the blocks made one at a time:
+    the structure on the meta device, then one block's initial values (the same as ``TransNormerLLM(cfg)``
+    makes under the same seed), which go to ``wrap`` before the next block is made; the embedding, final norm
+    and LM head come last. With a wrapper that shards at once (fairscale's FSDP, through fairseq's
+    ``fsdp_wrap`` under --ddp-backend fully_sharded) a rank holds its shards plus one whole block, the
+    embedding and the LM head, never the whole model."""
+    with torch.device("meta"):
+        model = TransNormerLLM(cfg)
+    initial = model.initializers()
+    slopes = decay_slopes(cfg).float()
+
+    def materialize(module: nn.Module, prefix: str):
+        for gla in (m for m in module.modules() if isinstance(m, GatedLinearAttention)):
+            gla.slope = slopes[int(prefix.split(".")[1])].clone()   # before to_empty: GLA._apply keeps it
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(initial[prefix + name]())
+
     for i, block in enumerate(model.layers):
-        model.layers[i] = fsdp_wrap(block, min_num_params=min_num_params)
+        materialize(block, f"layers.{i}.")
+        model.layers[i] = wrap(block)
+    for name, module in model.named_children():
+        if name != "layers":
+            materialize(module, name + ".")
     return model
 
 
