@@ -15,12 +15,13 @@ Design (chunks of C tokens, C = 64):
   scan over segments (elementwise in the Dk x Dv entries, because the decay is a scalar) turns them into
   each segment's initial state, and then one program per (batch*head, segment, Dv tile) walks its chunks.
   The number of segments is picked so that the grid fills the GPU whatever B and N are.
-* Backward: three walks, each with the same segment pre-pass and scan: a forward walk for dq (carrying S^T,
+* Backward: three more walks, with the same segment pre-pass and scan: a forward walk for dq (carrying S^T,
   tiled over Dk), and reverse walks for dk (carrying dS^T, tiled over Dk) and dv (carrying dS, tiled over Dv),
   where dS is the gradient of the state. The gradient of the final state seeds the reverse walks; the dv walk's
-  dS after segment 0 is the gradient of the initial state. The transposed intra-chunk products are formed from
-  the loaded tiles: no matrix-unit result is transposed in registers and fed to another product, the pattern
-  Triton 3.4 to 3.7.0 miscompiles on Hopper (fla issue #640).
+  dS after segment 0 is the gradient of the initial state. All four walks have one form (out = masked
+  X Y^T times Z plus X times the carried state), so one kernel, ``_walk_kernel``, runs them all. The transposed
+  intra-chunk products are formed from the loaded tiles: no matrix-unit result is transposed in registers and
+  fed to another product, the pattern Triton 3.4 to 3.7.0 miscompiles on Hopper (fla issue #640).
 * fp32 accumulation everywhere, fp32 states; matrix-unit operands in the input dtype (fp32 inputs use
   ``tf32x3``, about fp32 accuracy).
 
@@ -37,7 +38,6 @@ import triton.language as tl
 MAX_DK = 256
 MAX_DV = 128
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
@@ -77,6 +77,66 @@ def _seg_bounds(pid_s, CPS, NC, C: tl.constexpr):
     return c_lo, c_hi
 
 
+@triton.jit
+def _log2_decay(SLOPE, h):
+    """slope[h] * log2(e): lambda^n = exp2(-n * this)."""
+    return tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _head(X, b, h, s_b, s_h):
+    """Pointer to token 0, feature 0 of (batch b, head h) in a [B, N, H, D] tensor."""
+    return X + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+
+
+@triton.jit
+def _load_rows(base, rows, s_n, cols, s_d, rmask, cmask):
+    """The [rows, cols] tile of one head (zeros outside the masks)."""
+    return tl.load(base + rows[:, None].to(tl.int64) * s_n + cols[None, :] * s_d,
+                   mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, s_n, cols, x, rmask, cmask):
+    """Store a [rows, cols] tile into an output allocated contiguous in its last dim, in the output's dtype."""
+    tl.store(base + rows[:, None].to(tl.int64) * s_n + cols[None, :], x.to(base.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _chunk_mask(sl2, offs_c, TRANSPOSED: tl.constexpr):
+    """M[i, j] = lambda^(i - j) for j <= i, else 0 (the causal decay inside a chunk, the same for every chunk);
+    M^T ([j, i]) when TRANSPOSED."""
+    if TRANSPOSED:
+        gap = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)
+    else:
+        gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
+    return tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
+
+
+@triton.jit
+def _query_decay(sl2, offs_c):
+    """lambda^(i + 1): what the state entering a chunk contributes to its row i."""
+    return tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
+
+
+@triton.jit
+def _key_decay(sl2, offs_c, m):
+    """lambda^(m - 1 - j) for the chunk's m valid rows (its key's weight in the state leaving it), 0 after."""
+    return tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
+
+
+@triton.jit
+def _state_ptrs(P, rows, cols, DV, STATE_T: tl.constexpr):
+    """Element (r, c) of a walk's state in an fp32 [Dk, Dv] buffer: S[r, c], or S[c, r] when the walk carries the
+    transpose (STATE_T)."""
+    if STATE_T:
+        ptrs = P + rows[:, None] + cols[None, :] * DV
+    else:
+        ptrs = P + rows[:, None] * DV + cols[None, :]
+    return ptrs
+
+
 # ----------------------------------------------------------------------------------------------------------
 # segment pre-pass: each segment's own contribution to the state at its end (forward) or start (backward)
 # ----------------------------------------------------------------------------------------------------------
@@ -99,7 +159,7 @@ def _seg_local_kernel(
         pid_s = pid_s + 1
     b = pid_bh // H
     h = pid_bh % H
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+    sl2 = _log2_decay(SLOPE, h)
     c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
     t_lo = c_lo * C
     t_hi = tl.minimum(c_hi * C, N)
@@ -108,16 +168,14 @@ def _seg_local_kernel(
     offs_v = pid_v * BV + tl.arange(0, BV)
     kmask = offs_k < DK
     vmask = offs_v < DV
-    a_base = A + b.to(tl.int64) * sab + h.to(tl.int64) * sah
-    b_base = Bm + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    a_base = _head(A, b, h, sab, sah)
+    b_base = _head(Bm, b, h, sbb, sbh)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(c_lo, c_hi):
         rows = c * C + offs_c
         rmask = rows < N
-        a = tl.load(a_base + rows[:, None].to(tl.int64) * san + offs_k[None, :] * sad,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        bb = tl.load(b_base + rows[:, None].to(tl.int64) * sbn + offs_v[None, :] * sbd,
-                     mask=rmask[:, None] & vmask[None, :], other=0.0)
+        a = _load_rows(a_base, rows, san, offs_k, sad, rmask, kmask)
+        bb = _load_rows(b_base, rows, sbn, offs_v, sbd, rmask, vmask)
         if REVERSE:
             dec = tl.exp2(-sl2 * (rows - t_lo + 1).to(tl.float32))
         else:
@@ -129,8 +187,8 @@ def _seg_local_kernel(
         out_s = pid_s - 1
     else:
         out_s = pid_s + 1
-    base = BUF + ((pid_bh.to(tl.int64) * NSEG + out_s) * DK) * DV
-    tl.store(base + offs_k[:, None] * DV + offs_v[None, :], acc, mask=kmask[:, None] & vmask[None, :])
+    out = BUF + ((pid_bh.to(tl.int64) * NSEG + out_s) * DK) * DV
+    tl.store(_state_ptrs(out, offs_k, offs_v, DV, False), acc, mask=kmask[:, None] & vmask[None, :])
 
 
 @triton.jit
@@ -141,7 +199,7 @@ def _seg_scan_kernel(BUF, SLOPE, H, N, NSEG, SEGLEN, DKDV, REVERSE: tl.constexpr
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     h = pid_bh % H
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+    sl2 = _log2_decay(SLOPE, h)
     offs = pid_e * BLOCK + tl.arange(0, BLOCK)
     m = offs < DKDV
     base = BUF + pid_bh.to(tl.int64) * NSEG * DKDV + offs
@@ -161,243 +219,94 @@ def _seg_scan_kernel(BUF, SLOPE, H, N, NSEG, SEGLEN, DKDV, REVERSE: tl.constexpr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# forward: o, and the final state
+# The two walks. Each program owns one (batch*head, segment, tile of Z's features) and walks its segment's
+# chunks carrying an fp32 state T [width of X, Z tile], starting from the segment's state (pre-pass + scan).
+#
+#   forward walk:  out = ((X Y^T) * M) Z + lambda^(i+1) X T,        T <- lambda^m T + Y^T (lambda^(m-1-j) Z)
+#   reverse walk:  out = ((X Y^T) * M^T) Z + lambda^(m-1-j) X T,    T <- lambda^m T + (lambda^(i+1) Y)^T Z
+#
+#   o  = forward walk (X, Y, Z) = (q, k, v),   T = S          [Dk, Dv tile]   (the forward pass)
+#   dq = forward walk (dO, v, k),              T = S^T        [Dv, Dk tile]
+#   dk = reverse walk (v, dO, q),              T = dS^T       [Dv, Dk tile]
+#   dv = reverse walk (k, q, dO),              T = dS         [Dk, Dv tile]; at segment 0's start, dS_0
+#
+# Every transposed product is formed from loaded tiles: no matrix-unit result is transposed in registers and
+# fed to another product (the pattern Triton 3.4 to 3.7.0 miscompiles on Hopper, fla issue #640).
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_S0", "STORE_FINAL"], **_AUTOTUNE_KW)
+@triton.autotune(configs=_configs(), key=["BX", "BZ", "C", "REVERSE", "STATE_T", "HAS_T0", "STORE_T"], **_AUTOTUNE_KW)
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, SLOPE, S0, SFIN,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh,
-    s0_bh, s0_s,
+def _walk_kernel(
+    X, Y, Z, OUT, SLOPE, T0, TOUT,
+    sxb, sxn, sxh, sxd, syb, syn, syh, syd, szb, szn, szh, szd, sob, son, soh,
+    t0_bh, t0_s,
     N, H, NC, CPS, NSEG,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    WX: tl.constexpr, WZ: tl.constexpr, DV: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, STATE_T: tl.constexpr, HAS_T0: tl.constexpr, STORE_T: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
+    """X and Y have WX features (all held), Z and OUT have WZ (this program's BZ tile). T0: each segment's
+    starting state (t0_bh, t0_s: strides per batch*head and per segment). STORE_T: the state the walk ends with,
+    into TOUT [B*H, Dk, Dv] (the forward pass's final state; the dv walk's gradient of the initial state)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_z = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
-    dt = Q.dtype.element_ty
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+    dt = X.dtype.element_ty
+    sl2 = _log2_decay(SLOPE, h)
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    kmask = offs_k < DK
-    vmask = offs_v < DV
-    gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
-    mask_dec = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)     # [C, C], chunk-invariant
-    q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))                           # lambda^(i+1)
-
-    if HAS_S0:
-        p_s = S0 + pid_bh.to(tl.int64) * s0_bh + pid_s.to(tl.int64) * s0_s
-        S = tl.load(p_s + offs_k[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
+    offs_x = tl.arange(0, BX)
+    offs_z = pid_z * BZ + tl.arange(0, BZ)
+    xmask = offs_x < WX
+    zmask = offs_z < WZ
+    tmask = xmask[:, None] & zmask[None, :]
+    mask = _chunk_mask(sl2, offs_c, REVERSE)
+    q_dec = _query_decay(sl2, offs_c)
+    if HAS_T0:
+        t0 = T0 + pid_bh.to(tl.int64) * t0_bh + pid_s.to(tl.int64) * t0_s
+        T = tl.load(_state_ptrs(t0, offs_x, offs_z, DV, STATE_T), mask=tmask, other=0.0)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        T = tl.zeros([BX, BZ], dtype=tl.float32)
 
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
-    for c in range(c_lo, c_hi):
-        rows = c * C + offs_c
-        rmask = rows < N
-        r64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_base + r64 * sqn + offs_k[None, :] * sqd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        k = tl.load(k_base + r64 * skn + offs_k[None, :] * skd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(v_base + r64 * svn + offs_v[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
-        kt = tl.trans(k)
-        a = _mm(q, kt, DOT_PREC) * mask_dec
-        o = _mm(a.to(dt), v, DOT_PREC)
-        o += _mm(q, S.to(dt), DOT_PREC) * q_dec[:, None]
-        tl.store(o_base + r64 * son + offs_v[None, :], o.to(O.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
-        m = tl.minimum(N - c * C, C)
-        k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        S = S * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(kt, (v * k_dec[:, None]).to(dt), DOT_PREC)
-
-    if STORE_FINAL:
-        if pid_s == NSEG - 1:
-            p_f = SFIN + pid_bh.to(tl.int64) * DK * DV
-            tl.store(p_f + offs_k[:, None] * DV + offs_v[None, :], S, mask=kmask[:, None] & vmask[None, :])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backward. No kernel transposes a matrix-unit result in registers before feeding it to another product (the
-# pattern that Triton 3.4 to 3.7.0 miscompiles on Hopper, fla issue #640): the transposed products are formed
-# from the loaded tiles, and each walk carries its state in the orientation its products need.
-# ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_S0"], **_AUTOTUNE_KW)
-@triton.jit
-def _bwd_dq_kernel(
-    K, V, DO, DQ, SLOPE, S0,
-    skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod, sdqb, sdqn, sdqh,
-    s0_bh, s0_s,
-    N, H, NC, CPS,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_S0: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dq = ((dO V^T) * M) K + lambda^(i+1) dO S^T: a forward walk carrying S^T [Dv, BK] (a Dk tile, all of Dv)."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    dt = K.dtype.element_ty
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
-    offs_c = tl.arange(0, C)
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
-    kmask = offs_k < DK
-    vmask = offs_v < DV
-    gap = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
-    mask_dec = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)       # [i, j]
-    q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
-
-    if HAS_S0:
-        p_s = S0 + pid_bh.to(tl.int64) * s0_bh + pid_s.to(tl.int64) * s0_s
-        ST = tl.load(p_s + offs_k[None, :] * DV + offs_v[:, None], mask=vmask[:, None] & kmask[None, :], other=0.0)
-    else:
-        ST = tl.zeros([BV, BK], dtype=tl.float32)
-
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    dq_base = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
-    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
-    for c in range(c_lo, c_hi):
-        rows = c * C + offs_c
-        rmask = rows < N
-        r64 = rows[:, None].to(tl.int64)
-        k = tl.load(k_base + r64 * skn + offs_k[None, :] * skd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(v_base + r64 * svn + offs_v[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
-        do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
-        da = _mm(do, tl.trans(v), DOT_PREC) * mask_dec
-        dq = _mm(da.to(dt), k, DOT_PREC)
-        dq += _mm(do, ST.to(dt), DOT_PREC) * q_dec[:, None]
-        tl.store(dq_base + r64 * sdqn + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
-        m = tl.minimum(N - c * C, C)
-        k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        ST = ST * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((v * k_dec[:, None]).to(dt)), k, DOT_PREC)
-
-
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_D0"], **_AUTOTUNE_KW)
-@triton.jit
-def _bwd_dk_kernel(
-    Q, V, DO, DK_, SLOPE, D0,
-    sqb, sqn, sqh, sqd, svb, svn, svh, svd, sdob, sdon, sdoh, sdod, sdkb, sdkn, sdkh,
-    d0_bh, d0_s,
-    N, H, NC, CPS,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_D0: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dk = ((V dO^T) * M^T) Q + lambda^(m-1-j) V dS^T: a reverse walk carrying dS^T [Dv, BK]."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    dt = Q.dtype.element_ty
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
-    offs_c = tl.arange(0, C)
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
-    kmask = offs_k < DK
-    vmask = offs_v < DV
-    gap = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)                      # [j, i]: i - j
-    mask_t = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
-    q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
-
-    if HAS_D0:
-        p_d = D0 + pid_bh.to(tl.int64) * d0_bh + pid_s.to(tl.int64) * d0_s
-        DT = tl.load(p_d + offs_k[None, :] * DV + offs_v[:, None], mask=vmask[:, None] & kmask[None, :], other=0.0)
-    else:
-        DT = tl.zeros([BV, BK], dtype=tl.float32)
-
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    dk_base = DK_ + b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh
+    x_base = _head(X, b, h, sxb, sxh)
+    y_base = _head(Y, b, h, syb, syh)
+    z_base = _head(Z, b, h, szb, szh)
+    o_base = _head(OUT, b, h, sob, soh)
     c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
     for i in range(0, c_hi - c_lo):
-        c = c_hi - 1 - i
+        if REVERSE:
+            c = c_hi - 1 - i
+        else:
+            c = c_lo + i
         rows = c * C + offs_c
         rmask = rows < N
-        r64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_base + r64 * sqn + offs_k[None, :] * sqd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(v_base + r64 * svn + offs_v[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
-        do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
+        x = _load_rows(x_base, rows, sxn, offs_x, sxd, rmask, xmask)
+        y = _load_rows(y_base, rows, syn, offs_x, syd, rmask, xmask)
+        z = _load_rows(z_base, rows, szn, offs_z, szd, rmask, zmask)
         m = tl.minimum(N - c * C, C)
-        k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        dat = _mm(v, tl.trans(do), DOT_PREC) * mask_t                                # [j, i]
-        dk = _mm(dat.to(dt), q, DOT_PREC)
-        dk += _mm(v, DT.to(dt), DOT_PREC) * k_dec[:, None]
-        tl.store(dk_base + r64 * sdkn + offs_k[None, :], dk.to(DK_.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
-        DT = DT * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((do * q_dec[:, None]).to(dt)), q, DOT_PREC)
+        k_dec = _key_decay(sl2, offs_c, m)
+        yt = tl.trans(y)
+        out = _mm((_mm(x, yt, DOT_PREC) * mask).to(dt), z, DOT_PREC)
+        if REVERSE:
+            out += _mm(x, T.to(dt), DOT_PREC) * k_dec[:, None]
+            update = _mm(tl.trans((y * q_dec[:, None]).to(dt)), z, DOT_PREC)
+        else:
+            out += _mm(x, T.to(dt), DOT_PREC) * q_dec[:, None]
+            update = _mm(yt, (z * k_dec[:, None]).to(dt), DOT_PREC)
+        _store_rows(o_base, rows, son, offs_z, out, rmask, zmask)
+        T = T * tl.exp2(-sl2 * m.to(tl.float32)) + update
+
+    if STORE_T:
+        if REVERSE:
+            last = 0
+        else:
+            last = NSEG - 1
+        if pid_s == last:       # the segment where the whole walk ends
+            tout = TOUT + pid_bh.to(tl.int64) * WX * WZ
+            tl.store(_state_ptrs(tout, offs_x, offs_z, DV, STATE_T), T, mask=tmask)
 
 
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "HAS_D0", "STORE_DH0"], **_AUTOTUNE_KW)
-@triton.jit
-def _bwd_dv_kernel(
-    Q, K, DO, DV_, SLOPE, D0, DH0,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, sdob, sdon, sdoh, sdod, sdvb, sdvn, sdvh,
-    d0_bh, d0_s,
-    N, H, NC, CPS,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_D0: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """dv = ((K Q^T) * M^T) dO + lambda^(m-1-j) K dS: a reverse walk carrying dS [Dk, BV] (all of Dk, a Dv
-    tile); segment 0's dS at its start is the gradient of the initial state."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    dt = Q.dtype.element_ty
-    sl2 = tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    kmask = offs_k < DK
-    vmask = offs_v < DV
-    gap = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)                      # [j, i]: i - j
-    mask_t = tl.where(gap >= 0, tl.exp2(-sl2 * tl.maximum(gap, 0.0)), 0.0)
-    q_dec = tl.exp2(-sl2 * (offs_c + 1).to(tl.float32))
-
-    if HAS_D0:
-        p_d = D0 + pid_bh.to(tl.int64) * d0_bh + pid_s.to(tl.int64) * d0_s
-        D = tl.load(p_d + offs_k[:, None] * DV + offs_v[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0)
-    else:
-        D = tl.zeros([BK, BV], dtype=tl.float32)
-
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    dv_base = DV_ + b.to(tl.int64) * sdvb + h.to(tl.int64) * sdvh
-    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
-    for i in range(0, c_hi - c_lo):
-        c = c_hi - 1 - i
-        rows = c * C + offs_c
-        rmask = rows < N
-        r64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_base + r64 * sqn + offs_k[None, :] * sqd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        k = tl.load(k_base + r64 * skn + offs_k[None, :] * skd, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        do = tl.load(do_base + r64 * sdon + offs_v[None, :] * sdod, mask=rmask[:, None] & vmask[None, :], other=0.0)
-        m = tl.minimum(N - c * C, C)
-        k_dec = tl.where(offs_c < m, tl.exp2(-sl2 * (m - 1 - offs_c).to(tl.float32)), 0.0)
-        at = _mm(k, tl.trans(q), DOT_PREC) * mask_t                                  # [j, i]
-        dv = _mm(at.to(dt), do, DOT_PREC)
-        dv += _mm(k, D.to(dt), DOT_PREC) * k_dec[:, None]
-        tl.store(dv_base + r64 * sdvn + offs_v[None, :], dv.to(DV_.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
-        D = D * tl.exp2(-sl2 * m.to(tl.float32)) + _mm(tl.trans((q * q_dec[:, None]).to(dt)), do, DOT_PREC)
-
-    if STORE_DH0:
-        if pid_s == 0:
-            p_h = DH0 + pid_bh.to(tl.int64) * DK * DV
-            tl.store(p_h + offs_k[:, None] * DV + offs_v[None, :], D, mask=kmask[:, None] & vmask[None, :])
-
-
-_AUTOTUNED = [_seg_local_kernel, _fwd_kernel, _bwd_dq_kernel, _bwd_dk_kernel, _bwd_dv_kernel]
+_AUTOTUNED = [_seg_local_kernel, _walk_kernel]
 
 
 def _force_configs(configs=None):
@@ -482,93 +391,78 @@ def _check_inputs(q, k, v, slope, initial_state):
                          f"got device {q.device}")
 
 
+def _segment_states(a, b, slope, edge, P, C, prec, reverse):
+    """The state each segment's walk starts from, as (buffer or None, stride per batch*head, stride per segment).
+    Forward (a, b = k, v; edge = S_0 or None): the state entering each segment. Reverse (a, b = q, dO; edge =
+    dS_N or None): dS at each segment's end. Several segments: the pre-pass and the scan; one: edge itself."""
+    B, N, H, DK = a.shape
+    DV = b.shape[-1]
+    NSEG = P["NSEG"]
+    if NSEG == 1:
+        return (edge, DK * DV, 0) if edge is not None else (None, 0, 0)
+    buf = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=a.device)
+    first = NSEG - 1 if reverse else 0
+    if edge is not None:
+        buf[:, first] = edge.reshape(B * H, DK, DV)
+    else:
+        buf[:, first].zero_()
+    _seg_local_kernel[(B * H, NSEG - 1, P["NV"])](
+        a, b, slope, buf, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG,
+        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, REVERSE=reverse, DOT_PREC=prec)
+    blk = min(1024, triton.next_power_of_2(DK * DV))
+    _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
+        buf, slope, H, N, NSEG, P["CPS"] * C, DK * DV, REVERSE=reverse, BLOCK=blk)
+    return buf, NSEG * DK * DV, DK * DV
+
+
+def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
+    """Launch one walk (see _walk_kernel): out from (x, y, z), starting states t0 = (buffer or None, strides),
+    the final state into tout (or None). Z's features are tiled; X's and Y's are all held."""
+    B, N, H, WX = x.shape
+    WZ = z.shape[-1]
+    # the walks carrying S or dS hold all of Dk and tile Dv; those carrying a transpose hold all of Dv, tile Dk
+    BX, BZ, NZ = (P["BVF"], P["BKT"], P["NK"]) if transposed_state else (P["BKF"], P["BVT"], P["NV"])
+    t0_buf, t0_bh, t0_s = t0
+    _walk_kernel[(B * H, P["NSEG"], NZ)](
+        x, y, z, out, slope, t0_buf if t0_buf is not None else out, tout if tout is not None else out,
+        *x.stride(), *y.stride(), *z.stride(), *out.stride()[:3], t0_bh, t0_s,
+        N, H, P["NC"], P["CPS"], P["NSEG"],
+        WX=WX, WZ=WZ, DV=WX if transposed_state else WZ, BX=BX, BZ=BZ, C=C, REVERSE=reverse, STATE_T=transposed_state,
+        HAS_T0=t0_buf is not None, STORE_T=tout is not None, DOT_PREC=prec)
+
+
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
     P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
-    BK, BV, NV, NC, CPS, NSEG = P["BKF"], P["BVT"], P["NV"], P["NC"], P["CPS"], P["NSEG"]
     prec = _dot_prec(q.dtype)
     o = torch.empty(B, N, H, DV, dtype=v.dtype, device=q.device)
     sfin = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
-    sinit, s0_bh, s0_s = None, 0, 0
-    if NSEG > 1:
-        sinit = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=q.device)
-        if s0 is not None:
-            sinit[:, 0] = s0.reshape(B * H, DK, DV)
-        else:
-            sinit[:, 0].zero_()
-        _seg_local_kernel[(B * H, NSEG - 1, NV)](
-            k, v, slope, sinit, *k.stride(), *v.stride(), N, H, NC, CPS, NSEG,
-            DK=DK, DV=DV, BK=BK, BV=BV, C=C, REVERSE=False, DOT_PREC=prec)
-        blk = min(1024, triton.next_power_of_2(DK * DV))
-        _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
-            sinit, slope, H, N, NSEG, CPS * C, DK * DV, REVERSE=False, BLOCK=blk)
-        s0_bh, s0_s = NSEG * DK * DV, DK * DV
-    elif s0 is not None:
-        sinit = s0
-        s0_bh, s0_s = DK * DV, 0
-    _fwd_kernel[(B * H, NSEG, NV)](
-        q, k, v, o, slope, sinit if sinit is not None else o, sfin if sfin is not None else o,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3], s0_bh, s0_s,
-        N, H, NC, CPS, NSEG,
-        DK=DK, DV=DV, BK=BK, BV=BV, C=C, HAS_S0=sinit is not None, STORE_FINAL=sfin is not None, DOT_PREC=prec)
-    return o, sfin, sinit
+    states = _segment_states(k, v, slope, s0, P, C, prec, reverse=False)
+    _walk(q, k, v, o, slope, states, sfin, P, C, prec, reverse=False, transposed_state=False)
+    return o, sfin, states[0]
 
 
 def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
     P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
-    NC, CPS, NSEG = P["NC"], P["CPS"], P["NSEG"]
     prec = _dot_prec(q.dtype)
     dev = q.device
     dq = torch.empty(B, N, H, DK, dtype=q.dtype, device=dev)
     dk = torch.empty(B, N, H, DK, dtype=k.dtype, device=dev)
     dv = torch.empty(B, N, H, DV, dtype=v.dtype, device=dev)
     dh0 = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev) if need_dh0 else None
-
-    # dq: forward walk from the same segment initial states as the forward pass
+    # dq: a forward walk from the segment states the forward pass made (the same strides as _segment_states)
     if sinit is None:
-        s0_bh, s0_s = 0, 0
-    elif NSEG > 1:
-        s0_bh, s0_s = NSEG * DK * DV, DK * DV
+        states = (None, 0, 0)
     else:
-        s0_bh, s0_s = DK * DV, 0
-    _bwd_dq_kernel[(B * H, NSEG, P["NK"])](
-        k, v, do, dq, slope, sinit if sinit is not None else dq,
-        *k.stride(), *v.stride(), *do.stride(), *dq.stride()[:3], s0_bh, s0_s,
-        N, H, NC, CPS,
-        DK=DK, DV=DV, BK=P["BKT"], BV=P["BVF"], C=C, HAS_S0=sinit is not None, DOT_PREC=prec)
-
-    # dk, dv: reverse walks; dS at each segment's end from a pre-pass and a reverse scan
-    dinit, d0_bh, d0_s = None, 0, 0
-    if NSEG > 1:
-        dinit = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=dev)
-        if dht is not None:
-            dinit[:, NSEG - 1] = dht.reshape(B * H, DK, DV)
-        else:
-            dinit[:, NSEG - 1].zero_()
-        _seg_local_kernel[(B * H, NSEG - 1, P["NV"])](
-            q, do, slope, dinit, *q.stride(), *do.stride(), N, H, NC, CPS, NSEG,
-            DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, REVERSE=True, DOT_PREC=prec)
-        blk = min(1024, triton.next_power_of_2(DK * DV))
-        _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
-            dinit, slope, H, N, NSEG, CPS * C, DK * DV, REVERSE=True, BLOCK=blk)
-        d0_bh, d0_s = NSEG * DK * DV, DK * DV
-    elif dht is not None:
-        dinit = dht
-        d0_bh, d0_s = DK * DV, 0
-    _bwd_dk_kernel[(B * H, NSEG, P["NK"])](
-        q, v, do, dk, slope, dinit if dinit is not None else dk,
-        *q.stride(), *v.stride(), *do.stride(), *dk.stride()[:3], d0_bh, d0_s,
-        N, H, NC, CPS,
-        DK=DK, DV=DV, BK=P["BKT"], BV=P["BVF"], C=C, HAS_D0=dinit is not None, DOT_PREC=prec)
-    _bwd_dv_kernel[(B * H, NSEG, P["NV"])](
-        q, k, do, dv, slope, dinit if dinit is not None else dv, dh0 if dh0 is not None else dv,
-        *q.stride(), *k.stride(), *do.stride(), *dv.stride()[:3], d0_bh, d0_s,
-        N, H, NC, CPS,
-        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, HAS_D0=dinit is not None, STORE_DH0=dh0 is not None,
-        DOT_PREC=prec)
+        states = (sinit, DK * DV * P["NSEG"], DK * DV) if P["NSEG"] > 1 else (sinit, DK * DV, 0)
+    _walk(do, v, k, dq, slope, states, None, P, C, prec, reverse=False, transposed_state=True)
+    # dk, dv: reverse walks from dS at each segment's end
+    dstates = _segment_states(q, do, slope, dht, P, C, prec, reverse=True)
+    _walk(v, do, q, dk, slope, dstates, None, P, C, prec, reverse=True, transposed_state=True)
+    _walk(k, q, do, dv, slope, dstates, dh0, P, C, prec, reverse=True, transposed_state=False)
     return dq, dk, dv, dh0
 
 
