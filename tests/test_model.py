@@ -198,3 +198,26 @@ def test_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_any_block_of_an_initial_value_equals_that_block_of_the_whole():
+    """initializers(): a block made alone (what a tensor-parallel rank makes) equals the same block of the whole
+    value, across the 256 x 256 tiles the random matrices are drawn in; the whole value is what the model holds."""
+    from tnllm_plugin.model import INIT_TILE
+    cfg = TransNormerConfig(vocab_size=600, d_model=64, n_layers=1, n_heads=4, hidden_dim=64, glu_dim=320,
+                            lrpe_layers=(0,), bias=True, norm="layer", pad_id=300)
+    torch.manual_seed(0)
+    model = TransNormerLLM(cfg)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for name, make in model.initializers().items():
+        whole = make()
+        assert torch.equal(whole, state[name]), name
+        for _ in range(6):
+            index = tuple(slice(*sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())) for n in whole.shape)
+            assert torch.equal(make(index), whole[index]), (name, index)
+    emb, head = state["embed_tokens.weight"], state["lm_head.weight"]
+    assert not emb[300].any() and emb[299].any()                        # the padding row, and only it, is zero
+    assert not torch.equal(head[:88], head[INIT_TILE:INIT_TILE + 88])   # tiles are drawn apart
+    assert not torch.equal(emb[:88], head[:88])                         # so are parameters
+    assert abs(head.std().item() - cfg.init_std) < 0.05 * cfg.init_std

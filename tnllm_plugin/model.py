@@ -11,8 +11,8 @@ the released checkpoints (``layers.{i}.token_mixer.qkvu_proj`` ...), so converti
 The defaults reproduce the released checkpoints; the paper's ablation choices are options.
 """
 import functools
+import hashlib
 import math
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -264,13 +264,36 @@ class DecodeState:
         return replace(self, kv=[s.index_select(0, order) for s in self.kv], positions=positions)
 
 
+INIT_TILE = 256
+
+
+def tiled_normal(shape, index, std: float, key: str) -> torch.Tensor:
+    """Block ``index`` (two slices with concrete bounds) of a [rows, cols] matrix of N(0, std) values drawn in
+    INIT_TILE x INIT_TILE tiles, tile (i, j) from a generator seeded by a hash of ``key`` and (i, j): any block
+    is the same whether it is made alone or cut from the whole matrix."""
+    (r0, r1), (c0, c1) = ((sl.start, sl.stop) for sl in index)
+    out = torch.empty(r1 - r0, c1 - c0, device="cpu")
+    t = INIT_TILE
+    for i in range(r0 // t, -(-r1 // t)):
+        for j in range(c0 // t, -(-c1 // t)):
+            digest = hashlib.blake2b(f"{key}/{i}/{j}".encode(), digest_size=8).digest()
+            g = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+            tr, tc = min(t, shape[0] - i * t), min(t, shape[1] - j * t)
+            tile = torch.empty(tr, tc, device="cpu").normal_(0.0, std, generator=g)
+            rows = slice(max(r0, i * t), min(r1, i * t + tr))
+            cols = slice(max(c0, j * t), min(c1, j * t + tc))
+            out[rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0] = \
+                tile[rows.start - i * t:rows.stop - i * t, cols.start - j * t:cols.stop - j * t]
+    return out
+
+
 class TransNormerLLM(nn.Module):
     def __init__(self, cfg: TransNormerConfig):
         super().__init__()
         self.cfg = cfg
         # one draw from the global RNG, before the layers' constructors draw (they do not on the meta device),
-        # seeds each parameter's own generator: torch.manual_seed still decides the weights, and a parameter can
-        # be initialised alone (see initializers)
+        # seeds the initial values: torch.manual_seed still decides the weights, and any block of a parameter can
+        # be made alone (see initializers)
         self.init_seed = int(torch.randint(1 << 62, (), device="cpu"))
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.d_model)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
@@ -289,10 +312,12 @@ class TransNormerLLM(nn.Module):
                 if not p.is_meta:
                     p.copy_(make())
 
-    def initializers(self) -> Dict[str, Callable[[], torch.Tensor]]:
-        """For each parameter, a function that makes its initial value (fp32, on the CPU). Each draws from a
-        generator of its own (seeded by ``init_seed`` and the parameter's name), so a tensor-parallel rank can
-        make the full values one at a time and keep its slice of each, without ever holding the whole model."""
+    def initializers(self) -> Dict[str, Callable[..., torch.Tensor]]:
+        """For each parameter, a function that makes its initial value (fp32, on the CPU): the whole tensor, or
+        with ``index`` (one slice per dimension) that block alone. Random matrices are drawn in tiles of
+        ``INIT_TILE`` x ``INIT_TILE``, each from a generator of its own (seeded by ``init_seed``, the parameter's
+        name and the tile's place), so a tensor-parallel rank makes only its slices, without ever holding the
+        whole model and without drawing the other ranks' values."""
         inits = {}
         for mod_name, module in self.named_modules():
             for p_name, p in module.named_parameters(recurse=False):
@@ -300,19 +325,21 @@ class TransNormerLLM(nn.Module):
                 inits[name] = functools.partial(self._initial_value, module, p_name, name, tuple(p.shape))
         return inits
 
-    def _initial_value(self, module: nn.Module, p_name: str, name: str, shape) -> torch.Tensor:
+    def _initial_value(self, module: nn.Module, p_name: str, name: str, shape, index=None) -> torch.Tensor:
+        index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index or (slice(None),) * len(shape), shape))
+        block = tuple(sl.stop - sl.start for sl in index)
         if isinstance(module, (nn.Linear, nn.Embedding)) and p_name == "weight":   # N(0, init_std)
-            g = torch.Generator(device="cpu").manual_seed((self.init_seed + zlib.crc32(name.encode())) % (1 << 63))
-            w = torch.empty(shape, device="cpu").normal_(0.0, self.cfg.init_std, generator=g)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                w[module.padding_idx] = 0
+            w = tiled_normal(shape, index, self.cfg.init_std, f"{self.init_seed}/{name}")
+            pad = getattr(module, "padding_idx", None)
+            if pad is not None and index[0].start <= pad < index[0].stop:
+                w[pad - index[0].start] = 0
             return w
         if p_name == "bias":
-            return torch.zeros(shape, device="cpu")
+            return torch.zeros(block, device="cpu")
         if isinstance(module, (nn.RMSNorm, nn.LayerNorm)) and p_name == "weight":
-            return torch.ones(shape, device="cpu")
+            return torch.ones(block, device="cpu")
         if isinstance(module, LRPE):
-            return LRPE.frequencies(self.cfg.n_heads, self.cfg.head_dim)
+            return LRPE.frequencies(self.cfg.n_heads, self.cfg.head_dim)[index].clone()
         raise TypeError(f"no initial value for parameter {name} of {type(module).__name__}")
 
     def check_tokens(self, tokens: torch.Tensor):

@@ -52,16 +52,25 @@ def _split_rule(name: str) -> str:
     return "replicated"     # norms over d_model, row-parallel biases (added after the all-reduce)
 
 
+def _shard_blocks(shape, rule: str, rank: int, world_size: int, name: str) -> List[tuple]:
+    """This rank's part of a tensor of ``shape`` split by ``rule``: index tuples (one slice per dimension) of the
+    blocks to concatenate along dim 0 (one block; four for "qkvu", this rank's slice of each of Q, K, V and U)."""
+    whole = tuple(slice(0, n) for n in shape)
+    if rule == "replicated":
+        return [whole]
+    dim = 1 if rule == "cols" else 0
+    parts = 4 if rule == "qkvu" else 1
+    if shape[dim] % (parts * world_size):
+        raise ValueError(f"{name}: dim {dim} of size {shape[dim]} does not split over {world_size} ranks")
+    part, n = shape[dim] // parts, shape[dim] // (parts * world_size)
+    return [whole[:dim] + (slice(q * part + rank * n, q * part + (rank + 1) * n),) + whole[dim + 1:]
+            for q in range(parts)]
+
+
 def _shard_tensor(t: torch.Tensor, rule: str, rank: int, world_size: int, name: str) -> torch.Tensor:
     if rule == "replicated":
         return t
-    dim = 1 if rule == "cols" else 0
-    if t.shape[dim] % ((4 if rule == "qkvu" else 1) * world_size):
-        raise ValueError(f"{name}: dim {dim} of size {t.shape[dim]} does not split over {world_size} ranks")
-    if rule == "qkvu":      # [4*hd, ...] -> [4, tp, hd/tp, ...] -> this rank's [4, hd/tp, ...]
-        quarters = t.reshape(4, world_size, t.shape[0] // (4 * world_size), *t.shape[1:])
-        return quarters[:, rank].reshape(-1, *t.shape[1:]).clone()
-    return t.chunk(world_size, dim=dim)[rank].clone()
+    return torch.cat([t[idx] for idx in _shard_blocks(t.shape, rule, rank, world_size, name)])
 
 
 def _cat_tensors(parts: List[torch.Tensor], rule: str) -> torch.Tensor:
@@ -228,10 +237,11 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
     _check_divisible(model, tp)
     cfg = model.cfg
     param = next(model.parameters())
-    if param.is_meta:       # full values made one at a time below, never all at once
-        full_values = {k: make for k, make in model.initializers().items()}
+    full_shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    if param.is_meta:       # each rank makes only its blocks of the initial values, one parameter at a time
+        values = model.initializers()
     else:
-        full_values = {k: functools.partial(v.detach) for k, v in model.state_dict().items()}
+        values = {k: lambda index, v=v: v.detach()[index] for k, v in model.state_dict().items()}
     slopes = decay_slopes(cfg).float().to("cpu" if param.is_meta else param.device)
     no_init = lambda w: w   # noqa: E731 -- the weights are copied from the full model below
 
@@ -265,11 +275,12 @@ def apply_tensor_parallel(model: TransNormerLLM) -> TransNormerLLM:
             module.to_empty(device="cpu", recurse=False)
     model.to(device=param.device if not param.is_meta else "cpu", dtype=param.dtype)
     names = {k for k, _ in model.named_parameters()}
-    if names != set(full_values):
-        raise RuntimeError(f"tensor parallelism changed the parameter names: {sorted(names ^ set(full_values))}")
+    if names != set(values):
+        raise RuntimeError(f"tensor parallelism changed the parameter names: {sorted(names ^ set(values))}")
     with torch.no_grad():
-        for name, make in full_values.items():
-            model.get_parameter(name).copy_(_shard_tensor(make(), _split_rule(name), rank, tp, name))
+        for name, make in values.items():
+            blocks = _shard_blocks(full_shapes[name], _split_rule(name), rank, tp, name)
+            model.get_parameter(name).copy_(torch.cat([make(idx) for idx in blocks]))
     model.vocab_parallel = True
     return model
 
