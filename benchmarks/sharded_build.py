@@ -1,8 +1,8 @@
 """Host memory and time for one rank to build its shards of a preset (CPU, no GPU needed).
 
     --parallel tensor (``--model-parallel-size N``): ``build_tensor_parallel`` makes the model's structure on the
-        meta device, then each parameter's full initial value in turn, keeping this rank's slice: the peak should
-        be the shard plus about the largest parameter.
+        meta device, then this rank's blocks of each parameter's initial value (tiles drawn alone): the peak
+        should be the shard plus about one parameter's slice.
     --parallel fsdp (``--ddp-backend fully_sharded``): fairseq's ``build_model`` inside fairseq's FSDP wrap
         context, then the outer wrap, as fairseq-train does: the model is made one block at a time and each
         block sharded before the next exists, so the peak should be the shards plus one block, the embedding

@@ -275,7 +275,7 @@ def test_sharded_weights_consolidate_to_the_model(sharded):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shard_built_alone_equals_the_slice_of_the_model(sharded, name):
-    """build_tensor_parallel (structure on the meta device, each full initial value made alone and sliced)
+    """build_tensor_parallel (structure on the meta device, the rank's blocks of each initial value made alone)
     gives every rank exactly its slice of the model TransNormerLLM(cfg) makes under the same seed."""
     torch.manual_seed(0)
     full = TransNormerLLM(TransNormerConfig(**CONFIGS[name])).state_dict()
@@ -435,7 +435,7 @@ def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# host memory of building a shard: the shard and one full parameter at a time, never the whole model
+# host memory of building a shard: the shard and one parameter's slice at a time, never the whole model
 
 MEMORY_CFG = dict(vocab_size=4096, d_model=1024, n_layers=12, n_heads=8, hidden_dim=1024, glu_dim=2816)
 
@@ -471,7 +471,7 @@ def test_building_a_shard_never_holds_the_whole_model():
         got = [torch.load(os.path.join(d, f"mem{r}.pt")) for r in range(WORLD)]
     for rank, g in enumerate(got):
         assert abs(g["shard_bytes"] - full_bytes / WORLD) < 0.02 * full_bytes, g     # a quarter of each matrix
-        # the shard (a quarter) plus one full matrix at a time; the whole model would be 4x the shard
+        # the shard (a quarter) plus one parameter's slice at a time; the whole model would be 4x the shard
         assert g["growth"] < 0.5 * full_bytes, f"rank {rank}: peak grew {g['growth'] / 1e6:.0f} MB while building a " \
                                                 f"{g['shard_bytes'] / 1e6:.0f} MB shard of a {full_bytes / 1e6:.0f} MB model"
 

@@ -9,7 +9,8 @@ Tensor parallelism (Megatron style, with fairscale's model-parallel layers):
 Parameter names do not change, so a sharded state dict has the unsharded keys with sliced tensors:
 ``shard_state_dict`` / ``consolidate_state_dict`` define the layout once, and ``apply_tensor_parallel`` is
 "swap the modules, then load the rank's slice of the full weights". ``build_tensor_parallel`` does the same
-from a model on the meta device, making the full weights one at a time: no rank ever holds the whole model.
+from a model on the meta device, making only the rank's blocks of each initial value: no rank ever holds (or
+draws) the whole model.
 
 Also here: per-block activation checkpointing, building a model one block at a time so that each block can be
 wrapped in its FSDP unit (fairseq's ``fsdp_wrap``) before the next exists, and the shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
@@ -213,8 +214,8 @@ def _check_divisible(model: TransNormerLLM, tp: int):
 def build_tensor_parallel(cfg: TransNormerConfig) -> TransNormerLLM:
     """This rank's shard of a new ``TransNormerLLM(cfg)``: exactly the slice of the model that the same call
     would make on one device under the same seed, built without ever holding that model (its structure on the
-    meta device, then each parameter's full initial value in turn, of which the rank keeps its slice). Host
-    memory: the shard plus the largest single parameter, so 65B and 175B presets build on every rank."""
+    meta device, then this rank's blocks of each parameter's initial value, made alone). Host memory: the shard
+    plus one parameter's slice, so 65B and 175B presets build on every rank."""
     with torch.device("meta"):
         model = TransNormerLLM(cfg)
     return apply_tensor_parallel(model)
