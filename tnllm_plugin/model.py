@@ -326,6 +326,7 @@ class TransNormerLLM(nn.Module):
         return inits
 
     def _initial_value(self, module: nn.Module, p_name: str, name: str, shape, index=None) -> torch.Tensor:
+        # one slice per dimension with concrete bounds (no index: the whole tensor)
         index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index or (slice(None),) * len(shape), shape))
         block = tuple(sl.stop - sl.start for sl in index)
         if isinstance(module, (nn.Linear, nn.Embedding)) and p_name == "weight":   # N(0, init_std)
