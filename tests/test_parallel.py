@@ -440,23 +440,28 @@ def test_fairseq_train_step_model_parallel_2_equals_1(tmp_path):
 MEMORY_CFG = dict(vocab_size=4096, d_model=1024, n_layers=12, n_heads=8, hidden_dim=1024, glu_dim=2816)
 
 
-def _memory_worker(rank, init_file, out_dir):
+def _peak_growth(build):
+    """build() and how much the process's peak memory grew while it ran (bytes)."""
     import gc
     import resource
+    with torch.device("meta"):      # the first model on the meta device loads ~150 MB of torch once: not measured
+        TransNormerLLM(TransNormerConfig(**{**MEMORY_CFG, "n_layers": 1}))
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB; the peak so far
+    result = build()
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def _memory_worker(rank, init_file, out_dir):
     from fairscale.nn.model_parallel import initialize as mpu
     from tnllm_plugin.parallel import build_tensor_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     mpu.initialize_model_parallel(WORLD)
-    with torch.device("meta"):      # the first model on the meta device loads ~150 MB of torch once: not measured
-        TransNormerLLM(TransNormerConfig(**{**MEMORY_CFG, "n_layers": 1}))
-    gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB; the peak so far
-    model = build_tensor_parallel(TransNormerConfig(**MEMORY_CFG))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, growth = _peak_growth(lambda: build_tensor_parallel(TransNormerConfig(**MEMORY_CFG)))
     shard_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    torch.save(dict(growth=peak - before, shard_bytes=shard_bytes), os.path.join(out_dir, f"mem{rank}.pt"))
+    torch.save(dict(growth=growth, shard_bytes=shard_bytes), os.path.join(out_dir, f"mem{rank}.pt"))
     mpu.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -518,8 +523,6 @@ def _fsdp_memory_worker(_, init_file, out_dir):
     """fairseq's build_model as fairseq-train calls it under --ddp-backend fully_sharded (inside the wrap
     context), with fairseq's FSDP class over a stand-in group of 4 ranks: fairscale shards each block as it
     is wrapped, on the CPU too. One real process (the stand-in group never communicates while building)."""
-    import gc
-    import resource
     from fairscale.nn import enable_wrap
     from fairseq.data import Dictionary
     from fairseq.distributed.fully_sharded_data_parallel import DummyProcessGroup, FullyShardedDataParallel
@@ -534,16 +537,15 @@ def _fsdp_memory_worker(_, init_file, out_dir):
     args = Namespace(arch="transnormer_llm", decoder_embed_dim=cfg["d_model"], decoder_layers=cfg["n_layers"],
                      decoder_attention_heads=cfg["n_heads"], hidden_dim=cfg["hidden_dim"], glu_dim=cfg["glu_dim"],
                      checkpoint_activations=True)
-    with torch.device("meta"):      # the first model on the meta device loads ~150 MB of torch once: not measured
-        TransNormerLLM(TransNormerConfig(**{**cfg, "n_layers": 1}))
-    gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB; the peak so far
-    with enable_wrap(wrapper_cls=FullyShardedDataParallel, process_group=DummyProcessGroup(rank=0, size=FSDP_WORLD),
-                     flatten_parameters=True):
-        model = TransNormerLanguageModel.build_model(args, Namespace(target_dictionary=d))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def build():
+        with enable_wrap(wrapper_cls=FullyShardedDataParallel, flatten_parameters=True,
+                         process_group=DummyProcessGroup(rank=0, size=FSDP_WORLD)):
+            return TransNormerLanguageModel.build_model(args, Namespace(target_dictionary=d))
+
+    model, growth = _peak_growth(build)
     blocks = model.decoder.transnormer.layers
-    torch.save(dict(growth=peak - before, vocab=len(d),
+    torch.save(dict(growth=growth, vocab=len(d),
                     wrapped=[isinstance(b, FullyShardedDataParallel) for b in blocks],
                     block_bytes=sum(p.numel() * p.element_size() for p in blocks.parameters())),
                os.path.join(out_dir, "fsdp_mem.pt"))

@@ -11,7 +11,7 @@ from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, reg
 from .checkpoint import check_state_dict
 from .host_common import (IncrementalDecoding, add_model_args, base_architecture, config_from_args,
                           criterion_result, log_loss_and_perplexity, preset_architecture, token_cross_entropy)
-from .model import TransNormerConfig, TransNormerLLM
+from .model import TransNormerLLM
 from .presets import PRESETS
 
 

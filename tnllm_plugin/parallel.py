@@ -13,7 +13,8 @@ from a model on the meta device, making only the rank's blocks of each initial v
 draws) the whole model.
 
 Also here: per-block activation checkpointing, building a model one block at a time so that each block can be
-wrapped in its FSDP unit (fairseq's ``fsdp_wrap``) before the next exists, and the shim that lets fairseq 0.12's ``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
+wrapped in its FSDP unit (fairseq's ``fsdp_wrap``) before the next exists, and the shim that lets fairseq 0.12's
+``--model-parallel-size`` run on fairscale (``install_megatron_mpu_shim``).
 """
 import argparse
 import functools
@@ -357,14 +358,13 @@ def build_block_by_block(cfg: TransNormerConfig, wrap: Callable[[nn.Module], nn.
     slopes = decay_slopes(cfg).float()
 
     def materialize(module: nn.Module, prefix: str):
-        for gla in (m for m in module.modules() if isinstance(m, GatedLinearAttention)):
-            gla.slope = slopes[int(prefix.split(".")[1])].clone()   # before to_empty: GLA._apply keeps it
         module.to_empty(device="cpu")
         with torch.no_grad():
             for name, p in module.named_parameters():
                 p.copy_(initial[prefix + name]())
 
     for i, block in enumerate(model.layers):
+        block.token_mixer.slope = slopes[i].clone()     # before to_empty, whose GLA._apply keeps the decay rates
         materialize(block, f"layers.{i}.")
         model.layers[i] = wrap(block)
     for name, module in model.named_children():

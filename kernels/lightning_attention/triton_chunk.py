@@ -391,6 +391,12 @@ def _check_inputs(q, k, v, slope, initial_state):
                          f"got device {q.device}")
 
 
+def _segment_strides(P, DK, DV):
+    """Strides (per batch*head, per segment) of the states the walks start from: a [B*H, NSEG, Dk, Dv] buffer
+    with several segments, else the [B, H, Dk, Dv] edge state itself."""
+    return (P["NSEG"] * DK * DV, DK * DV) if P["NSEG"] > 1 else (DK * DV, 0)
+
+
 def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     """The state each segment's walk starts from, as (buffer or None, stride per batch*head, stride per segment).
     Forward (a, b = k, v; edge = S_0 or None): the state entering each segment. Reverse (a, b = q, dO; edge =
@@ -399,7 +405,7 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     DV = b.shape[-1]
     NSEG = P["NSEG"]
     if NSEG == 1:
-        return (edge, DK * DV, 0) if edge is not None else (None, 0, 0)
+        return (edge, *_segment_strides(P, DK, DV)) if edge is not None else (None, 0, 0)
     buf = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=a.device)
     first = NSEG - 1 if reverse else 0
     if edge is not None:
@@ -412,7 +418,7 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     blk = min(1024, triton.next_power_of_2(DK * DV))
     _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
         buf, slope, H, N, NSEG, P["CPS"] * C, DK * DV, REVERSE=reverse, BLOCK=blk)
-    return buf, NSEG * DK * DV, DK * DV
+    return (buf, *_segment_strides(P, DK, DV))
 
 
 def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
@@ -453,11 +459,8 @@ def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
     dk = torch.empty(B, N, H, DK, dtype=k.dtype, device=dev)
     dv = torch.empty(B, N, H, DV, dtype=v.dtype, device=dev)
     dh0 = torch.empty(B, H, DK, DV, dtype=torch.float32, device=dev) if need_dh0 else None
-    # dq: a forward walk from the segment states the forward pass made (the same strides as _segment_states)
-    if sinit is None:
-        states = (None, 0, 0)
-    else:
-        states = (sinit, DK * DV * P["NSEG"], DK * DV) if P["NSEG"] > 1 else (sinit, DK * DV, 0)
+    # dq: a forward walk from the segment states the forward pass made
+    states = (sinit, *_segment_strides(P, DK, DV)) if sinit is not None else (None, 0, 0)
     _walk(do, v, k, dq, slope, states, None, P, C, prec, reverse=False, transposed_state=True)
     # dk, dv: reverse walks from dS at each segment's end
     dstates = _segment_states(q, do, slope, dht, P, C, prec, reverse=True)
