@@ -45,7 +45,9 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +56,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import (check_tensor_shapes, config_from_released, config_to_released, state_dict_from_released,
-                         state_dict_to_released)
+from .checkpoint import (RELEASED_PREFIX, check_tensor_shapes, config_from_released, config_to_released,
+                         state_dict_from_released, state_dict_to_released)
 from .model import TransNormerConfig, TransNormerLLM
 from .presets import PRESETS
 
@@ -151,7 +153,7 @@ def interpret_released_config(hf: Mapping, allowed_keys=()) -> Tuple[TransNormer
             problems.append(f"{key}={hf[key]!r}: an unknown key that looks architectural (the plugin would "
                             f"ignore it and compute a different model; declare it harmless to convert anyway)")
     if problems:
-        raise ValueError("config.json: " + "; ".join(problems))
+        raise ValueError("; ".join(problems))
     if unknown:
         warnings.warn(f"config.json keys kept but not interpreted: {unknown}", stacklevel=3)
     return config_from_released(hf), unknown
@@ -176,6 +178,77 @@ def _same_architecture(a: TransNormerConfig, b: TransNormerConfig) -> bool:
 
 
 # =============================================================================================================
+# Reading files: every refusal names the file (or directory) and the cause
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path`` (config.json, an index); a truncated or corrupt file is a ValueError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON, the file is truncated or corrupt ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def errors_name(source):
+    """ValueError / TypeError raised inside (a config value of the wrong type, a tensor that does not fit) come out
+    as a ValueError with ``source``, the file or directory being read, in front of the message."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ValueError) and str(source) in str(e):     # named already (e.g. by a nested reader)
+            raise
+        raise ValueError(f"{source}: {e}") from e
+
+
+@contextlib.contextmanager
+def unreadable_names(path: Path):
+    """For the decoders of torch.load and safetensors: a truncated or corrupt file makes them raise almost anything
+    (RuntimeError, EOFError, UnpicklingError, OSError 22, SafetensorError, UnicodeDecodeError ...) and rarely say
+    which file; re-raise as a ValueError that names the file and quotes the decoder's first line."""
+    try:
+        yield
+    except Exception as e:
+        first = (str(e).strip().splitlines() or ["no message"])[0][:300]
+        raise ValueError(f"{path}: cannot be read, the file is truncated, corrupt or not a checkpoint "
+                         f"({type(e).__name__}: {first})") from e
+
+
+def check_tensors(cfg: TransNormerConfig, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Names and shapes of ``tensors`` against ``cfg``, naming tensors as the file does: ``prefix`` is
+    RELEASED_PREFIX for the released layout (whose lm_head has none), FAIRSEQ_PREFIX for plugin checkpoints."""
+    _check_sizes(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, prefix)
+    expected = _expected_released_shapes(cfg) if prefix == RELEASED_PREFIX else _expected_shapes(cfg, prefix)
+    check_tensor_shapes(expected, tensors)
+
+
+def check_tensor_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor floating point and finite (run on each file as it is read, so that the error names it)."""
+    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise ValueError(f"tensors that should be floating point are not: {not_float}")
+    # a NaN or inf weight makes every output NaN: the mark of a corrupt file (a bit flip in an exponent)
+    non_finite = [k for k, t in tensors.items() if not all(bool(part.isfinite().all())
+                                                           for part in t.reshape(-1).split(1 << 24))]
+    if non_finite:
+        raise ValueError(f"tensors holding NaN or inf: {non_finite}")
+
+
+def _check_sizes(cfg: TransNormerConfig, shapes: Mapping[str, tuple], prefix: str) -> None:
+    # before any model is built (even on the meta device, LRPE's frequencies and the decay slopes are real
+    # tensors): a corrupt size such as 10**12 layers fails here instead of exhausting memory
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+    if len(layers) != cfg.n_layers:
+        raise ValueError(f"the config says {cfg.n_layers} layers, the weights hold {len(layers)}")
+    for name, want in ((f"{prefix}embed_tokens.weight", (cfg.vocab_size, cfg.d_model)),
+                       (f"{prefix}layers.0.token_mixer.qkvu_proj.weight", (4 * cfg.hidden_dim, cfg.d_model))):
+        if name in shapes and tuple(shapes[name]) != want:
+            raise ValueError(f"{name}: checkpoint {tuple(shapes[name])} vs config {want}")
+
+
+# =============================================================================================================
 # Reading the released layout
 
 def read_released(src, allowed_keys=()) -> ReleasedCheckpoint:
@@ -187,8 +260,9 @@ def read_released(src, allowed_keys=()) -> ReleasedCheckpoint:
     config_path = src / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{src}: no {CONFIG_NAME} (not a released checkpoint directory)")
-    config = json.loads(config_path.read_text())
-    model_config, unknown = interpret_released_config(config, allowed_keys)    # fail before reading weights
+    config = read_json(config_path)
+    with errors_name(config_path):
+        model_config, unknown = interpret_released_config(config, allowed_keys)    # fail before reading weights
     fmt, sharded = _find_layout(src)
     if sharded:
         tensors, files = _read_sharded(src / INDEX_NAME[fmt])
@@ -197,7 +271,8 @@ def read_released(src, allowed_keys=()) -> ReleasedCheckpoint:
         path = src / WEIGHTS_NAME[fmt]
         tensors, files = load_weight_file(path), [path]
         layout = f"{fmt}, single file ({path.name})"
-    check_tensor_shapes(_expected_released_shapes(model_config), tensors)
+    with errors_name(f"{src} ({layout}) against {CONFIG_NAME}"):
+        check_tensors(model_config, tensors, RELEASED_PREFIX)
     return ReleasedCheckpoint(config, model_config, unknown, tensors, files, layout, src)
 
 
@@ -214,15 +289,17 @@ def load_weight_file(path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:   # memory-mapped: a 7B checkpoint is not read twice into memory
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:   # files in torch's legacy (non-zip) format cannot be mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    with unreadable_names(path):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:   # memory-mapped (a 7B checkpoint is not read twice into memory), except files in torch's legacy
+            # (non-zip) format, which cannot be mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    with errors_name(path):
+        check_tensor_values(sd)
     return dict(sd)
 
 
@@ -252,11 +329,7 @@ def _read_sharded(index_path: Path) -> Tuple[Dict[str, torch.Tensor], List[Path]
 
 
 def _read_index(index_path: Path) -> Dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path}: no 'weight_map' (tensor name -> shard file)")
     bad = [n for n, f in weight_map.items() if not isinstance(f, str) or Path(f).name != f]
@@ -311,37 +384,70 @@ def write_released(out_dir, config: Mapping, tensors: Mapping[str, torch.Tensor]
                    max_shard_size=None, overwrite: bool = False) -> List[Path]:
     """config.json and the weights: one file, or shards plus an index when they exceed ``max_shard_size``."""
     out = Path(out_dir)
+    stale = _released_files_in(out, overwrite)
+    with StagedOutput(out, stale, last=CONFIG_NAME) as stage:
+        _stage_released(stage.path, config, tensors, safetensors, max_shard_size)
+    return stage.written
+
+
+def _stage_released(stage: Path, config: Mapping, tensors: Mapping[str, torch.Tensor], safetensors: bool,
+                    max_shard_size) -> None:
     fmt = "safetensors" if safetensors else "bin"
-    _prepare_released_dir(out, overwrite)
     shards = plan_shards(tensors, None if max_shard_size is None else parse_size(max_shard_size))
-    written = []
     if len(shards) == 1:
-        written.append(_save_weights(out / WEIGHTS_NAME[fmt], tensors, fmt))
+        _save_weights(stage / WEIGHTS_NAME[fmt], tensors, fmt)
     else:
         weight_map = {}
         stem, ext = WEIGHTS_NAME[fmt].rsplit(".", 1)     # Hugging Face's shard names
         for i, names in enumerate(shards, start=1):
             file = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-            written.append(_save_weights(out / file, {n: tensors[n] for n in names}, fmt))
+            _save_weights(stage / file, {n: tensors[n] for n in names}, fmt)
             weight_map.update((n, file) for n in names)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_NAME[fmt]).write_text(json.dumps(index, indent=2) + "\n")
-        written.append(out / INDEX_NAME[fmt])
-    (out / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2) + "\n")
-    written.append(out / CONFIG_NAME)
-    return written
+        (stage / INDEX_NAME[fmt]).write_text(json.dumps(index, indent=2) + "\n")
+    (stage / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2) + "\n")
 
 
-def _prepare_released_dir(out: Path, overwrite: bool):
-    out.mkdir(parents=True, exist_ok=True)
+def _released_files_in(out: Path, overwrite: bool) -> List[Path]:
+    """The released-layout files already in ``out`` (to be replaced: stale shards of another layout would confuse
+    readers); an error unless ``overwrite``."""
     patterns = [CONFIG_NAME, *WEIGHTS_NAME.values(), *INDEX_NAME.values(), *SHARD_PATTERN.values()]
     existing = sorted({p for pattern in patterns for p in out.glob(pattern)})
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {[p.name for p in existing]}; choose another directory "
                               f"or overwrite (stale shards of another layout would confuse readers)")
-    for p in existing:
-        p.unlink()
+    return existing
+
+
+class StagedOutput:
+    """A staging folder inside ``out`` (``.path``) that a conversion writes its files into. Only when the ``with``
+    body has written them all are the ``stale`` files removed and the staged files moved into ``out`` (``last``,
+    the file that makes the directory a checkpoint, moved last; each move is a rename within one filesystem), so a
+    conversion that fails (a full disk, a bad tensor) leaves ``out`` as it was, and one killed meanwhile leaves at
+    most the hidden staging folder. ``written``: the final paths."""
+
+    def __init__(self, out: Path, stale=(), last: Optional[str] = None):
+        self.out, self.stale, self.last = Path(out), list(stale), last
+        self.written: List[Path] = []
+
+    def __enter__(self) -> "StagedOutput":
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".converting-", dir=self.out))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                files = sorted(self.path.iterdir(), key=lambda p: p.name == self.last)
+                for p in self.stale:
+                    if not (self.path / p.name).exists():
+                        p.unlink()
+                for p in files:
+                    os.replace(p, self.out / p.name)
+                    self.written.append(self.out / p.name)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _save_weights(path: Path, tensors: Mapping[str, torch.Tensor], fmt: str) -> Path:
@@ -481,7 +587,11 @@ def write_fairseq_dict(path, vocab_size: int) -> Path:
 
 def fairseq_dict_size(path) -> int:
     """len(fairseq Dictionary) that a dict.txt gives: its symbol lines plus the 4 specials."""
-    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text, the file is corrupt ({e})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     return len(lines) + len(FAIRSEQ_SPECIALS)
 
 
@@ -520,13 +630,13 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if trusted:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except ValueError:      # legacy (non-zip) file: let weights_only loading say what it refuses
+        with unreadable_names(path):
+            return torch.load(path, map_location="cpu", weights_only=False)
+    if not _is_zip(path):       # legacy (non-zip) file: weights_only loading below says what it refuses
         unsafe = []
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
+    else:
+        with unreadable_names(path):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     allowed, refused = [], []
     for name in unsafe:
         if name in REAL_GLOBALS:
@@ -538,7 +648,7 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
     if refused:
         raise ValueError(f"{path}: refusing to unpickle {refused} with weights_only=True; if you trust this file, "
                          f"load it with trusted=True (--trust-checkpoint)")
-    with torch.serialization.safe_globals(allowed):
+    with torch.serialization.safe_globals(allowed), unreadable_names(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
 
 
@@ -594,27 +704,39 @@ def read_plugin_checkpoint(path, trusted: bool = False) -> PluginCheckpoint:
     state = load_fairseq_file(path, trusted)
     if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
         raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")
-    cfg_entry, args_entry = plain(state.get("cfg")), plain(state.get("args"))
-    model_args = (cfg_entry or {}).get("model") or args_entry
-    if not isinstance(model_args, Mapping):
-        raise ValueError(f"{path}: neither cfg['model'] nor args hold the model arguments")
-    _refuse_model_parallel(path, cfg_entry, model_args)
-    _check_arch(path, model_args)
-    sd = dict(state["model"])
-    vocab_size = _vocab_rows(path, sd)
-    data_dir = ((cfg_entry or {}).get("task") or model_args).get("data")
-    meta = plain(state.get(METADATA_KEY)) or {}
-    dict_path = find_dict(path.parent, data_dir, vocab_size)
-    released_config = meta.get("released_config") or _released_config_beside(path.parent, dict_path)
-    special = _special_ids(meta, released_config)
-    cfg = config_from_fairseq_args(model_args, vocab_size, special)
-    check_tensor_shapes(_expected_shapes(cfg, FAIRSEQ_PREFIX), sd)
+    # a corrupt entry (a config value of the wrong type, a damaged tensor) is named together with the file
+    with errors_name(path):
+        cfg_entry, args_entry = _mapping_or_none(plain(state.get("cfg"))), _mapping_or_none(plain(state.get("args")))
+        model_args = (cfg_entry or {}).get("model") or args_entry
+        if not isinstance(model_args, Mapping):
+            raise ValueError("neither cfg['model'] nor args hold the model arguments")
+        _refuse_model_parallel(path, cfg_entry, model_args)
+        _check_arch(path, model_args)
+        sd = dict(state["model"])
+        not_tensors = [k for k, v in sd.items() if not torch.is_tensor(v)]
+        if not_tensors:
+            raise ValueError(f"model entries that are not tensors: {not_tensors[:5]}")
+        vocab_size = _vocab_rows(path, sd)
+        data_dir = (_mapping_or_none((cfg_entry or {}).get("task")) or model_args).get("data")
+        meta = _mapping_or_none(plain(state.get(METADATA_KEY))) or {}
+        dict_path = find_dict(path.parent, data_dir, vocab_size)
+        released_config = meta.get("released_config") or _released_config_beside(path.parent, dict_path)
+        special = _special_ids(meta, released_config)
+        cfg = config_from_fairseq_args(model_args, vocab_size, special)
+        check_tensors(cfg, sd, FAIRSEQ_PREFIX)
+        check_tensor_values(sd)
     tensors = {k[len(FAIRSEQ_PREFIX):]: v for k, v in sd.items()}
     return PluginCheckpoint(tensors, cfg, special, released_config, dict_path, path)
 
 
+def _mapping_or_none(entry) -> Optional[Mapping]:
+    if entry is None or isinstance(entry, Mapping):
+        return entry
+    raise ValueError(f"expected a dict or a namespace, found a {type(entry).__name__}")
+
+
 def _refuse_model_parallel(path, cfg_entry, model_args):
-    common = (cfg_entry or {}).get("common") or {}
+    common = _mapping_or_none((cfg_entry or {}).get("common")) or {}
     size = common.get("model_parallel_size") or model_args.get("model_parallel_size") or 1
     if int(size) > 1:
         raise ValueError(f"{path}: one part of a --model-parallel-size {size} checkpoint; consolidate it first: "
@@ -664,7 +786,7 @@ def find_dict(ckpt_dir: Path, data_dir: Optional[str], vocab_size: int) -> Optio
 def _released_config_beside(ckpt_dir: Path, dict_path: Optional[Path]) -> Optional[dict]:
     for d in [Path(ckpt_dir)] + ([dict_path.parent] if dict_path else []):
         if (d / RELEASED_CONFIG_COPY).is_file():
-            return json.loads((d / RELEASED_CONFIG_COPY).read_text())
+            return read_json(d / RELEASED_CONFIG_COPY)
     return None
 
 
@@ -695,29 +817,23 @@ def released_to_plugin(src, out_dir, overwrite: bool = False, allowed_keys=(),
     released = src if isinstance(src, ReleasedCheckpoint) else read_released(src, allowed_keys)
     cfg = released.model_config
     out = Path(out_dir)
-    _prepare_plugin_dir(out, overwrite)
-    state = plugin_checkpoint_state(cfg, state_dict_from_released(released.tensors), str(out.resolve()),
-                                    released.config, use_fairseq)
-    torch.save(state, out / PLUGIN_CHECKPOINT_NAME)
-    written = [out / PLUGIN_CHECKPOINT_NAME, _write_or_copy_dict(released.directory, out, cfg.vocab_size)]
-    (out / RELEASED_CONFIG_COPY).write_text(json.dumps(released.config, indent=2) + "\n")
-    written.append(out / RELEASED_CONFIG_COPY)
-    written += copy_companions(released.directory, out)
-    return written
-
-
-def _prepare_plugin_dir(out: Path, overwrite: bool):
-    out.mkdir(parents=True, exist_ok=True)
     existing = [n for n in (PLUGIN_CHECKPOINT_NAME, DICT_NAME, RELEASED_CONFIG_COPY) if (out / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; choose another directory or overwrite")
+    state = plugin_checkpoint_state(cfg, state_dict_from_released(released.tensors), str(out.resolve()),
+                                    released.config, use_fairseq)
+    with StagedOutput(out, last=PLUGIN_CHECKPOINT_NAME) as stage:
+        torch.save(state, stage.path / PLUGIN_CHECKPOINT_NAME)
+        _write_or_copy_dict(released.directory, stage.path, cfg.vocab_size)
+        (stage.path / RELEASED_CONFIG_COPY).write_text(json.dumps(released.config, indent=2) + "\n")
+        copy_companions(released.directory, stage.path)
+    return stage.written
 
 
 def _write_or_copy_dict(src: Path, out: Path, vocab_size: int) -> Path:
     source_dict = src / DICT_NAME
     if source_dict.is_file() and fairseq_dict_size(source_dict) == vocab_size:
-        if source_dict.resolve() != (out / DICT_NAME).resolve():
-            shutil.copyfile(source_dict, out / DICT_NAME)
+        shutil.copyfile(source_dict, out / DICT_NAME)
         return out / DICT_NAME
     return write_fairseq_dict(out / DICT_NAME, vocab_size)
 
@@ -725,8 +841,6 @@ def _write_or_copy_dict(src: Path, out: Path, vocab_size: int) -> Path:
 def copy_companions(src: Path, out: Path) -> List[Path]:
     """Tokenizer and generation files, copied verbatim (they belong to the vocabulary, not to a format)."""
     copied = []
-    if Path(src).resolve() == Path(out).resolve():
-        return copied
     for p in sorted(Path(src).iterdir()):
         if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in COMPANION_PATTERNS):
             shutil.copyfile(p, out / p.name)
@@ -741,14 +855,14 @@ def plugin_to_released(ckpt, out_dir, safetensors: bool = False, max_shard_size=
     the checkpoint vocabulary's special ids). A dict.txt that holds real symbols travels along."""
     plugin = read_plugin_checkpoint(_plugin_file(Path(ckpt)), trusted)
     config = released_config_for(plugin.config, plugin.released_config, plugin.tensors["embed_tokens.weight"].dtype)
-    written = write_released(out_dir, config, state_dict_to_released(plugin.tensors), safetensors, max_shard_size,
-                             overwrite)
     out = Path(out_dir)
-    if plugin.dict_path is not None and not _is_placeholder_dict(plugin.dict_path):
-        shutil.copyfile(plugin.dict_path, out / DICT_NAME)
-        written.append(out / DICT_NAME)
-    written += copy_companions(plugin.path.parent, out)
-    return written
+    stale = _released_files_in(out, overwrite)
+    with StagedOutput(out, stale, last=CONFIG_NAME) as stage:
+        _stage_released(stage.path, config, state_dict_to_released(plugin.tensors), safetensors, max_shard_size)
+        if plugin.dict_path is not None and not _is_placeholder_dict(plugin.dict_path):
+            shutil.copyfile(plugin.dict_path, stage.path / DICT_NAME)
+        copy_companions(plugin.path.parent, stage.path)
+    return stage.written
 
 
 def _plugin_file(path: Path) -> Path:
@@ -778,6 +892,9 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, trusted:
         cfg, tensors, info = _load_released_for_model(path if path.is_dir() else path.parent)
     else:
         cfg, tensors, info = _load_plugin_for_model(_plugin_file(path), trusted)
+    dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
+    if dtype is None and len(dtypes) > 1:   # the model's matmuls would fail on the first forward
+        raise ValueError(f"{info.path}: tensors of several dtypes ({dict(dtypes)}); pass dtype= to load them as one")
     model = build_with_tensors(cfg, tensors)
     model.to(device=device, dtype=dtype)
     info.dtype = dtype or tensors["embed_tokens.weight"].dtype
