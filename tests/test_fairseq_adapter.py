@@ -15,7 +15,7 @@ from fairseq.criterions import CRITERION_REGISTRY  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY  # noqa: E402
 
-from tnllm_plugin import fairseq_adapter  # noqa: E402
+from tnllm_plugin import fairseq_adapter, host_common  # noqa: E402
 from tnllm_plugin.fairseq_adapter import TransNormerCrossEntropy, TransNormerLanguageModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_presets_give_table10_shapes(arch):
     args = Namespace(arch=arch)
     from fairseq.models import ARCH_CONFIG_REGISTRY
     ARCH_CONFIG_REGISTRY[arch](args)
-    cfg = fairseq_adapter.config_from_args(args, task.target_dictionary)
+    cfg = host_common.config_from_args(args, task.target_dictionary)
     want = {"transnormer_llm_385m": (24, 1024, 8, 2816), "transnormer_llm_7b": (30, 4096, 32, 11008)}[arch]
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.glu_dim) == want
 

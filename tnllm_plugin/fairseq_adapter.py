@@ -9,8 +9,8 @@ from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, reg
                             register_model_architecture)
 
 from .checkpoint import check_state_dict
-from .host_common import (IncrementalDecoding, add_model_args, base_architecture, config_from_args,
-                          criterion_result, log_loss_and_perplexity, preset_architecture, token_cross_entropy)
+from .host_common import (IncrementalDecoding, add_model_args, build_transnormer, criterion_result,
+                          full_vocabulary_logits, log_loss_and_perplexity, model_cross_entropy, preset_architecture)
 from .model import TransNormerLLM
 from .presets import PRESETS
 
@@ -74,19 +74,8 @@ class TransNormerLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        base_architecture(args)
-        cfg = config_from_args(args, task.target_dictionary)
         from fairseq.distributed import fsdp_wrap
-        from .parallel import build_block_by_block, build_tensor_parallel, checkpoint_block, wrap_blocks
-        checkpointing = getattr(args, "checkpoint_activations", False)
-
-        def prepare_block(block):       # fsdp_wrap: one FSDP unit per block under --ddp-backend fully_sharded,
-            return fsdp_wrap(checkpoint_block(block) if checkpointing else block, min_num_params=0)   # else as is
-
-        if getattr(args, "model_parallel_size", 1) > 1:     # each rank builds only its shard
-            transnormer = wrap_blocks(build_tensor_parallel(cfg), prepare_block)
-        else:   # each block wrapped (and so sharded under FSDP) before the next is made
-            transnormer = build_block_by_block(cfg, prepare_block)
+        transnormer = build_transnormer(args, task.target_dictionary, fsdp_wrap)
         decoder = TransNormerDecoder(transnormer, task.target_dictionary,
                                      bf16_autocast=getattr(args, "bf16_autocast", False))
         return cls(decoder)
@@ -96,11 +85,8 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         return getattr(self.decoder.transnormer, "vocab_parallel", False)
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        # a vocab-parallel LM head gives each rank only its vocabulary shard of the logits; generation and
-        # scoring (SequenceGenerator, fairseq-eval-lm) normalise them here, so gather the whole vocabulary first
-        if self.vocab_parallel:
-            from .parallel import gather_vocab_parallel_logits
-            net_output = (gather_vocab_parallel_logits(net_output[0]), *net_output[1:])
+        # generation and scoring (SequenceGenerator, fairseq-eval-lm) normalise here: gather a vocab-parallel shard
+        net_output = (full_vocabulary_logits(self.decoder.transnormer, net_output[0]), *net_output[1:])
         return super().get_normalized_probs(net_output, log_probs, sample)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
@@ -121,13 +107,7 @@ class TransNormerCrossEntropy(FairseqCriterion):
     def forward(self, model, sample, reduce=True):
         logits = model(**sample["net_input"])[0]
         target = model.get_targets(sample, [logits])
-        if getattr(model, "vocab_parallel", False):
-            from .parallel import vocab_parallel_cross_entropy
-            loss = vocab_parallel_cross_entropy(logits, target, self.padding_idx, "sum" if reduce else "none")
-            loss = loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
-        else:
-            loss = token_cross_entropy(logits, target, self.padding_idx, reduce)
-        return criterion_result(loss, sample)
+        return criterion_result(model_cross_entropy(model, logits, target, self.padding_idx, reduce), sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -1,12 +1,15 @@
 """What the fairseq and Metaseq adapters share, with no host import: the model's command-line arguments and
-their defaults, the preset architectures, the config built from parsed arguments, the incremental decoder's
-methods, and the criterion's loss and logged metrics. Each adapter adds only its host's base classes and
-registries (fairseq_adapter.py, metaseq_adapter.py)."""
+their defaults, the preset architectures, the config built from parsed arguments, building the model with the
+host's parallelism (tensor parallelism, FSDP units, activation checkpointing), the incremental decoder's methods,
+and the criterion's loss and logged metrics. Each adapter adds only its host's base classes, registries and FSDP
+wrapper (fairseq_adapter.py, metaseq_adapter.py)."""
 import math
+from typing import Callable
 
 import torch.nn.functional as F
+from torch import nn
 
-from .model import DECAY_SCHEDULES, NORMS, QK_ACTIVATIONS, TransNormerConfig
+from .model import DECAY_SCHEDULES, NORMS, QK_ACTIVATIONS, TransNormerConfig, TransNormerLLM
 
 NO_POSITION_LIMIT = 1_000_000_000   # linear attention has none; --tokens-per-sample governs
 
@@ -67,11 +70,42 @@ def config_from_args(args, dictionary) -> TransNormerConfig:
         pad_id=dictionary.pad(), bos_id=dictionary.bos(), eos_id=dictionary.eos())
 
 
+def build_transnormer(args, dictionary, fsdp_wrap: Callable[..., nn.Module]) -> TransNormerLLM:
+    """The model for parsed host arguments. ``fsdp_wrap`` is the host's (fairseq's or Metaseq's): inside the
+    host's FSDP context it makes each block an FSDP unit, elsewhere it returns the block as it is. With
+    --model-parallel-size N each rank builds only its shard (over fairscale's model-parallel group, which the
+    host has initialised); otherwise the blocks are made one at a time, each wrapped (and so sharded under FSDP)
+    before the next exists. --checkpoint-activations recomputes each block inside its FSDP unit."""
+    from .parallel import build_block_by_block, build_tensor_parallel, checkpoint_block, wrap_blocks
+    base_architecture(args)
+    cfg = config_from_args(args, dictionary)
+    checkpointing = getattr(args, "checkpoint_activations", False)
+
+    def prepare_block(block):
+        return fsdp_wrap(checkpoint_block(block) if checkpointing else block, min_num_params=0)
+
+    if (getattr(args, "model_parallel_size", None) or 1) > 1:
+        return wrap_blocks(build_tensor_parallel(cfg), prepare_block)
+    return build_block_by_block(cfg, prepare_block)
+
+
+def full_vocabulary_logits(transnormer: TransNormerLLM, logits):
+    """Logits over the whole vocabulary: a vocab-parallel LM head gives each rank only its shard, which
+    generation and scoring need gathered. Logits that are whole already are returned as they are, so both the
+    incremental decoder and the hosts' get_normalized_probs can call this."""
+    if getattr(transnormer, "vocab_parallel", False) and logits.size(-1) < transnormer.cfg.vocab_size:
+        from .parallel import gather_vocab_parallel_logits
+        return gather_vocab_parallel_logits(logits)
+    return logits
+
+
 class IncrementalDecoding:
     """Decoder methods over ``self.transnormer`` and the host's incremental_state helpers (both hosts' decoder
     bases provide get/set_incremental_state). With an incremental_state only the tokens not yet seen are
     consumed: the first call prefills the prompt with the block form, each later call is one recurrence step.
-    The DecodeState (each layer's fp32 state and the position offset) lives under the key "decode"."""
+    The DecodeState (each layer's fp32 state and the position offset) lives under the key "decode". Logits
+    while decoding are over the whole vocabulary also under tensor parallelism: the hosts' generators mask and
+    pick tokens by id on them."""
 
     def decode(self, prev_output_tokens, incremental_state=None, features_only=False):
         if incremental_state is None:
@@ -82,6 +116,8 @@ class IncrementalDecoding:
         out, state = self.transnormer(prev_output_tokens[:, offset:], state, use_cache=True,
                                       return_hidden=features_only)
         self.set_incremental_state(incremental_state, "decode", state)
+        if not features_only:
+            out = full_vocabulary_logits(self.transnormer, out)
         return out, {"attn": [None], "inner_states": None}
 
     def reorder_incremental_state(self, incremental_state, new_order):
@@ -97,6 +133,16 @@ def token_cross_entropy(logits, target, padding_idx, reduce=True):
     """Cross entropy in fp32 over non-padding targets: summed, or per token (padding 0) without reduce."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
                            ignore_index=padding_idx, reduction="sum" if reduce else "none")
+
+
+def model_cross_entropy(model, logits, target, padding_idx, reduce=True):
+    """token_cross_entropy of the model's logits, also when they are a vocab-parallel shard (each rank then holds
+    part of the vocabulary, and the softmax is computed across the model-parallel group)."""
+    if getattr(model, "vocab_parallel", False):
+        from .parallel import vocab_parallel_cross_entropy
+        loss = vocab_parallel_cross_entropy(logits, target, padding_idx, "sum" if reduce else "none")
+        return loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
+    return token_cross_entropy(logits, target, padding_idx, reduce)
 
 
 def criterion_result(loss, sample):

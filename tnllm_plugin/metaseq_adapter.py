@@ -1,32 +1,66 @@
 """Metaseq adapter: registers model ``transnormer_llm``, its architecture presets and the criterion
 ``transnormer_llm_cross_entropy``. Thin: the model is tnllm_plugin.model.TransNormerLLM, unchanged.
 
-Arguments, presets, defaults, incremental decoding and the loss are shared with fairseq_adapter.py through
-host_common.py (which imports neither host). Metaseq's tensor parallelism is its own Megatron copy, not the
-fairscale one that tnllm_plugin.parallel shards with, so ``--model-parallel-size > 1`` is refused rather than
-run wrongly.
+Arguments, presets, defaults, building (tensor parallelism, FSDP units, activation checkpointing), incremental
+decoding and the loss are shared with fairseq_adapter.py through host_common.py (which imports neither host).
+
+Tensor parallelism uses fairscale's model-parallel layers, as under fairseq, on a fairscale group made of the
+same ranks as Metaseq's own tensor-parallel group (Metaseq's Megatron layers assume CUDA and its
+transformer's layout; fairscale's run on CPU processes too, so MP2/MP4 are tested on CPU against MP1). FSDP is
+Metaseq's (fairscale's FullyShardedDataParallel through ``metaseq.distributed.fsdp_wrap``), one unit per block.
 """
+import argparse
+
+import torch
+import torch.distributed as dist
 from metaseq import utils
 from metaseq.criterions import BaseCriterion, register_criterion
-from metaseq.logging import metrics
+from metaseq.distributed import fsdp_wrap
+from metaseq.distributed import utils as distributed_utils
+from metaseq.logging import meters, metrics
 from metaseq.models import BaseDecoder, BaseModel, register_model, register_model_architecture
 
 from .checkpoint import check_state_dict
-from .host_common import (IncrementalDecoding, add_model_args, base_architecture, config_from_args,
-                          criterion_result, log_loss_and_perplexity, preset_architecture, token_cross_entropy)
-from .model import TransNormerConfig, TransNormerLLM
+from .host_common import (IncrementalDecoding, add_model_args, build_transnormer, criterion_result,
+                          full_vocabulary_logits, log_loss_and_perplexity, model_cross_entropy, preset_architecture)
+from .model import TransNormerLLM
 from .presets import PRESETS
 
 
-class TransNormerDecoder(IncrementalDecoding, BaseDecoder):
-    """Metaseq's incremental-decoder interface around TransNormerLLM. Metaseq's generator prefills with the
-    prompt and then passes the whole prefix each step; with an ``incremental_state`` only the tokens not yet
-    seen are consumed (block form for the prompt, one recurrence step after). The DecodeState (each layer's
-    fp32 state and the position offset) is kept in incremental_state under "decode"."""
+def allow_metaseq_checkpoints_in_torch_load():
+    """torch >= 2.6 loads with weights_only=True, which refuses the objects Metaseq pickles into its checkpoints
+    (the model's argparse arguments, the streaming data iterator's position, meters). Allow-list exactly those
+    types, so metaseq-validate, generation and resuming load the plugin's checkpoints with the default
+    torch.load."""
+    from metaseq.data.document_to_sequence import LockingArray
+    torch.serialization.add_safe_globals([argparse.Namespace, LockingArray, meters.AverageMeter, meters.TimeMeter,
+                                          meters.StopwatchMeter, meters.MetersDict])
 
-    def __init__(self, cfg: TransNormerConfig, dictionary):
+
+allow_metaseq_checkpoints_in_torch_load()
+
+
+def use_metaseq_model_parallel_group():
+    """Initialise fairscale's model-parallel state (which tnllm_plugin.parallel shards with) with the ranks of
+    Metaseq's tensor-parallel group, and check that both name the same ranks."""
+    from fairscale.nn.model_parallel import initialize as fairscale_mp
+    size = distributed_utils.get_model_parallel_world_size()
+    if not fairscale_mp.model_parallel_is_initialized():
+        fairscale_mp.initialize_model_parallel(size)
+    ours = dist.get_process_group_ranks(fairscale_mp.get_model_parallel_group())
+    theirs = dist.get_process_group_ranks(distributed_utils.get_model_parallel_group())
+    if ours != theirs:
+        raise RuntimeError(f"fairscale's model-parallel group {ours} differs from Metaseq's {theirs}")
+
+
+class TransNormerDecoder(IncrementalDecoding, BaseDecoder):
+    """Metaseq's incremental-decoder interface around TransNormerLLM (host_common.IncrementalDecoding).
+    Metaseq's generator prefills with the prompt and then passes the whole prefix each step; with an
+    ``incremental_state`` only the tokens not yet seen are consumed."""
+
+    def __init__(self, transnormer: TransNormerLLM, dictionary):
         super().__init__(dictionary)
-        self.transnormer = TransNormerLLM(cfg)
+        self.transnormer = transnormer
 
     def forward(self, prev_output_tokens, incremental_state=None, features_only=False, **unused):
         return self.decode(prev_output_tokens, incremental_state, features_only)
@@ -50,15 +84,19 @@ class TransNormerLanguageModel(BaseModel):
 
     @classmethod
     def build_model(cls, args, task):
-        base_architecture(args)
         if (getattr(args, "model_parallel_size", None) or 1) > 1:
-            raise ValueError("transnormer_llm under Metaseq runs with --model-parallel-size 1 only (its tensor "
-                             "parallelism is fairscale's, used through the fairseq adapter)")
-        decoder = TransNormerDecoder(config_from_args(args, task.target_dictionary), task.target_dictionary)
-        if getattr(args, "checkpoint_activations", False):
-            from .parallel import apply_activation_checkpointing
-            apply_activation_checkpointing(decoder.transnormer)
-        return cls(decoder)
+            use_metaseq_model_parallel_group()
+        transnormer = build_transnormer(args, task.target_dictionary, fsdp_wrap)
+        return cls(TransNormerDecoder(transnormer, task.target_dictionary))
+
+    @property
+    def vocab_parallel(self):
+        return getattr(self.decoder.transnormer, "vocab_parallel", False)
+
+    def get_normalized_probs(self, net_output, log_probs, **kwargs):
+        # Metaseq passes logits, or (logits, extra); a vocab-parallel shard is gathered first
+        logits = net_output[0] if isinstance(net_output, tuple) else net_output
+        return self.decoder.get_normalized_probs(full_vocabulary_logits(self.decoder.transnormer, logits), log_probs)
 
     def load_state_dict(self, state_dict, strict=True, **kwargs):
         # name every missing or mis-shaped tensor before torch's own (terser) check; strict=False is what
@@ -74,13 +112,13 @@ for _name, _shape in PRESETS.items():
 
 @register_criterion("transnormer_llm_cross_entropy")
 class TransNormerCrossEntropy(BaseCriterion):
-    """Token-level cross entropy summed over non-padding targets; logs loss (base 2) and perplexity."""
+    """Token-level cross entropy summed over non-padding targets (vocab-parallel under tensor parallelism);
+    logs loss (base 2) and perplexity."""
 
     def forward(self, model, sample, reduce=True):
         logits = model(**sample["net_input"])[0]
         target = model.get_targets(sample)
-        loss = token_cross_entropy(logits, target, self.padding_idx, reduce)
-        return criterion_result(loss, sample)
+        return criterion_result(model_cross_entropy(model, logits, target, self.padding_idx, reduce), sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
