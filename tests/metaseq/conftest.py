@@ -1,0 +1,105 @@
+"""Fixtures for tests that run the real Metaseq (``source scripts/ensure_metaseq.sh`` first). Without Metaseq
+installed (the main test environment) nothing in this folder is collected.
+
+Session fixtures:
+  metaseq_corpus      MetaseqCorpus: a tiny JSONL corpus in Metaseq's streaming layout
+                      (root/{train,valid,test}/00/corpus.jsonl) and the byte-level BPE trained on it
+                      (vocab.json, merges.txt; <s> <pad> </s> <unk> at ids 0-3, as Metaseq's tasks require).
+  metaseq_train       train(save_dir, *extra_args, max_update=20) -> Path of save_dir/checkpoint_last.pt:
+                      a real ``metaseq-train`` subprocess of transnormer_llm_tiny on that corpus, on CPU
+                      (extra_args are appended, so later options override the defaults).
+  metaseq_checkpoint  Path of one checkpoint trained that way (20 updates, a few seconds), shared by the session.
+"""
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("metaseq") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_DIR = REPO / "tnllm_plugin"
+VOCAB_SIZE = 512          # a multiple of 8: Metaseq's dictionary adds no padding symbols
+TRAIN_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class MetaseqCorpus:
+    root: Path            # the data directory metaseq-train takes
+    vocab: Path           # vocab.json
+    merges: Path          # merges.txt
+
+
+def _documents(n_files=40):
+    """Text of a fixed sample of the interpreter's own standard-library modules: real, varied code and prose
+    that every machine running the tests has, so no data has to be shipped."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if 2_000 < p.stat().st_size < 60_000)
+    random.Random(0).shuffle(files)
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files[:n_files]]
+
+
+@pytest.fixture(scope="session")
+def metaseq_corpus(tmp_path_factory) -> MetaseqCorpus:
+    from tokenizers import ByteLevelBPETokenizer
+
+    root = tmp_path_factory.mktemp("metaseq_corpus")
+    docs = _documents()
+    splits = {"train": docs[:-6], "valid": docs[-6:-3], "test": docs[-3:]}
+    for split, split_docs in splits.items():
+        (root / split / "00").mkdir(parents=True)
+        with open(root / split / "00" / "corpus.jsonl", "w", encoding="utf-8") as f:
+            for doc in split_docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(splits["train"], vocab_size=VOCAB_SIZE, show_progress=False,
+                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    tokenizer.save_model(str(root))
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE
+    return MetaseqCorpus(root, root / "vocab.json", root / "merges.txt")
+
+
+def _metaseq_train_command():
+    """metaseq-train of the environment running the tests (beside its python), else the one on PATH."""
+    beside = Path(sys.executable).with_name("metaseq-train")
+    found = str(beside) if beside.exists() else shutil.which("metaseq-train")
+    if found is None:
+        pytest.fail("metaseq-train not found: source scripts/ensure_metaseq.sh first")
+    return found
+
+
+@pytest.fixture(scope="session")
+def metaseq_train(metaseq_corpus):
+    def train(save_dir, *extra_args, max_update=20):
+        save_dir = Path(save_dir)
+        cmd = [_metaseq_train_command(), str(metaseq_corpus.root), "--user-dir", str(PLUGIN_DIR),
+               "--task", "streaming_language_modeling", "--vocab-filename", str(metaseq_corpus.vocab),
+               "--merges-filename", str(metaseq_corpus.merges), "--arch", "transnormer_llm_tiny",
+               "--criterion", "transnormer_llm_cross_entropy", "--cpu", "--optimizer", "adam", "--lr", "3e-3",
+               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5", "--batch-size", "4",
+               "--tokens-per-sample", "128", "--max-update", str(max_update), "--num-workers", "0",
+               "--disable-validation", "--ddp-backend", "pytorch_ddp", "--seed", "1", "--log-format", "json",
+               "--save-dir", str(save_dir), *map(str, extra_args)]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        run = subprocess.run(cmd, cwd=save_dir.parent, env=env, capture_output=True, text=True,
+                             timeout=TRAIN_TIMEOUT_S)
+        if run.returncode != 0:
+            pytest.fail(f"metaseq-train failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        checkpoint = save_dir / "checkpoint_last.pt"
+        assert checkpoint.is_file(), f"metaseq-train wrote no {checkpoint}:\n{run.stderr[-2000:]}"
+        return checkpoint
+    return train
+
+
+@pytest.fixture(scope="session")
+def metaseq_checkpoint(tmp_path_factory, metaseq_train) -> Path:
+    return metaseq_train(tmp_path_factory.mktemp("metaseq_checkpoint") / "ck")

@@ -1,0 +1,177 @@
+"""Serving a checkpoint of the plugin with Metaseq's ``metaseq-api-local`` (OpenAI-style ``/completions``).
+
+metaseq-api-local takes no command-line arguments: it reads its launch arguments from a constants module named
+by ``METASEQ_SERVICE_CONSTANTS_MODULE``. This is such a module, with its values from the environment:
+
+    METASEQ_SERVICE_CONSTANTS_MODULE=tnllm_plugin.metaseq_service TNLLM_SERVE_CHECKPOINT=ck/checkpoint_last.pt \\
+        metaseq-api-local
+
+  TNLLM_SERVE_CHECKPOINT   required: a checkpoint file written by ``metaseq-train --user-dir tnllm_plugin``
+                           (one file: model-parallel size 1, not FSDP-sharded)
+  TNLLM_SERVE_VOCAB        the byte-level BPE's vocab.json  (default: vocab.json beside the checkpoint)
+  TNLLM_SERVE_MERGES       its merges.txt                   (default: merges.txt beside the checkpoint)
+  TNLLM_SERVE_PORT         default 6010 (the Flask app listens on all interfaces: Metaseq binds 0.0.0.0)
+  TNLLM_SERVE_MAX_SEQ_LEN  prompt + completion tokens per request, default 2048 (longer prompts lose their start)
+  TNLLM_SERVE_FINAL_VOCAB_SIZE   only if training used --final-vocab-size: the same value
+
+The server runs one process with model-parallel size 1 (the plugin's only size under Metaseq), on the GPU when
+there is one and on the CPU otherwise. The values are read when metaseq-api-local asks for them, right at its
+start, so a missing or bad setting stops it before any model is loaded, with a message naming the variable;
+importing this module alone reads nothing.
+
+Three things Metaseq (f7ffa5f) needs before it serves this plugin, done here at import:
+  * its hub (``GeneratorInterface``) moves the model and each batch to CUDA unconditionally; without CUDA they
+    stay on the CPU instead (``use_cpu_generation``);
+  * it refuses a ``--user-dir`` whose package is already imported, even when that is the same package, and this
+    module is inside the plugin it serves; ``mark_user_dir_imported`` tells it the plugin is loaded.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from . import metaseq_adapter  # noqa: F401  (registers the model, whoever imported Metaseq first)
+
+PLUGIN_DIR = str(Path(__file__).resolve().parent)
+DEFAULT_PORT_NUMBER = 6010
+_CONSTANTS = ("CHECKPOINT_FOLDER", "MAX_SEQ_LEN", "BATCH_SIZE", "MAX_BATCH_TOKENS", "DEFAULT_PORT", "MODEL_PARALLEL",
+              "TOTAL_WORLD_SIZE", "MAX_BEAM", "LAUNCH_ARGS", "INFERENCE_ARG_OVERRIDES")
+
+
+class ServiceConfigError(ValueError):
+    pass
+
+
+def _positive_int(environ, name, default, upper=None):
+    raw = environ.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServiceConfigError(f"{name}={raw!r}: expected an integer") from None
+    if value < 1 or (upper is not None and value > upper):
+        raise ServiceConfigError(f"{name}={raw!r}: expected an integer in [1, {upper or 'inf'}]")
+    return value
+
+
+def _file(environ, name, default=None, what=""):
+    raw = environ.get(name, "").strip()
+    if raw == "" and default is None:
+        raise ServiceConfigError(f"{name} is not set: {what}")
+    path = Path(raw or default).expanduser().resolve()
+    source = f"{name}={raw}" if raw else f"{name} unset, default {path}"
+    if not path.is_file():
+        raise ServiceConfigError(f"{source}: no such file ({what})")
+    # metaseq-api-local splits each launch argument on whitespace
+    if any(c.isspace() for c in str(path)):
+        raise ServiceConfigError(f"{source}: Metaseq's launcher cannot pass a path containing whitespace")
+    return path
+
+
+def settings(environ=None) -> dict:
+    """The constants metaseq-api-local reads (see metaseq/service/constants.py), from ``environ``
+    (default os.environ). Raises ServiceConfigError naming the variable at fault."""
+    environ = os.environ if environ is None else environ
+    checkpoint = _file(environ, "TNLLM_SERVE_CHECKPOINT",
+                       what="the checkpoint file (.pt) of metaseq-train --user-dir tnllm_plugin to serve")
+    vocab = _file(environ, "TNLLM_SERVE_VOCAB", checkpoint.parent / "vocab.json",
+                  what="the byte-level BPE vocab.json the checkpoint was trained with")
+    merges = _file(environ, "TNLLM_SERVE_MERGES", checkpoint.parent / "merges.txt",
+                   what="the byte-level BPE merges.txt the checkpoint was trained with")
+    port = _positive_int(environ, "TNLLM_SERVE_PORT", DEFAULT_PORT_NUMBER, upper=65535)
+    max_seq_len = _positive_int(environ, "TNLLM_SERVE_MAX_SEQ_LEN", 2048)
+    final_vocab_size = _positive_int(environ, "TNLLM_SERVE_FINAL_VOCAB_SIZE", None)
+    batch_size = 64
+    launch_args = [
+        "--user-dir", PLUGIN_DIR,
+        # language_modeling, not the streaming task used for training: only it builds inference batches; at
+        # this commit it makes the same dictionary from the same BPE files
+        "--task", "language_modeling",
+        "--vocab-filename", str(vocab), "--merges-filename", str(merges),
+        "--bpe", "hf_byte_bpe", "--bpe-vocab", str(vocab), "--bpe-merges", str(merges),
+        "--path", str(checkpoint), "--checkpoint-shard-count", "1",
+        "--model-parallel-size", "1", "--distributed-world-size", "1", "--ddp-backend", "pytorch_ddp",
+        "--beam", "1", "--batch-size", str(batch_size), "--max-tokens", str(batch_size * max_seq_len),
+        "--buffer-size", str(batch_size * max_seq_len),
+    ]
+    if final_vocab_size is not None:
+        launch_args += ["--final-vocab-size", str(final_vocab_size)]
+    if not torch.cuda.is_available():
+        launch_args.append("--cpu")
+    launch_args.append(str(checkpoint.parent))     # the required data argument (the launcher replaces it)
+    return {
+        "CHECKPOINT_FOLDER": str(checkpoint.parent),   # also the "model" field of each response
+        "MAX_SEQ_LEN": max_seq_len,
+        "BATCH_SIZE": batch_size,
+        "MAX_BATCH_TOKENS": max_seq_len,
+        "DEFAULT_PORT": port,
+        "MODEL_PARALLEL": 1,
+        "TOTAL_WORLD_SIZE": 1,
+        "MAX_BEAM": 16,
+        # the launcher joins nothing back: it splits each entry on whitespace, so one entry per token is exact
+        "LAUNCH_ARGS": launch_args,
+        "INFERENCE_ARG_OVERRIDES": {},
+    }
+
+
+def __getattr__(name):
+    # PEP 562: the constants are computed from the environment when metaseq-api-local reads them
+    if name in _CONSTANTS:
+        return settings()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_cpu_generation():
+    """Without CUDA, make Metaseq's GeneratorInterface keep the model and batches on the CPU: its load_model
+    builds the model with an unconditional ``.cuda()`` and its generate() defaults to use_cuda=True (the server
+    does not pass it). With CUDA this does nothing. Idempotent."""
+    if torch.cuda.is_available():
+        return
+    from metaseq.hub_utils import GeneratorInterface
+    if getattr(GeneratorInterface, "_tnllm_cpu", False):
+        return
+    load_model, generate = GeneratorInterface.load_model, GeneratorInterface.generate
+
+    def load_model_on_cpu(self):
+        # Module.cuda would fail ("Torch not compiled with CUDA enabled"); leaving the module where it is, only
+        # while the hub builds the model (before the server starts any thread), is what --cpu means
+        cuda = torch.nn.Module.cuda
+        torch.nn.Module.cuda = lambda module, device=None: module
+        try:
+            return load_model(self)
+        finally:
+            torch.nn.Module.cuda = cuda
+
+    def generate_on_cpu(self, *args, **kwargs):
+        kwargs["use_cuda"] = False
+        return generate(self, *args, **kwargs)
+
+    GeneratorInterface.load_model = load_model_on_cpu
+    GeneratorInterface.generate = generate_on_cpu
+    GeneratorInterface._tnllm_cpu = True
+
+
+def mark_user_dir_imported():
+    """Metaseq's import_user_module imports a --user-dir once per path and refuses one whose module name is
+    already in sys.modules. This package is imported before Metaseq reads --user-dir whenever one of its own
+    modules is (this one, as the server's constants; or a test's import), so record its path as imported."""
+    from metaseq import utils
+    memo = getattr(utils.import_user_module, "memo", set())
+    memo.add(os.path.abspath(PLUGIN_DIR))
+    utils.import_user_module.memo = memo
+
+
+def allow_pickled_checkpoints():
+    """Metaseq's checkpoints are whole pickles (its config as an argparse Namespace, its data loader's state),
+    which torch >= 2.6 no longer loads by default (weights_only=True) and Metaseq's torch.load does not ask for.
+    Torch's own switch, set for this process unless the user chose either setting."""
+    if "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ:
+        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+use_cpu_generation()
+mark_user_dir_imported()
+if os.environ.get("METASEQ_SERVICE_CONSTANTS_MODULE") == __name__:
+    # only in the server this module configures: a test or script importing it keeps torch's safe default
+    allow_pickled_checkpoints()
