@@ -22,9 +22,12 @@ def config_from_released(hf: Mapping) -> TransNormerConfig:
         raise ValueError(f"released config lacks keys {missing}")
     n_layers = int(hf["decoder_layers"])
     d_model = int(hf["decoder_embed_dim"])
-    lrpe_list = list(hf.get("linear_use_lrpe_list", [1] + [0] * (n_layers - 1)))
-    if len(lrpe_list) != n_layers:
-        raise ValueError(f"linear_use_lrpe_list has {len(lrpe_list)} entries for {n_layers} layers")
+    lrpe_layers = (0,)              # the released default: LRPE on the first layer only
+    if "linear_use_lrpe_list" in hf:
+        lrpe_list = list(hf["linear_use_lrpe_list"])
+        if len(lrpe_list) != n_layers:
+            raise ValueError(f"linear_use_lrpe_list has {len(lrpe_list)} entries for {n_layers} layers")
+        lrpe_layers = tuple(i for i, use in enumerate(lrpe_list) if use)
     norm = hf.get("norm_type", "simplermsnorm")
     act = hf.get("linear_act_fun", "silu")
     if norm not in NORM_TYPES:
@@ -38,7 +41,7 @@ def config_from_released(hf: Mapping) -> TransNormerConfig:
         n_heads=int(hf["decoder_attention_heads"]),
         hidden_dim=int(hf.get("hidden_dim", d_model)),
         glu_dim=d_model if int(hf["glu_dim"]) == -1 else int(hf["glu_dim"]),   # released: -1 means d_model
-        lrpe_layers=tuple(i for i, use in enumerate(lrpe_list) if use),
+        lrpe_layers=lrpe_layers,
         decay="released",
         qk_act=ACTIVATIONS[act],
         norm=NORM_TYPES[norm],

@@ -322,7 +322,8 @@ def _read_sharded(index_path: Path) -> Tuple[Dict[str, torch.Tensor], List[Path]
         if not_listed or absent:
             problems = ([f"in the shard but mapped elsewhere or not at all: {not_listed}"] if not_listed else []) \
                 + ([f"mapped to it but absent: {absent}"] if absent else [])
-            raise ValueError(f"shard {file} does not match {index_path.name}: " + "; ".join(problems))
+            raise ValueError(f"{index_path.parent / file}: the shard does not match {index_path.name}: "
+                             + "; ".join(problems))
         tensors.update((n, shard[n]) for n in names)
         files.append(index_path.parent / file)
     return tensors, files
@@ -892,9 +893,12 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, trusted:
         cfg, tensors, info = _load_released_for_model(path if path.is_dir() else path.parent)
     else:
         cfg, tensors, info = _load_plugin_for_model(_plugin_file(path), trusted)
-    dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
+    dtypes = collections.Counter(t.dtype for t in tensors.values())
     if dtype is None and len(dtypes) > 1:   # the model's matmuls would fail on the first forward
-        raise ValueError(f"{info.path}: tensors of several dtypes ({dict(dtypes)}); pass dtype= to load them as one")
+        common = dtypes.most_common(1)[0][0]
+        odd = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype != common]
+        raise ValueError(f"{info.path}: tensors of several dtypes: most are {common}, but {odd[:5]}; pass dtype= to "
+                         f"load them as one")
     model = build_with_tensors(cfg, tensors)
     model.to(device=device, dtype=dtype)
     info.dtype = dtype or tensors["embed_tokens.weight"].dtype
