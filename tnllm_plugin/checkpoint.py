@@ -86,8 +86,10 @@ def load_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None
 
 
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor of ``sd`` for ``model``."""
+    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor of ``sd`` for ``model``, and every
+    one that is not floating point or holds NaN / inf (resuming from it would only train NaNs)."""
     check_tensor_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+    check_tensor_values(sd)
 
 
 def check_tensor_shapes(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor]) -> None:
@@ -107,3 +109,15 @@ def check_tensor_shapes(expected: Mapping[str, tuple], sd: Mapping[str, torch.Te
         problems.append(f"not in the model: {unexpected}")
     if problems:
         raise ValueError("checkpoint does not match the architecture: " + " | ".join(problems))
+
+
+def check_tensor_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor floating point and finite (convert runs it on each file as it reads it, to name the file)."""
+    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise ValueError(f"tensors that should be floating point are not: {not_float}")
+    # a NaN or inf weight makes every output NaN: the mark of a corrupt file (a bit flip in an exponent)
+    non_finite = [k for k, t in tensors.items() if not all(bool(part.isfinite().all())
+                                                           for part in t.reshape(-1).split(1 << 24))]
+    if non_finite:
+        raise ValueError(f"tensors holding NaN or inf: {non_finite}")

@@ -56,8 +56,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import (RELEASED_PREFIX, check_tensor_shapes, config_from_released, config_to_released,
-                         state_dict_from_released, state_dict_to_released)
+from .checkpoint import (RELEASED_PREFIX, check_tensor_shapes, check_tensor_values, config_from_released,
+                         config_to_released, state_dict_from_released, state_dict_to_released)
 from .model import TransNormerConfig, TransNormerLLM
 from .presets import PRESETS
 
@@ -222,18 +222,6 @@ def check_tensors(cfg: TransNormerConfig, tensors: Mapping[str, torch.Tensor], p
     _check_sizes(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, prefix)
     expected = _expected_released_shapes(cfg) if prefix == RELEASED_PREFIX else _expected_shapes(cfg, prefix)
     check_tensor_shapes(expected, tensors)
-
-
-def check_tensor_values(tensors: Mapping[str, torch.Tensor]) -> None:
-    """Every tensor floating point and finite (run on each file as it is read, so that the error names it)."""
-    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
-    if not_float:
-        raise ValueError(f"tensors that should be floating point are not: {not_float}")
-    # a NaN or inf weight makes every output NaN: the mark of a corrupt file (a bit flip in an exponent)
-    non_finite = [k for k, t in tensors.items() if not all(bool(part.isfinite().all())
-                                                           for part in t.reshape(-1).split(1 << 24))]
-    if non_finite:
-        raise ValueError(f"tensors holding NaN or inf: {non_finite}")
 
 
 def _check_sizes(cfg: TransNormerConfig, shapes: Mapping[str, tuple], prefix: str) -> None:

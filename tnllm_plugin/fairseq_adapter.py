@@ -39,6 +39,11 @@ allow_fairseq_checkpoints_in_torch_load()
 from .parallel import install_megatron_mpu_shim  # noqa: E402
 install_megatron_mpu_shim()
 
+# checkpoint_last.pt copied to a temporary name and renamed (a kill during the copy truncated it), and checkpoints
+# fairseq cannot read named in the error (see fairseq_checkpoints)
+from .fairseq_checkpoints import install as install_checkpoint_safety  # noqa: E402
+install_checkpoint_safety()
+
 
 class TransNormerDecoder(IncrementalDecoding, FairseqIncrementalDecoder):
     """fairseq's decoder interface around TransNormerLLM (incremental decoding: host_common.IncrementalDecoding)."""
@@ -62,6 +67,11 @@ class TransNormerDecoder(IncrementalDecoding, FairseqIncrementalDecoder):
     def upgrade_state_dict_named(self, state_dict, name):
         return state_dict
 
+    def set_num_updates(self, num_updates):
+        # the trainer's update count, which --check-finite names when a NaN or inf appears
+        if getattr(self, "finite_check", None) is not None:
+            self.finite_check.update = num_updates
+
 
 @register_model("transnormer_llm")
 class TransNormerLanguageModel(FairseqLanguageModel):
@@ -71,6 +81,10 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         parser.add_argument("--bf16-autocast", action="store_true",
                             help="bf16 mixed precision on CUDA: fp32 weights and optimizer, bf16 matmuls "
                                  "(torch.autocast), fp32 attention states; fairseq 0.12's own --bf16 means TPU")
+        parser.add_argument("--check-finite", action="store_true",
+                            help="stop at the first NaN or inf in the embedding, an attention state or output, a "
+                                 "block output or the logits, naming the update and the layer (tnllm_plugin.finite; "
+                                 "one device sync per check)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -78,6 +92,9 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         transnormer = build_transnormer(args, task.target_dictionary, fsdp_wrap)
         decoder = TransNormerDecoder(transnormer, task.target_dictionary,
                                      bf16_autocast=getattr(args, "bf16_autocast", False))
+        if getattr(args, "check_finite", False):
+            from .finite import FiniteCheck
+            decoder.finite_check = FiniteCheck(transnormer)
         return cls(decoder)
 
     @property
