@@ -11,8 +11,9 @@
 # Metaseq's pins (omegaconf 2.1, hydra 1.1) do not install on Python >= 3.11 and conflict with fairseq's, so it
 # gets its own environment, separate from scripts/ensure_env.sh's:
 #   TNLLM_METASEQ_VENV   where (default ~/.cache/tnllm/metaseq-<hash of the pins, the patch and this script>)
-#   TNLLM_METASEQ_SYSTEM_TORCH=1   use the interpreter's own torch (a GPU machine's CUDA build) instead of
-#                                  installing the CPU torch pinned in constraints.txt
+#   TNLLM_METASEQ_SYSTEM_TORCH=1   use the interpreter's own torch (a GPU machine's CUDA build) and whatever
+#                                  of scripts/metaseq_requirements.txt it already has, instead of the CPU torch
+#                                  pinned in constraints.txt; only what it lacks is installed, at our pins
 # Extra pip options (PIP_NO_INDEX, PIP_FIND_LINKS for a machine without network) pass through pip's own
 # environment variables.
 _ms_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,13 +49,33 @@ _ms_build() {
     rm -rf "$TNLLM_METASEQ_VENV"
     if [ -n "${TNLLM_METASEQ_SYSTEM_TORCH:-}" ]; then
         python3 -c "import torch" 2>/dev/null || { _ms_fail "TNLLM_METASEQ_SYSTEM_TORCH is set but python3 has no torch"; return 1; }
-        python3 -m venv --system-site-packages "$TNLLM_METASEQ_VENV" || return 1
+        python3 -m venv "$TNLLM_METASEQ_VENV" || return 1
+        # the interpreter's own packages behind the environment's, by a .pth file rather than
+        # --system-site-packages: that flag reaches the base interpreter's, not those of a python3 that is a
+        # virtual environment itself (the GPU image's is)
+        python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+            > "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_tnllm_system_site.pth"
     else
         python3 -m venv "$TNLLM_METASEQ_VENV" || return 1
         "$py" -m pip install "${pip_q[@]}" -c "$_ms_root/constraints.txt" torch || { _ms_fail "installing torch failed"; return 1; }
     fi
-    "$py" -m pip install "${pip_q[@]}" -r "$_ms_root/scripts/metaseq_requirements.txt" \
-        || { _ms_fail "installing Metaseq's dependencies failed"; return 1; }
+    local reqs="$_ms_root/scripts/metaseq_requirements.txt"
+    if [ -n "${TNLLM_METASEQ_SYSTEM_TORCH:-}" ]; then
+        # a prepared image (the GPU machine's) has most of these at other versions, built against its own
+        # numpy and torch: keep those, and install at our pins only what it lacks
+        reqs="$TNLLM_METASEQ_VENV.missing.txt"
+        "$py" - "$_ms_root/scripts/metaseq_requirements.txt" > "$reqs" <<'EOF_PY' || return 1
+import importlib.metadata as md, re, sys
+for line in open(sys.argv[1]):
+    req = line.split("#")[0].strip()
+    if req:
+        try:
+            md.version(re.split(r"[=<>~! ]", req)[0])
+        except md.PackageNotFoundError:
+            print(req)
+EOF_PY
+    fi
+    "$py" -m pip install "${pip_q[@]}" -r "$reqs" || { _ms_fail "installing Metaseq's dependencies failed"; return 1; }
     build=$(mktemp -d)
     tar xzf "$archive" -C "$build" || { _ms_fail "$archive is not a readable tar.gz"; return 1; }
     local src
@@ -84,8 +105,10 @@ if [ -n "$_ms_ok" ]; then
     # this checkout, editable (several clones may share one environment: point it at this one)
     _ms_where=$(cd / && "$TNLLM_METASEQ_VENV/bin/python" -c 'import os, tnllm_plugin; print(os.path.dirname(os.path.dirname(tnllm_plugin.__file__)))' 2>/dev/null || true)
     if [ "$_ms_where" != "$_ms_root" ]; then
+        # --use-pep517: an editable install that maps kernels/ to tnllm_kernels (pip's legacy develop mode,
+        # its choice for a project without pyproject.toml in some environments, would only add the checkout)
         "$TNLLM_METASEQ_VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation \
-            -e "$_ms_root" >/dev/null || _ms_ok=
+            --use-pep517 -e "$_ms_root" >/dev/null || _ms_ok=
     fi
 fi
 unset -f _ms_source _ms_build
