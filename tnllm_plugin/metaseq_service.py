@@ -19,7 +19,8 @@ there is one and on the CPU otherwise. The values are read when metaseq-api-loca
 start, so a missing or bad setting stops it before any model is loaded, with a message naming the variable;
 importing this module alone reads nothing.
 
-Three things Metaseq (f7ffa5f) needs before it serves this plugin, done here at import:
+Two things Metaseq (f7ffa5f) needs before it serves this plugin, done here at import (that torch >= 2.6
+loads its pickled checkpoints is metaseq_adapter's allow-list):
   * its hub (``GeneratorInterface``) moves the model and each batch to CUDA unconditionally; without CUDA they
     stay on the CPU instead (``use_cpu_generation``);
   * it refuses a ``--user-dir`` whose package is already imported, even when that is the same package, and this
@@ -162,16 +163,5 @@ def mark_user_dir_imported():
     utils.import_user_module.memo = memo
 
 
-def allow_pickled_checkpoints():
-    """Metaseq's checkpoints are whole pickles (its config as an argparse Namespace, its data loader's state),
-    which torch >= 2.6 no longer loads by default (weights_only=True) and Metaseq's torch.load does not ask for.
-    Torch's own switch, set for this process unless the user chose either setting."""
-    if "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ:
-        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-
-
 use_cpu_generation()
 mark_user_dir_imported()
-if os.environ.get("METASEQ_SERVICE_CONSTANTS_MODULE") == __name__:
-    # only in the server this module configures: a test or script importing it keeps torch's safe default
-    allow_pickled_checkpoints()

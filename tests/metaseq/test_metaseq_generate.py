@@ -44,10 +44,7 @@ def hub(metaseq_checkpoint, metaseq_corpus):
     parser.set_defaults(lr_scheduler=None, criterion=None)       # as metaseq-api-local does
     args = options.parse_args_and_arch(parser, input_args=launch_args)
     generator = GeneratorInterface(convert_namespace_to_omegaconf(args))
-    with pytest.MonkeyPatch.context() as mp:
-        # Metaseq's checkpoints are pickles; torch >= 2.6 loads them only when told (see metaseq_service)
-        mp.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-        generator.load_model()
+    generator.load_model()
     generator.models[0].eval()
     return generator
 
