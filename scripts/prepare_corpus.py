@@ -3,9 +3,9 @@ about 1.3 GB of C and English documentation), written by no one here.
 
     python scripts/prepare_corpus.py build [--deb PATH | --source TARBALL_OR_DIR] [--out work_dirs/corpus]
                                            [--vocab-size 32000] [--max-files N] [--max-train-tokens N]
-                                           [--pack work_dirs/corpus.tar.xz]
-    python scripts/prepare_corpus.py pack  OUT_DIR PACK.tar.xz [--train-tokens 60000000] [--max-mib 45]
-    python scripts/prepare_corpus.py unpack PACK.tar.xz DEST       # DEST/data-bin for fairseq (e.g. on the GPU)
+                                           [--pack work_dirs/corpus/linux-6.1.pack.tar]
+    python scripts/prepare_corpus.py pack  OUT_DIR PACK.tar [--train-tokens 60000000] [--max-mib 26]
+    python scripts/prepare_corpus.py unpack PACK.tar DEST          # DEST/data-bin for fairseq (e.g. on the GPU)
 
 build:
   1. source: with neither --deb nor --source, `apt-get download linux-source-6.1` into --cache-dir (skipped when
@@ -33,11 +33,17 @@ build:
      {"text": ...} document per file. OUT/manifest.json records the source, options, files, bytes and tokens
      per split.
 
-pack / unpack: the GPU machine has no network and at most 64 MiB travels with the checkout. The pack holds the
-spm model, dict.txt, the valid and test streams whole and the train stream cut at a line end after
---train-tokens (shrunk until the pack is under --max-mib), as xz-compressed token ids; the .idx files are not
-packed, since each line ends with </s> (id 2, which no text encodes to): unpack writes them back from the
-positions of </s>.
+pack / unpack: the GPU machine has no network and at most 64 MiB travels with the checkout, the device wheels
+(.whl/, 37 MB on 2026-11-29) included. The pack holds the spm model, dict.txt, the valid and test streams whole
+and the train stream cut at a line end after --train-tokens (shrunk until the pack is under --max-mib), as
+xz-compressed token ids; the .idx files are not packed, since each line ends with </s> (id 2, which no text
+encodes to): unpack writes them back from the positions of </s>. Measured on the full build: 60M train tokens
+compress to 22.1 MiB (0.39 bytes per token; kernel code repeats itself), the pack with valid and test is 25.5 MiB.
+
+Full build here (2 shared cores, nice 15, 2026-11-29): 12 minutes (8 to build, 4 to pack), 2.2 GB peak memory;
+60,121 files kept of 78,579, 778 MB of text; train 58,921 files / 307M tokens, valid 601 / 3.2M, test 599 / 3.1M.
+On one H200 (carrying the pack and the six fairseq wheels, 48 MB): unpack, then fairseq-train
+transnormer_llm_385m, 400 updates of 16k tokens: loss 12.8 -> 5.2 bits, valid loss 5.20 on the held-out files.
 """
 import argparse
 import hashlib
@@ -528,13 +534,14 @@ def main(argv=None):
     b.add_argument("--keep-work", action="store_true", help="keep work/texts.bin (the selected files' text)")
     b.add_argument("--pack", help="also write the pack for the GPU machine here (see `pack`)")
     b.add_argument("--pack-train-tokens", type=int, default=60_000_000)
-    b.add_argument("--pack-max-mib", type=float, default=45.0)
+    b.add_argument("--pack-max-mib", type=float, default=26.0,
+                   help="the pack's size limit: 26 MiB leaves room for .whl/ and the checkout in the 64 MiB carry")
     b.set_defaults(func=build)
     k = sub.add_parser("pack", help="data-bin -> one compressed file for the GPU machine")
     k.add_argument("out", help="a build's --out directory")
     k.add_argument("pack")
     k.add_argument("--train-tokens", type=int, default=60_000_000)
-    k.add_argument("--max-mib", type=float, default=45.0)
+    k.add_argument("--max-mib", type=float, default=26.0)
     k.set_defaults(func=lambda a: pack(Path(a.out), Path(a.pack), a.train_tokens, a.max_mib))
     u = sub.add_parser("unpack", help="pack -> DEST/data-bin (+ DEST/spm.model)")
     u.add_argument("pack")
