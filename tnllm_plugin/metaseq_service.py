@@ -17,7 +17,7 @@ by ``METASEQ_SERVICE_CONSTANTS_MODULE``. This is such a module, with its values 
 The server runs one process with model-parallel size 1 (the plugin's only size under Metaseq), on the GPU when
 there is one and on the CPU otherwise. The values are read when metaseq-api-local asks for them, right at its
 start, so a missing or bad setting stops it before any model is loaded, with a message naming the variable;
-importing this module alone reads nothing.
+importing this module reads no setting (``settings(environ)`` returns them all for a given environment).
 
 Two things Metaseq (f7ffa5f) needs before it serves this plugin, done here at import (that torch >= 2.6
 loads its pickled checkpoints is metaseq_adapter's allow-list):
