@@ -153,14 +153,18 @@ class _Slice(io.RawIOBase):
 
 
 def fetch_deb(cache_dir: Path) -> Path:
-    """The newest linux-source-6.1_*.deb in cache_dir, downloaded with apt-get first if none is there."""
+    """The linux-source-6.1_*.deb in cache_dir, downloaded with apt-get first if none is there (with several,
+    the last written: version strings do not sort as text). Its name and sha256 go into the manifest, as
+    Debian's security updates replace the package now and then."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
+    debs = list(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
     if not debs:
         log(f"apt-get download {DEB_PACKAGE} into {cache_dir} (run `apt-get update` first if it is not found)")
         subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=cache_dir, check=True)
-        debs = sorted(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
-    return debs[-1]
+        debs = list(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
+    if not debs:
+        sys.exit(f"apt-get download {DEB_PACKAGE} left no {DEB_PACKAGE}_*.deb in {cache_dir}")
+    return max(debs, key=lambda p: p.stat().st_mtime)
 
 
 # ----------------------------------------------------------------------------------------------------------------

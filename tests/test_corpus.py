@@ -3,6 +3,7 @@ fake linux-source .deb and from a directory, split, tokenizer, fairseq data-bin,
 import importlib.util
 import io
 import json
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -226,3 +227,21 @@ def test_pack_unpack(built, tmp_path):
     info = corpus.main(["pack", str(out), str(tmp_path / "small.tar"), "--max-mib", str(budget)])
     assert (tmp_path / "small.tar").stat().st_size <= budget * 2 ** 20
     assert 0 < info["tokens"]["train"] < manifest["splits"]["train"]["tokens"]
+
+
+def test_fetch_deb_downloads_once(source, tmp_path, monkeypatch):
+    """With neither --deb nor --source: `apt-get download linux-source-6.1` in the cache directory (here a
+    stand-in apt-get on PATH that copies the made-up .deb and logs its arguments), then the cached file."""
+    bin_dir, cache, calls = tmp_path / "bin", tmp_path / "cache", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "apt-get"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\ncp {source['deb']} ./linux-source-6.1_6.1.9-1_all.deb\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    first = corpus.fetch_deb(cache)
+    assert first == cache / "linux-source-6.1_6.1.9-1_all.deb" and calls.read_text() == "download linux-source-6.1\n"
+    assert corpus.fetch_deb(cache) == first and calls.read_text().count("\n") == 1    # not downloaded again
+    newer = cache / "linux-source-6.1_6.1.10-1_all.deb"            # sorts before 6.1.9 as text
+    newer.write_bytes(first.read_bytes())
+    os.utime(newer, (first.stat().st_mtime + 10,) * 2)
+    assert corpus.fetch_deb(cache) == newer
