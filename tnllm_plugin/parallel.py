@@ -18,6 +18,7 @@ wrapped in its FSDP unit (fairseq's ``fsdp_wrap``) before the next exists, and t
 """
 import argparse
 import functools
+import os
 import re
 import sys
 import types
@@ -118,10 +119,12 @@ def _part_path(prefix: str, rank: int, world_size: int) -> str:
     return f"{stem}.pt" if world_size == 1 else f"{stem}-model_part-{rank}.pt"
 
 
-def _record_model_parallel_size(state: dict, size: int):
-    """Set the model-parallel size everywhere a fairseq checkpoint records it: the common and checkpoint config
-    sections, and the model's own arguments (an argparse Namespace in cfg["model"], or "args" in older
-    checkpoints), which build_model reads when fairseq-eval-lm or fairseq-generate load the file."""
+def _record_model_parallel_size(state: dict, size: int, rank: int = 0):
+    """Set the model-parallel size everywhere a fairseq or Metaseq checkpoint records it: the common and
+    checkpoint config sections, and the model's own arguments (an argparse Namespace in cfg["model"], or "args"
+    in older checkpoints), which build_model reads when fairseq-eval-lm, fairseq-generate or metaseq-validate
+    load the file. The hosts' distributed init also appended the part's file suffix "-model_part-R" to
+    cfg["checkpoint"]["checkpoint_suffix"]: it becomes this part's, or none at size 1."""
     cfg = state.get("cfg")
     sections = [cfg[name] for name in ("common", "checkpoint", "model") if cfg is not None and name in cfg]
     for section in sections + [state.get("args")]:
@@ -130,12 +133,18 @@ def _record_model_parallel_size(state: dict, size: int):
                 section.model_parallel_size = size
         elif section is not None and "model_parallel_size" in section:
             section["model_parallel_size"] = size
+    checkpoint_cfg = cfg.get("checkpoint") if cfg is not None else None
+    suffix = checkpoint_cfg.get("checkpoint_suffix") if checkpoint_cfg is not None else None
+    if isinstance(suffix, str):
+        base = re.sub(r"-model_part-\d+$", "", suffix)
+        checkpoint_cfg["checkpoint_suffix"] = base if size == 1 else f"{base}-model_part-{rank}"
 
 
 def reshard_checkpoint(prefix: str, from_size: int, to_size: int, out_prefix: str) -> List[str]:
-    """Rewrite fairseq checkpoint files written at model-parallel size ``from_size`` for ``to_size``: the model
-    weights are consolidated and re-split; the rest of part 0 is kept, except the optimizer state, whose
-    flattened per-rank layout cannot be re-split (resume with --reset-optimizer)."""
+    """Rewrite fairseq (or Metaseq, which names its parts the same way) checkpoint files written at
+    model-parallel size ``from_size`` for ``to_size``: the model weights are consolidated and re-split; the rest
+    of part 0 is kept, except the optimizer state, whose flattened per-rank layout cannot be re-split (resume
+    with --reset-optimizer). The output folder is created if missing."""
     # weights_only=False: these are the user's own fairseq checkpoints (they pickle argparse/omegaconf objects)
     parts = [torch.load(_part_path(prefix, r, from_size), map_location="cpu", weights_only=False)
              for r in range(from_size)]
@@ -144,8 +153,9 @@ def reshard_checkpoint(prefix: str, from_size: int, to_size: int, out_prefix: st
     for rank, shard in enumerate(shards):
         state = {k: v for k, v in parts[0].items() if k != "last_optimizer_state"}
         state["model"] = shard
-        _record_model_parallel_size(state, to_size)
+        _record_model_parallel_size(state, to_size, rank)
         path = _part_path(out_prefix, rank, to_size)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(state, path)
         written.append(path)
     return written
@@ -203,13 +213,18 @@ class ParallelOutNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Tensor parallelism
 
+# the hosts' command-line settings of the config fields that tensor parallelism splits
+_SETTING = {"n_heads": "--decoder-attention-heads", "hidden_dim": "--hidden-dim", "glu_dim": "--glu-dim",
+            "vocab_size": "the dictionary's size"}
+
+
 def _check_divisible(model: TransNormerLLM, tp: int):
     cfg = model.cfg
     for name in ("n_heads", "hidden_dim", "glu_dim", "vocab_size"):
         value = getattr(cfg, name)
         if value % tp:
-            raise ValueError(f"tensor parallelism: {name}={value} is not divisible by the model-parallel "
-                             f"size {tp}")
+            raise ValueError(f"tensor parallelism: {name}={value} ({_SETTING[name]}) is not divisible by the "
+                             f"model-parallel size {tp} (--model-parallel-size)")
 
 
 def build_tensor_parallel(cfg: TransNormerConfig) -> TransNormerLLM:
