@@ -420,6 +420,7 @@ def build(args):
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if not args.keep_work:
         (work / "texts.bin").unlink()
+        work.rmdir()
     log(f"done in {time.time() - t_start:.0f} s: {out}/data-bin, {out}/metaseq, {out}/manifest.json")
     if args.pack:
         pack(out, Path(args.pack), args.pack_train_tokens, args.pack_max_mib)
