@@ -10,7 +10,9 @@ by ``METASEQ_SERVICE_CONSTANTS_MODULE``. This is such a module, with its values 
                            (one file: model-parallel size 1, not FSDP-sharded)
   TNLLM_SERVE_VOCAB        the byte-level BPE's vocab.json  (default: vocab.json beside the checkpoint)
   TNLLM_SERVE_MERGES       its merges.txt                   (default: merges.txt beside the checkpoint)
-  TNLLM_SERVE_PORT         default 6010 (the Flask app listens on all interfaces: Metaseq binds 0.0.0.0)
+  TNLLM_SERVE_PORT         default 6010
+  TNLLM_SERVE_HOST         the address to listen on, default 127.0.0.1 (this machine only; 0.0.0.0 for all
+                           interfaces, Metaseq's own default)
   TNLLM_SERVE_MAX_SEQ_LEN  prompt + completion tokens per request, default 2048 (longer prompts lose their start)
   TNLLM_SERVE_FINAL_VOCAB_SIZE   only if training used --final-vocab-size: the same value
 
@@ -19,12 +21,9 @@ there is one and on the CPU otherwise. The values are read when metaseq-api-loca
 start, so a missing or bad setting stops it before any model is loaded, with a message naming the variable;
 importing this module reads no setting (``settings(environ)`` returns them all for a given environment).
 
-Two things Metaseq (f7ffa5f) needs before it serves this plugin, done here at import (that torch >= 2.6
-loads its pickled checkpoints is metaseq_adapter's allow-list):
-  * its hub (``GeneratorInterface``) moves the model and each batch to CUDA unconditionally; without CUDA they
-    stay on the CPU instead (``use_cpu_generation``);
-  * it refuses a ``--user-dir`` whose package is already imported, even when that is the same package, and this
-    module is inside the plugin it serves; ``mark_user_dir_imported`` tells it the plugin is loaded.
+What Metaseq (f7ffa5f) needed to serve on CPU and to accept a --user-dir whose package (this one) is already
+imported is in scripts/metaseq.patch; that torch >= 2.6 loads its pickled checkpoints is metaseq_adapter's
+allow-list.
 """
 import os
 from pathlib import Path
@@ -35,8 +34,8 @@ from . import metaseq_adapter  # noqa: F401  (registers the model, whoever impor
 
 PLUGIN_DIR = str(Path(__file__).resolve().parent)
 DEFAULT_PORT_NUMBER = 6010
-_CONSTANTS = ("CHECKPOINT_FOLDER", "MAX_SEQ_LEN", "BATCH_SIZE", "MAX_BATCH_TOKENS", "DEFAULT_PORT", "MODEL_PARALLEL",
-              "TOTAL_WORLD_SIZE", "MAX_BEAM", "LAUNCH_ARGS", "INFERENCE_ARG_OVERRIDES")
+_CONSTANTS = ("CHECKPOINT_FOLDER", "HOST", "MAX_SEQ_LEN", "BATCH_SIZE", "MAX_BATCH_TOKENS", "DEFAULT_PORT",
+              "MODEL_PARALLEL", "TOTAL_WORLD_SIZE", "MAX_BEAM", "LAUNCH_ARGS", "INFERENCE_ARG_OVERRIDES")
 
 
 class ServiceConfigError(ValueError):
@@ -81,6 +80,7 @@ def settings(environ=None) -> dict:
     merges = _file(environ, "TNLLM_SERVE_MERGES", checkpoint.parent / "merges.txt",
                    what="the byte-level BPE merges.txt the checkpoint was trained with")
     port = _positive_int(environ, "TNLLM_SERVE_PORT", DEFAULT_PORT_NUMBER, upper=65535)
+    host = environ.get("TNLLM_SERVE_HOST", "").strip() or "127.0.0.1"
     max_seq_len = _positive_int(environ, "TNLLM_SERVE_MAX_SEQ_LEN", 2048)
     final_vocab_size = _positive_int(environ, "TNLLM_SERVE_FINAL_VOCAB_SIZE", None)
     batch_size = 64
@@ -103,6 +103,7 @@ def settings(environ=None) -> dict:
     launch_args.append(str(checkpoint.parent))     # the required data argument (the launcher replaces it)
     return {
         "CHECKPOINT_FOLDER": str(checkpoint.parent),   # also the "model" field of each response
+        "HOST": host,
         "MAX_SEQ_LEN": max_seq_len,
         "BATCH_SIZE": batch_size,
         "MAX_BATCH_TOKENS": max_seq_len,
@@ -121,47 +122,3 @@ def __getattr__(name):
     if name in _CONSTANTS:
         return settings()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def use_cpu_generation():
-    """Without CUDA, make Metaseq's GeneratorInterface keep the model and batches on the CPU: its load_model
-    builds the model with an unconditional ``.cuda()`` and its generate() defaults to use_cuda=True (the server
-    does not pass it). With CUDA this does nothing. Idempotent."""
-    if torch.cuda.is_available():
-        return
-    from metaseq.hub_utils import GeneratorInterface
-    if getattr(GeneratorInterface, "_tnllm_cpu", False):
-        return
-    load_model, generate = GeneratorInterface.load_model, GeneratorInterface.generate
-
-    def load_model_on_cpu(self):
-        # Module.cuda would fail ("Torch not compiled with CUDA enabled"); leaving the module where it is, only
-        # while the hub builds the model (before the server starts any thread), is what --cpu means
-        cuda = torch.nn.Module.cuda
-        torch.nn.Module.cuda = lambda module, device=None: module
-        try:
-            return load_model(self)
-        finally:
-            torch.nn.Module.cuda = cuda
-
-    def generate_on_cpu(self, *args, **kwargs):
-        kwargs["use_cuda"] = False
-        return generate(self, *args, **kwargs)
-
-    GeneratorInterface.load_model = load_model_on_cpu
-    GeneratorInterface.generate = generate_on_cpu
-    GeneratorInterface._tnllm_cpu = True
-
-
-def mark_user_dir_imported():
-    """Metaseq's import_user_module imports a --user-dir once per path and refuses one whose module name is
-    already in sys.modules. This package is imported before Metaseq reads --user-dir whenever one of its own
-    modules is (this one, as the server's constants; or a test's import), so record its path as imported."""
-    from metaseq import utils
-    memo = getattr(utils.import_user_module, "memo", set())
-    memo.add(os.path.abspath(PLUGIN_DIR))
-    utils.import_user_module.memo = memo
-
-
-use_cpu_generation()
-mark_user_dir_imported()

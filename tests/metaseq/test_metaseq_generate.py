@@ -204,7 +204,7 @@ def test_service_settings(metaseq_checkpoint, metaseq_corpus):
     assert value["--user-dir"] == str(Path(metaseq_service.__file__).resolve().parent)
     assert value["--path"] == str(metaseq_checkpoint.resolve())
     assert value["--model-parallel-size"] == "1" and value["--distributed-world-size"] == "1"
-    assert s["TOTAL_WORLD_SIZE"] == 1 and s["DEFAULT_PORT"] == 6123
+    assert s["TOTAL_WORLD_SIZE"] == 1 and s["DEFAULT_PORT"] == 6123 and s["HOST"] == "127.0.0.1"
     assert ("--cpu" in args) == (not torch.cuda.is_available())
 
 
