@@ -548,11 +548,13 @@ def _fairseq_available() -> bool:
 
 
 def plugin_checkpoint_state(cfg: TransNormerConfig, tensors: Mapping[str, torch.Tensor], data_dir: str,
-                            released_config: Optional[Mapping] = None, use_fairseq: Optional[bool] = None) -> dict:
-    """The dict torch.save writes as a plugin checkpoint; ``tensors`` have plugin names (no prefix)."""
+                            released_config: Optional[Mapping] = None, use_fairseq: Optional[bool] = None,
+                            host_cfg: Optional[dict] = None) -> dict:
+    """The dict torch.save writes as a plugin checkpoint; ``tensors`` have plugin names (no prefix). Its ``cfg``
+    is fairseq's (fairseq_cfg) unless ``host_cfg`` gives another host's (metaseq_checkpoint.metaseq_cfg)."""
     return {
         "args": None,
-        "cfg": fairseq_cfg(cfg, data_dir, use_fairseq),
+        "cfg": host_cfg if host_cfg is not None else fairseq_cfg(cfg, data_dir, use_fairseq),
         "model": {FAIRSEQ_PREFIX + k: v for k, v in tensors.items()},
         # the bookkeeping checkpoint_utils._upgrade_state_dict reads: a checkpoint no optimizer has touched
         "optimizer_history": [{"criterion_name": "TransNormerCrossEntropy", "optimizer_name": "none",
@@ -603,8 +605,9 @@ class _Unpickled(dict):
         self.pickled_state = state
 
 
-# Modules whose classes fairseq checkpoints pickle (configs, meters); never imported here, only stood in for.
-STAND_IN_MODULES = ("fairseq", "omegaconf", "typing", "enum")
+# Modules whose classes fairseq and Metaseq checkpoints pickle (configs, meters, Metaseq's data iterator
+# position); never imported here, only stood in for.
+STAND_IN_MODULES = ("fairseq", "metaseq", "omegaconf", "typing", "enum")
 # Harmless to construct: what omegaconf's pickles use beside their own classes (e.g. defaultdict(list)).
 REAL_GLOBALS = {f"{t.__module__}.{t.__qualname__}": t for t in (
     argparse.Namespace, collections.OrderedDict, collections.defaultdict, int, float, str, bool, bytes, list, dict,

@@ -5,9 +5,10 @@ Session fixtures:
   metaseq_corpus      MetaseqCorpus: a tiny JSONL corpus in Metaseq's streaming layout
                       (root/{train,valid,test}/00/corpus.jsonl) and the byte-level BPE trained on it
                       (vocab.json, merges.txt; <s> <pad> </s> <unk> at ids 0-3, as Metaseq's tasks require).
-  metaseq_train       train(save_dir, *extra_args, max_update=20) -> Path of save_dir/checkpoint_last.pt:
-                      a real ``metaseq-train`` subprocess of transnormer_llm_tiny on that corpus, on CPU
-                      (extra_args are appended, so later options override the defaults).
+  metaseq_train       train(save_dir, *extra_args, max_update=20, validate=False, data=None) -> Path of
+                      save_dir/checkpoint_last.pt: a real ``metaseq-train`` subprocess of transnormer_llm_tiny on
+                      that corpus (or the data directory ``data``, with that BPE), on CPU (extra_args are appended, so later options override the defaults); its
+                      output is kept in save_dir/train.log (``train_log_records`` reads its JSON records).
   metaseq_checkpoint  Path of one checkpoint trained that way (20 updates, a few seconds), shared by the session.
 """
 import importlib.util
@@ -79,25 +80,34 @@ def _metaseq_train_command():
 
 @pytest.fixture(scope="session")
 def metaseq_train(metaseq_corpus):
-    def train(save_dir, *extra_args, max_update=20):
+    def train(save_dir, *extra_args, max_update=20, validate=False, data=None):
         save_dir = Path(save_dir)
-        cmd = [_metaseq_train_command(), str(metaseq_corpus.root), "--user-dir", str(PLUGIN_DIR),
+        cmd = [_metaseq_train_command(), str(data or metaseq_corpus.root), "--user-dir", str(PLUGIN_DIR),
                "--task", "streaming_language_modeling", "--vocab-filename", str(metaseq_corpus.vocab),
                "--merges-filename", str(metaseq_corpus.merges), "--arch", "transnormer_llm_tiny",
                "--criterion", "transnormer_llm_cross_entropy", "--cpu", "--optimizer", "adam", "--lr", "3e-3",
                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5", "--batch-size", "4",
                "--tokens-per-sample", "128", "--max-update", str(max_update), "--num-workers", "0",
-               "--disable-validation", "--ddp-backend", "pytorch_ddp", "--seed", "1", "--log-format", "json",
-               "--save-dir", str(save_dir), *map(str, extra_args)]
+               *([] if validate else ["--disable-validation"]), "--ddp-backend", "pytorch_ddp", "--seed", "1",
+               "--log-format", "json", "--save-dir", str(save_dir), *map(str, extra_args)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
         run = subprocess.run(cmd, cwd=save_dir.parent, env=env, capture_output=True, text=True,
                              timeout=TRAIN_TIMEOUT_S)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "train.log").write_text(run.stdout + run.stderr)
         if run.returncode != 0:
             pytest.fail(f"metaseq-train failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         checkpoint = save_dir / "checkpoint_last.pt"
         assert checkpoint.is_file(), f"metaseq-train wrote no {checkpoint}:\n{run.stderr[-2000:]}"
         return checkpoint
     return train
+
+
+def train_log_records(log_path, kind="train_inner"):
+    """The JSON records Metaseq's --log-format json prints as "| KIND | {...}" (train_inner, valid, ...)."""
+    marker = f"| {kind} | "
+    return [json.loads(line.split(marker, 1)[1]) for line in Path(log_path).read_text().splitlines()
+            if marker in line]
 
 
 @pytest.fixture(scope="session")
