@@ -221,7 +221,8 @@ def test_truncated_file_is_named(sources, tmp_path, layout):
     """The issue's report: a truncated checkpoint gave 'OSError: [Errno 22] Invalid argument'."""
     d = tmp_path / "ckpt"
     shutil.copytree(sources[layout], d)
-    target = max((p for p in d.iterdir() if p.suffix in (".bin", ".safetensors", ".pt")), key=lambda p: p.stat().st_size)
+    weights = [p for p in d.iterdir() if p.suffix in (".bin", ".safetensors", ".pt")]
+    target = max(weights, key=lambda p: p.stat().st_size)
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{target}: cannot be read, the file is truncated, corrupt"):
         convert.load_model(d)

@@ -6,15 +6,14 @@
 Forward hooks watch, in the order the model computes them: the embedding output, each layer's incoming attention
 state (a decode state passed in), its attention output and new attention state, the block output, and the logits.
 The first non-finite one raises, naming the step, the layer, the tensor and where in it (batch row, position or
-head). ``step`` is the training update when a host sets it (the fairseq adapter does, through set_num_updates),
-else the count of forward calls since the check was installed (in generation: 1 is the prefill, then one per
-decoded token). Each check reads one flag back from the device: opt-in, for hunting a divergence; without a
-FiniteCheck installed the model has no hooks and pays nothing.
+head). The hidden states that enter an SRMSNorm (embedding and block outputs) are also refused when their mean
+square overflows fp32 (|x| beyond ~1e19): the norm then returns zeros, finite and wrong, instead of a NaN. The step
+is the training update when a host sets it (the fairseq adapter does, through set_num_updates), else the count of
+forward calls since the check was installed (in generation: 1 is the prefill, then one per decoded token).
+Each check reads one flag back from the device: opt-in, for hunting a divergence; without a FiniteCheck installed
+the model has no hooks and pays nothing.
 """
 from typing import Optional
-
-import torch
-
 
 # the axes of the tensors named in the messages
 HIDDEN = "[batch, position, channel]"
@@ -42,7 +41,7 @@ class FiniteCheck:
                     lambda mod, args, i=i: self._check(args[1], f"layer {i}: incoming attention state {STATE}")),
                 mixer.register_forward_hook(lambda mod, args, out, i=i: self._mixer_out(i, out)),
                 layer.register_forward_hook(
-                    lambda mod, args, out, i=i: self._check(out[0], f"layer {i}: block output {HIDDEN}")),
+                    lambda mod, args, out, i=i: self._check(out[0], f"layer {i}: block output {HIDDEN}", True)),
             ]
 
     def __enter__(self):
@@ -58,28 +57,35 @@ class FiniteCheck:
 
     @property
     def step(self) -> str:
-        return f"update {self.update}" if self.update is not None else f"forward call {self.calls}"
+        return f"after {self.update} updates" if self.update is not None else f"in forward call {self.calls}"
 
     def _count(self, module, args):
         self.calls += 1
 
     def _embedding(self, module, args, out):
-        tokens = args[0]
-        bad = ~out.isfinite().all(dim=-1)
-        if bad.any():
-            ids = sorted(set(tokens[bad].tolist()))[:5]
-            self._check(out, f"embedding output {HIDDEN} (the rows of token ids {ids})")
+        bad = ~out.float().square().mean(-1).isfinite()       # also catches a NaN or inf row
+        ids = sorted(set(args[0][bad].tolist()))[:5]
+        self._check(out, f"embedding output {HIDDEN} (the rows of token ids {ids})", True)
 
     def _mixer_out(self, i, out):
         o, state = out
         self._check(state, f"layer {i}: attention state {STATE}")     # first: an overflow there makes o NaN too
         self._check(o, f"layer {i}: attention output {HIDDEN}")
 
-    def _check(self, t, what: str):
-        if t is None or bool(t.isfinite().all()):
+    def _check(self, t, what: str, enters_norm: bool = False):
+        if t is None:
             return
-        bad = ~t.isfinite()
-        place = tuple(bad.nonzero()[0].tolist())
-        kinds = [k for k, mask in (("NaN", t.isnan()), ("inf", t.isinf())) if bool(mask.any())]
-        raise NonFiniteError(f"{'/'.join(kinds)} at {self.step}, {what} ({int(bad.sum())} of {t.numel()} values, "
-                             f"the first at {place})")
+        t = t.detach()
+        if not bool(t.isfinite().all()):
+            bad = ~t.isfinite()
+            place = tuple(bad.nonzero()[0].tolist())
+            kinds = [k for k, mask in (("NaN", t.isnan()), ("inf", t.isinf())) if bool(mask.any())]
+            raise NonFiniteError(f"{'/'.join(kinds)} {self.step}, {what} ({int(bad.sum())} of {t.numel()} "
+                                 f"values, the first at {place})")
+        if enters_norm:
+            overflow = ~t.float().square().mean(-1).isfinite()
+            if bool(overflow.any()):
+                place = tuple(overflow.nonzero()[0].tolist())
+                raise NonFiniteError(f"overflow {self.step}, {what}: values up to {float(t.abs().max()):.3g}, "
+                                     f"whose mean square overflows fp32 (the SRMSNorm they enter would return "
+                                     f"zeros), the first vector at {place}")
