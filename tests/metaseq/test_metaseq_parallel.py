@@ -40,6 +40,8 @@ PROMPT_WORDS, MAX_LEN = 6, 16
 # about the whole scale.
 RTOL, SCALED_ATOL = 1e-5, 1e-5
 TIMEOUT_S = 300
+# a shape one device takes (d_model 48, 3 heads of 16) whose heads do not split over 2 model-parallel ranks
+THREE_HEADS = ("--decoder-embed-dim", 48, "--hidden-dim", 48, "--decoder-attention-heads", 3)
 
 
 def _metaseq_cfg(corpus, model_parallel_size, *extra):
@@ -118,6 +120,7 @@ def _gathered_grads(model):
 def _worker(rank, corpus, init_file, out_dir):
     from fairscale.nn.model_parallel import initialize as fairscale_mp
     from metaseq.distributed import utils as distributed_utils
+    from metaseq import tasks
     from metaseq.modules.megatron import mpu as megatron_mpu
 
     torch.set_num_threads(1)
@@ -129,12 +132,10 @@ def _worker(rank, corpus, init_file, out_dir):
         distributed_utils.distributed_init(cfg)     # the process group once, then Metaseq's groups of size tp
         results[("ranks", tp)] = dist.get_process_group_ranks(distributed_utils.get_model_parallel_group())
         results[tp] = _outputs(cfg, _gathered_grads)
-        if tp == 2:     # 3 heads do not split over 2 ranks (d_model 48, so that one device would take them)
-            bad = _metaseq_cfg(corpus, tp, "--decoder-embed-dim", 48, "--hidden-dim", 48,
-                               "--decoder-attention-heads", 3)
+        if tp == 2:     # 3 heads do not split over 2 ranks
+            bad = _metaseq_cfg(corpus, tp, *THREE_HEADS)
             try:
-                bad_task = __import__("metaseq.tasks", fromlist=["setup_task"]).setup_task(bad.task)
-                bad_task.build_model(bad.model)
+                tasks.setup_task(bad.task).build_model(bad.model)
                 results["error"] = None
             except ValueError as e:
                 results["error"] = str(e)
@@ -194,7 +195,10 @@ def test_sequence_generator_greedy_equals_size_1(sharded, single, tp):
         _close(got["scores"], single["scores"], f"scores, MP {tp}, rank {rank}")
 
 
-def test_heads_not_divisible_by_model_parallel_size_name_the_setting(sharded):
+def test_heads_not_divisible_by_model_parallel_size_name_the_setting(sharded, metaseq_corpus):
+    from metaseq import tasks
+    cfg = _metaseq_cfg(metaseq_corpus, 1, *THREE_HEADS)
+    assert tasks.setup_task(cfg.task).build_model(cfg.model).decoder.transnormer.cfg.n_heads == 3     # MP 1: fine
     for rank, results in sharded.items():
         message = results["error"]
         assert message is not None, "3 heads over 2 model-parallel ranks were accepted"
