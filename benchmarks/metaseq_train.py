@@ -69,9 +69,9 @@ def prepare(args):
 
 def metaseq_command(data: Path, run: str, updates: int, save_dir: Path):
     spec = RUNS[run]
-    # torchrun, also for one GPU: Metaseq wraps the whole model in FSDP with its data-parallel group, which
+    # torchrun (of this interpreter, which has Metaseq), also for one GPU: Metaseq wraps the whole model in FSDP with its data-parallel group, which
     # exists only once torch.distributed is initialised (plain metaseq-train on one GPU passes None and stops)
-    cmd = ["torchrun", "--nproc_per_node", "1", "--master_port", "29511",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29511",
            shutil.which("metaseq-train") or "metaseq-train", str(data), "--user-dir", str(REPO / "tnllm_plugin"),
            "--task", "streaming_language_modeling", "--vocab-filename", str(data / "vocab.json"),
            "--merges-filename", str(data / "merges.txt"), "--final-vocab-size", str(VOCAB),
