@@ -96,7 +96,7 @@ def mutate_tensor(rng, directory: Path) -> tuple:
     elif kind == "shape":
         sd[name] = torch.zeros(*[n + 1 for n in t.shape])
     elif kind == "transpose":
-        sd[name] = t.reshape(-1, 1) if t.dim() == 1 else t.t().contiguous()
+        sd[name] = t.reshape(-1, 1) if t.dim() == 1 else t.transpose(0, -1).contiguous()
     elif kind == "missing":
         del sd[name]
     elif kind == "extra":
@@ -161,7 +161,12 @@ def assert_usable(model, case):
     assert logits.isfinite().all(), case
 
 
-def run_case(seed: int, sources, work: Path):
+def assert_same_weights(model, original, case):
+    for (k, a), b in zip(model.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), f"{case}: {k} loaded with other values than written"
+
+
+def run_case(seed: int, sources, originals, work: Path):
     rng = random.Random(seed)
     layout = rng.choice(sorted(sources))
     d = work / f"case{seed}"
@@ -182,7 +187,11 @@ def run_case(seed: int, sources, work: Path):
 
     loaded, model_info = check_outcome(lambda: convert.load_model(d), where, names, case)
     if loaded:
-        assert_usable(model_info[0], case)
+        assert all(p.isfinite().all() for p in model_info[0].parameters()), case
+        if how == "bytes" and target.suffix in (".bin", ".pt"):
+            # torch's zip files carry a CRC-32 per record: damage that loads at all must have missed every tensor
+            # (safetensors and JSON have no checksum: a flipped bit there can load as another valid value)
+            assert_same_weights(model_info[0], originals[layout], case)
 
     out = work / f"out{seed}"
     if layout == "plugin":
@@ -205,11 +214,12 @@ def run_case(seed: int, sources, work: Path):
 
 
 def test_fuzzed_checkpoints_load_correctly_or_name_file_and_cause(sources, tmp_path):
+    originals = {layout: convert.load_model(d)[0] for layout, d in sources.items()}
     start, outcomes = time.monotonic(), []
     for seed in range(CASES):
         if time.monotonic() - start > SECONDS:
             break
-        outcomes.append(run_case(seed, sources, tmp_path))
+        outcomes.append(run_case(seed, sources, originals, tmp_path))
     # the mutator reaches both outcomes for each kind of damage (a run that only ever refused would prove little)
     seen = {(how, ok) for how, ok in outcomes}
     assert len(outcomes) >= 60, f"only {len(outcomes)} cases in {SECONDS} s"
@@ -225,6 +235,24 @@ def test_truncated_file_is_named(sources, tmp_path, layout):
     target = max(weights, key=lambda p: p.stat().st_size)
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{target}: cannot be read, the file is truncated, corrupt"):
+        convert.load_model(d)
+
+
+@pytest.mark.parametrize("layout,file", [("bin", "pytorch_model.bin"), ("plugin", "checkpoint.pt")])
+def test_flipped_bit_in_a_tensor_fails_the_zip_checksum(sources, tmp_path, layout, file):
+    """torch.load reads a flipped mantissa bit as another finite number; the record's CRC-32 catches it."""
+    import zipfile
+    d = tmp_path / "ckpt"
+    shutil.copytree(sources[layout], d)
+    with zipfile.ZipFile(d / file) as z:
+        record = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    data = bytearray((d / file).read_bytes())
+    # the record's bytes follow its local header (30 bytes, the name, the extra field)
+    name_len, extra_len = int.from_bytes(data[record.header_offset + 26:record.header_offset + 28], "little"), \
+        int.from_bytes(data[record.header_offset + 28:record.header_offset + 30], "little")
+    data[record.header_offset + 30 + name_len + extra_len + 16] ^= 1
+    (d / file).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{d / file}: record {record.filename} fails its CRC-32 check"):
         convert.load_model(d)
 
 

@@ -4,8 +4,8 @@ fairseq 0.12 writes the first checkpoint of a save (e.g. ``checkpoint_1_500.pt``
 but then makes the others (``checkpoint_last.pt``, ``checkpoint_best.pt``) with ``PathManager.copy``, a plain
 ``shutil.copyfile`` over the old file: a job killed during that copy leaves a truncated ``checkpoint_last.pt``, the
 file a restart resumes from. And a checkpoint it cannot read fails with the decoder's error (``OSError: [Errno 22]
-Invalid argument``, ``PytorchStreamReader failed ...``), naming no file, and one holding a NaN weight loads and
-trains NaNs. And a job resumed in its second or a later epoch trains on other batches than the uninterrupted job:
+Invalid argument``, ``PytorchStreamReader failed ...``), naming no file, while one with a flipped bit in a tensor
+loads (torch.load does not check the CRC-32 the zip format keeps) and one holding a NaN weight loads and trains NaNs. And a job resumed in its second or a later epoch trains on other batches than the uninterrupted job:
 the task groups examples into batches once, with ``numpy_seed(seed + epoch)`` of the epoch its iterator starts in
 (the batches are then frozen and only reordered per epoch), so a restart in epoch 2 regroups every batch, and the
 ``iterations_in_epoch`` it skips are other examples than those already trained on. All four are fixed here when the
@@ -17,6 +17,7 @@ what an uninterrupted run uses in every epoch (a fresh run is unchanged).
 import functools
 import os
 import shutil
+import zipfile
 
 import torch
 from fairseq import checkpoint_utils
@@ -24,7 +25,7 @@ from fairseq.file_io import PathManager
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from .checkpoint import check_tensor_values
-from .convert import errors_name, unreadable_names
+from .convert import check_zip_checksums, errors_name, unreadable_names
 
 
 def copy_to_temporary_then_rename(src_path: str, dst_path: str, overwrite: bool = False):
@@ -52,6 +53,8 @@ def install():
     # fairseq's trainer (resuming), load_model_ensemble_and_task (eval-lm, generate, the hub) all go through it
     @functools.wraps(original_load)
     def load_checkpoint_to_cpu(path, *args, **kwargs):
+        if os.path.isfile(path) and zipfile.is_zipfile(path):
+            check_zip_checksums(path)
         with unreadable_names(path):
             state = original_load(path, *args, **kwargs)
         weights = {k: v for k, v in (state.get("model") or {}).items() if torch.is_tensor(v) and v.is_floating_point()}
