@@ -1,8 +1,9 @@
 """Loaders and converter fed damaged checkpoints (issue 16, item 1): a seeded random mutator truncates, flips bits
 in, zeroes and empties files, and changes tensors (dtype, shape, missing, extra, NaN) and configs (values of the wrong
 type or size, missing and unknown keys) of every layout: released bin / safetensors, single file or sharded with an
-index, and the plugin (fairseq-format) checkpoint. Every outcome must be a correct load or a ValueError /
-FileNotFoundError that names the file and the cause, and a failed conversion must leave no output behind.
+index, and the plugin (fairseq-format) checkpoint, read by load_model, by both conversions and (plugin checkpoints)
+by fairseq's own loader. Every outcome must be a correct load or a ValueError / FileNotFoundError that names the file
+and the cause, and a failed conversion must leave no output behind.
 
 TNLLM_FUZZ_CASES (default 240) and TNLLM_FUZZ_SECONDS (default 40) bound the run; a failure names its case seed."""
 import errno
@@ -19,6 +20,12 @@ import torch
 
 from tnllm_plugin import convert
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+
+try:    # with the adapter imported, as under --user-dir: its checks and error naming are installed
+    from fairseq import checkpoint_utils as FAIRSEQ
+    import tnllm_plugin.fairseq_adapter  # noqa: F401
+except ImportError:
+    FAIRSEQ = None
 
 CASES = int(os.environ.get("TNLLM_FUZZ_CASES", 240))
 SECONDS = float(os.environ.get("TNLLM_FUZZ_SECONDS", 40))
@@ -192,6 +199,10 @@ def run_case(seed: int, sources, originals, work: Path):
             # torch's zip files carry a CRC-32 per record: damage that loads at all must have missed every tensor
             # (safetensors and JSON have no checksum: a flipped bit there can load as another valid value)
             assert_same_weights(model_info[0], originals[layout], case)
+
+    if layout == "plugin" and FAIRSEQ is not None:      # fairseq's own loader (eval-lm, generate, the hub)
+        check_outcome(lambda: FAIRSEQ.load_model_ensemble_and_task([str(where)], arg_overrides={"data": str(d)}),
+                      where, names, case)
 
     out = work / f"out{seed}"
     if layout == "plugin":

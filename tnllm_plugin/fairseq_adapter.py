@@ -107,6 +107,11 @@ class TransNormerLanguageModel(FairseqLanguageModel):
         return super().get_normalized_probs(net_output, log_probs, sample)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # the vocabulary is the task's dictionary: a checkpoint of another size means another (or a damaged) dict.txt
+        rows = state_dict.get("decoder.transnormer.embed_tokens.weight")
+        if rows is not None and rows.shape[0] != len(self.decoder.dictionary) and not self.vocab_parallel:
+            raise ValueError(f"the checkpoint has {rows.shape[0]} vocabulary rows, the task's dictionary (dict.txt "
+                             f"of the data directory) {len(self.decoder.dictionary)} entries")
         # name every missing or mis-shaped tensor before torch's own (terser) check
         check_state_dict(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

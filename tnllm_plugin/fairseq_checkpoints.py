@@ -1,18 +1,22 @@
-"""fairseq's checkpoint files, made safe against a killed job and named when they cannot be read.
+"""fairseq's checkpoint files, made safe against a killed job, a damaged file and a restart in a later epoch.
 
-fairseq 0.12 writes the first checkpoint of a save (e.g. ``checkpoint_1_500.pt``) to ``NAME.tmp`` and renames it,
-but then makes the others (``checkpoint_last.pt``, ``checkpoint_best.pt``) with ``PathManager.copy``, a plain
-``shutil.copyfile`` over the old file: a job killed during that copy leaves a truncated ``checkpoint_last.pt``, the
-file a restart resumes from. And a checkpoint it cannot read fails with the decoder's error (``OSError: [Errno 22]
-Invalid argument``, ``PytorchStreamReader failed ...``), naming no file, while one with a flipped bit in a tensor
-loads (torch.load does not check the CRC-32 the zip format keeps) and one holding a NaN weight loads and trains NaNs. And a job resumed in its second or a later epoch trains on other batches than the uninterrupted job:
-the task groups examples into batches once, with ``numpy_seed(seed + epoch)`` of the epoch its iterator starts in
-(the batches are then frozen and only reordered per epoch), so a restart in epoch 2 regroups every batch, and the
-``iterations_in_epoch`` it skips are other examples than those already trained on. All four are fixed here when the
-fairseq adapter is imported (``--user-dir tnllm_plugin``): copies for local paths (paths served by iopath handlers,
-remote stores, are left to them); checks for every checkpoint fairseq loads (resuming, fairseq-eval-lm,
-fairseq-generate, the hub); language-model batches grouped as in epoch 1 whatever epoch a run starts in, which is
-what an uninterrupted run uses in every epoch (a fresh run is unchanged).
+What fairseq 0.12 does, and what is changed here when the fairseq adapter is imported (``--user-dir tnllm_plugin``):
+  * It writes the first checkpoint of a save (e.g. ``checkpoint_1_500.pt``) to ``NAME.tmp`` and renames it, but
+    makes the others (``checkpoint_last.pt``, ``checkpoint_best.pt``) with ``PathManager.copy``, a plain
+    ``shutil.copyfile`` over the old file: a job killed during that copy leaves a truncated ``checkpoint_last.pt``,
+    the file a restart resumes from. Here: copied to ``NAME.tmp`` and renamed (local paths; paths served by iopath
+    handlers, remote stores, are left to them).
+  * A checkpoint it cannot read fails with the decoder's error (``OSError: [Errno 22] Invalid argument``,
+    ``PytorchStreamReader failed ...``), and a damaged argument or tensor fails in the model's constructor or
+    load_state_dict when fairseq-eval-lm or fairseq-generate build the model from it: neither names the file. A
+    flipped bit in a tensor loads (torch.load does not check the CRC-32 the zip format keeps), and a NaN weight
+    loads and trains NaNs. Here: CRC-32 and NaN / inf checks, and every error names the file (resuming,
+    fairseq-eval-lm, fairseq-generate, interactive, the hub), as do errors in reading a dict.txt.
+  * The language-model task groups examples into batches once, with ``numpy_seed(seed + epoch)`` of the epoch its
+    iterator starts in (later epochs only reorder those batches), so a job resumed in epoch 2 or later regroups
+    every batch and its ``iterations_in_epoch`` skip other examples than those it trained on. Here: batches are
+    grouped as in epoch 1 whatever epoch a run starts in, which is what an uninterrupted run uses in every epoch (a
+    fresh run is unchanged).
 """
 import functools
 import os
@@ -21,6 +25,7 @@ import zipfile
 
 import torch
 from fairseq import checkpoint_utils
+from fairseq.data import Dictionary
 from fairseq.file_io import PathManager
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
@@ -62,6 +67,32 @@ def install():
             check_tensor_values(weights)
         return state
 
+    original_ensemble = checkpoint_utils.load_model_ensemble_and_task
+
+    # fairseq-eval-lm, fairseq-generate, interactive and the hub build the model from the checkpoint's own arguments
+    # here: a damaged argument or tensor fails in the model's constructor or load_state_dict, which know no file
+    @functools.wraps(original_ensemble)
+    def load_model_ensemble_and_task(filenames, *args, **kwargs):
+        try:
+            return original_ensemble(filenames, *args, **kwargs)
+        except Exception as e:
+            names = [str(f) for f in filenames]
+            if any(n in str(e) for n in names):
+                raise
+            raise ValueError(f"{', '.join(names)}: cannot make the model this checkpoint describes "
+                             f"({type(e).__name__}: {e})") from e
+
+    original_add_from_file = Dictionary.add_from_file
+
+    # the task's dict.txt (beside a converted checkpoint, in the data directory): a malformed line is an error that
+    # quotes the line but not the file
+    @functools.wraps(original_add_from_file)
+    def add_from_file(self, f):
+        if not isinstance(f, str):
+            return original_add_from_file(self, f)
+        with errors_name(f):
+            return original_add_from_file(self, f)
+
     original_batches = LanguageModelingTask.get_batch_iterator
 
     @functools.wraps(original_batches)
@@ -76,4 +107,6 @@ def install():
     copy.tnllm_installed = True
     PathManager.copy = staticmethod(copy)
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
+    Dictionary.add_from_file = add_from_file
     LanguageModelingTask.get_batch_iterator = get_batch_iterator
