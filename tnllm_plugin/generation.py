@@ -12,6 +12,8 @@ prompt alone (up to float rounding):
     single-prompt run; per-row positions keep them identical, and a device tensor of positions is also what a
     CUDA graph needs (a Python int offset would be frozen into the captured graph).
 """
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,20 +32,39 @@ class SamplingConfig:
     seed: Optional[int] = None
 
     def validate(self, vocab_size: int):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        """A ValueError naming the setting for anything out of range or of the wrong type (a string, a bool, a
+        float where an int is meant: none of them may slip through as a silently different setting). Greedy
+        (temperature 0) with top_k / top_p is allowed and is greedy: both filters always keep the argmax."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not (float(self.temperature) >= 0 and float(self.temperature) != float("inf")):
+        if not (_is_real(self.temperature) and 0 <= self.temperature < float("inf")):
             raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not (_is_real(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        if isinstance(self.stop_tokens, (str, bytes)) or not all(_is_int(t) for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be a sequence of token ids (ints), got {self.stop_tokens!r}")
         bad = [t for t in self.stop_tokens if not 0 <= int(t) < vocab_size]
         if bad:
             raise ValueError(f"stop tokens {bad} are outside the vocabulary [0, {vocab_size})")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+
+def _is_int(x) -> bool:
+    """An int, a numpy integer or an integer 0-d tensor; not a bool, a float or a string."""
+    if isinstance(x, bool) or (torch.is_tensor(x) and x.dtype == torch.bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -79,6 +100,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> List[Lis
     for r, prompt in enumerate(prompts):
         if isinstance(prompt, (str, bytes)) or isinstance(prompt, int):
             raise TypeError(f"prompt {r} must be a sequence of token ids, got {type(prompt).__name__}")
+        not_ids = [t for t in prompt if not _is_int(t)]
+        if not_ids:      # int() would truncate 3.7 to 3 and read "5" or True as ids
+            raise ValueError(f"prompt {r}: token ids must be ints, got {not_ids[:5]}")
         ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError(f"prompt {r} is empty: generation needs at least one token (e.g. a bos)")
