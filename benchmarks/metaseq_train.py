@@ -34,6 +34,9 @@ RUNS = {
     "7b": dict(arch="transnormer_llm_7b", batch=2, checkpoint_activations=True),
     "385m": dict(arch="transnormer_llm_385m", batch=8, checkpoint_activations=False),
     "385m_ckpt": dict(arch="transnormer_llm_385m", batch=8, checkpoint_activations=True),
+    # without FSDP: Metaseq's FP16Optimizer (bf16 weights in the model, fp32 master copy)
+    "385m_ddp": dict(arch="transnormer_llm_385m", batch=8, checkpoint_activations=False, ddp="pytorch_ddp"),
+    "7b_batch4": dict(arch="transnormer_llm_7b", batch=4, checkpoint_activations=True),
 }
 VOCAB = 64000           # the released checkpoints' vocabulary; the BPE's 32000 pieces padded by Metaseq's task
 SEQ = 2048
@@ -67,7 +70,7 @@ def prepare(args):
     print(f"{args.pack}: {os.path.getsize(args.pack) / 2**20:.1f} MiB ({len(texts)} train documents)")
 
 
-def metaseq_command(data: Path, run: str, updates: int, save_dir: Path):
+def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_interval: int):
     spec = RUNS[run]
     # torchrun (of this interpreter, which has Metaseq), also for one GPU: Metaseq wraps the whole model in FSDP with its data-parallel group, which
     # exists only once torch.distributed is initialised (plain metaseq-train on one GPU passes None and stops)
@@ -76,11 +79,11 @@ def metaseq_command(data: Path, run: str, updates: int, save_dir: Path):
            "--task", "streaming_language_modeling", "--vocab-filename", str(data / "vocab.json"),
            "--merges-filename", str(data / "merges.txt"), "--final-vocab-size", str(VOCAB),
            "--arch", spec["arch"], "--criterion", "transnormer_llm_cross_entropy",
-           "--ddp-backend", "fully_sharded", "--fp16", "--bf16",
+           "--ddp-backend", spec.get("ddp", "fully_sharded"), "--fp16", "--bf16",
            "--tokens-per-sample", str(SEQ), "--batch-size", str(spec["batch"]),
            "--optimizer", "adam", "--adam-betas", "(0.9, 0.95)", "--weight-decay", "0.1", "--clip-norm", "1.0",
            "--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
-           "--max-update", str(updates), "--log-format", "json", "--log-interval", "1",
+           "--max-update", str(updates), "--log-format", "json", "--log-interval", str(log_interval),
            "--disable-validation", "--save-dir", str(save_dir), "--num-workers", "2", "--seed", "1",
            # no checkpoint: Metaseq's flag for a True default turns it off; sharded state skips gathering the
            # whole optimizer state onto one rank at the end, which Metaseq does before deciding not to save
@@ -108,7 +111,7 @@ def run(args):
     data = work / "metaseq_linux"
     results = []
     for name in args.runs.split(","):
-        cmd = metaseq_command(data, name, args.updates, work / f"ckpt_{name}")
+        cmd = metaseq_command(data, name, args.updates, work / f"ckpt_{name}", args.log_interval)
         print("$", shlex.join(cmd), flush=True)
         start = time.time()
         try:
@@ -156,7 +159,9 @@ def main(argv=None):
     r.add_argument("--pack", required=True)
     r.add_argument("--runs", default="385m,7b", help=f"comma list of {sorted(RUNS)}")
     r.add_argument("--updates", type=int, default=30)
-    r.add_argument("--warmup", type=int, default=5, help="updates left out of the tokens/s median")
+    r.add_argument("--warmup", type=int, default=5, help="log records left out of the tokens/s median")
+    r.add_argument("--log-interval", type=int, default=1,
+                   help="updates per log record (Metaseq computes per-layer gradient norms for each record)")
     r.add_argument("--timeout", type=int, default=300, help="seconds per run")
     r.add_argument("--work", default="/tmp/metaseq_train")
     args = ap.parse_args(argv)
