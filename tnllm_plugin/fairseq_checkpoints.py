@@ -84,14 +84,16 @@ def install():
 
     original_add_from_file = Dictionary.add_from_file
 
-    # the task's dict.txt (beside a converted checkpoint, in the data directory): a malformed line is an error that
-    # quotes the line but not the file
+    # the task's dict.txt (beside a converted checkpoint, in the data directory): a malformed line (ValueError) or a
+    # repeated symbol (RuntimeError) is an error that quotes the line but not the file
     @functools.wraps(original_add_from_file)
     def add_from_file(self, f):
         if not isinstance(f, str):
             return original_add_from_file(self, f)
-        with errors_name(f):
+        try:
             return original_add_from_file(self, f)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{f}: {e}") from e
 
     original_batches = LanguageModelingTask.get_batch_iterator
 
