@@ -37,6 +37,9 @@ RUNS = {
     # without FSDP: Metaseq's FP16Optimizer (bf16 weights in the model, fp32 master copy)
     "385m_ddp": dict(arch="transnormer_llm_385m", batch=8, checkpoint_activations=False, ddp="pytorch_ddp"),
     "7b_batch4": dict(arch="transnormer_llm_7b", batch=4, checkpoint_activations=True),
+    # bf16 copies of the weights kept from forward to backward (one GPU: nothing to gather back)
+    "7b_keep": dict(arch="transnormer_llm_7b", batch=2, checkpoint_activations=True,
+                    extra=["--no-reshard-after-forward"]),
 }
 VOCAB = 64000           # the released checkpoints' vocabulary; the BPE's 32000 pieces padded by Metaseq's task
 SEQ = 2048
@@ -70,7 +73,7 @@ def prepare(args):
     print(f"{args.pack}: {os.path.getsize(args.pack) / 2**20:.1f} MiB ({len(texts)} train documents)")
 
 
-def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_interval: int):
+def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_interval: int, optimizer: str):
     spec = RUNS[run]
     # torchrun (of this interpreter, which has Metaseq), also for one GPU: Metaseq wraps the whole model in FSDP with its data-parallel group, which
     # exists only once torch.distributed is initialised (plain metaseq-train on one GPU passes None and stops)
@@ -81,7 +84,7 @@ def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_inte
            "--arch", spec["arch"], "--criterion", "transnormer_llm_cross_entropy",
            "--ddp-backend", spec.get("ddp", "fully_sharded"), "--fp16", "--bf16",
            "--tokens-per-sample", str(SEQ), "--batch-size", str(spec["batch"]),
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.95)", "--weight-decay", "0.1", "--clip-norm", "1.0",
+           "--optimizer", optimizer, "--adam-betas", "(0.9, 0.95)", "--weight-decay", "0.1", "--clip-norm", "1.0",
            "--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
            "--max-update", str(updates), "--log-format", "json", "--log-interval", str(log_interval),
            "--disable-validation", "--save-dir", str(save_dir), "--num-workers", "2", "--seed", "1",
@@ -90,7 +93,7 @@ def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_inte
            "--save-last-checkpoint", "--use-sharded-state"]
     if spec["checkpoint_activations"]:
         cmd.append("--checkpoint-activations")
-    return cmd
+    return cmd + spec.get("extra", [])
 
 
 def parse_log(text: str):
@@ -111,7 +114,7 @@ def run(args):
     data = work / "metaseq_linux"
     results = []
     for name in args.runs.split(","):
-        cmd = metaseq_command(data, name, args.updates, work / f"ckpt_{name}", args.log_interval)
+        cmd = metaseq_command(data, name, args.updates, work / f"ckpt_{name}", args.log_interval, args.optimizer)
         print("$", shlex.join(cmd), flush=True)
         start = time.time()
         try:
@@ -123,7 +126,7 @@ def run(args):
         rows = parse_log(log)
         timed = rows[args.warmup:]
         losses = [float(r["loss"]) for r in rows]
-        result = dict(run=name, arch=RUNS[name]["arch"], rc=rc, wall_s=round(time.time() - start, 1),
+        result = dict(run=name, arch=RUNS[name]["arch"], optimizer=args.optimizer, rc=rc, wall_s=round(time.time() - start, 1),
                       updates=len(rows), batch=RUNS[name]["batch"], seq=SEQ,
                       checkpoint_activations=RUNS[name]["checkpoint_activations"],
                       tokens_per_s=statistics.median(float(r["wps"]) for r in timed) if timed else None,
@@ -160,6 +163,8 @@ def main(argv=None):
     r.add_argument("--runs", default="385m,7b", help=f"comma list of {sorted(RUNS)}")
     r.add_argument("--updates", type=int, default=30)
     r.add_argument("--warmup", type=int, default=5, help="log records left out of the tokens/s median")
+    r.add_argument("--optimizer", default="adam",
+                   help="adam (Metaseq's; unfused without apex) or torch_adamw (the plugin's, fused)")
     r.add_argument("--log-interval", type=int, default=1,
                    help="updates per log record (Metaseq computes per-layer gradient norms for each record)")
     r.add_argument("--timeout", type=int, default=300, help="seconds per run")
