@@ -32,8 +32,8 @@ def test_nan_in_an_embedding_row_names_the_token_and_the_call():
         model(t)                                    # call 1: no token 7, passes
         t[1, 17] = 7
         with pytest.raises(NonFiniteError, match=r"^NaN in forward call 2, embedding output \[batch, position, "
-                                                 r"channel\] \(the rows of token ids \[7\]\) \(1 of 2560 values, "
-                                                 r"the first at \(1, 17, 3\)\)"):
+                                                 r"channel\] \(1 of 2560 values, the first at \(1, 17, 3\)\) "
+                                                 r"\(the rows of token ids \[7\]\)$"):
             model(t)
     assert not model(t)[0].isfinite().all()         # unchecked, the NaN spreads silently to the logits
 

@@ -99,9 +99,15 @@ def install():
 
     @functools.wraps(original_batches)
     def get_batch_iterator(self, dataset, *args, epoch=1, **kwargs):
-        cached = self.dataset_to_epoch_iter.get(dataset)       # the running iterator, asked for its next epoch
+        # only an iterator that is kept across epochs freezes the batches of its first epoch; one made anew every
+        # epoch (sharded data, update_epoch_batch_itr) is seeded by that epoch in any run, resumed or not
+        kept = self.can_reuse_epoch_itr(dataset) and not kwargs.get("disable_iterator_cache") \
+            and not kwargs.get("update_epoch_batch_itr")
+        if not kept or epoch == 1:
+            return original_batches(self, dataset, *args, epoch=epoch, **kwargs)
+        running = self.dataset_to_epoch_iter.get(dataset)      # the running iterator, asked for its next epoch
         itr = original_batches(self, dataset, *args, epoch=1, **kwargs)     # the batches of epoch 1
-        if itr is not cached and epoch > 1:        # a new iterator, not yet iterated: start it at ``epoch``
+        if itr is not running:          # a new iterator, not yet iterated: start it at ``epoch``
             dataset.set_epoch(epoch)
             itr.epoch = epoch
         return itr

@@ -25,6 +25,9 @@ class NonFiniteError(FloatingPointError):
 
 
 class FiniteCheck:
+    """Hooks on ``model`` (a TransNormerLLM or a fairseq model around one) until ``remove()`` or the end of a
+    ``with`` block; ``calls`` counts forward calls, ``update`` is set by a training host."""
+
     def __init__(self, model):
         from .generation import unwrap_model       # also accepts fairseq's model or decoder
         self.model = unwrap_model(model)
@@ -63,9 +66,11 @@ class FiniteCheck:
         self.calls += 1
 
     def _embedding(self, module, args, out):
-        bad = ~out.float().square().mean(-1).isfinite()       # also catches a NaN or inf row
-        ids = sorted(set(args[0][bad].tolist()))[:5]
-        self._check(out, f"embedding output {HIDDEN} (the rows of token ids {ids})", True)
+        try:
+            self._check(out, f"embedding output {HIDDEN}", True)
+        except NonFiniteError as e:      # name the embedding rows at fault
+            bad = ~out.detach().float().square().mean(-1).isfinite()
+            raise NonFiniteError(f"{e} (the rows of token ids {sorted(set(args[0][bad].tolist()))[:5]})") from None
 
     def _mixer_out(self, i, out):
         o, state = out
@@ -87,5 +92,5 @@ class FiniteCheck:
             if bool(overflow.any()):
                 place = tuple(overflow.nonzero()[0].tolist())
                 raise NonFiniteError(f"overflow {self.step}, {what}: values up to {float(t.abs().max()):.3g}, "
-                                     f"whose mean square overflows fp32 (the SRMSNorm they enter would return "
-                                     f"zeros), the first vector at {place}")
+                                     f"whose mean square overflows fp32 (the norm they enter would return zeros), "
+                                     f"the first vector at {place}")
