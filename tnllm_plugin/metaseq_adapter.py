@@ -152,6 +152,14 @@ class TorchAdamW(BaseOptimizer):
 
     optimizer_config = MetaseqAdam.optimizer_config
 
+    def step(self, closure=None, scale=1.0, groups=None):
+        # FSDP's mixed precision leaves bf16 gradients on fp32 flat parameters (unless --fp32-reduce-scatter);
+        # AdamW wants one dtype per parameter and gradient, as Metaseq's adam casts them too
+        for p in self.params:
+            if p.grad is not None and p.grad.dtype != p.dtype:
+                p.grad = p.grad.to(p.dtype)
+        super().step(closure, scale, groups)
+
     @property
     def supports_flat_params(self):     # FSDP's flat parameters are plain tensors to AdamW
         return True

@@ -198,3 +198,31 @@ def test_sequence_generator_greedy_matches_full_forward():
     assert out.shape == (2, 13) and torch.equal(out[:, :12], want)
     assert torch.allclose(scores[:, 6:12], torch.stack(want_scores, 1), atol=1e-5)   # each step's log-prob
     assert (out[:, 12] == d.eos()).all()         # the generator ends every sequence at max_len
+
+
+def test_torch_adamw_optimizer_equals_torch_adamw_and_takes_bf16_grads():
+    # --optimizer torch_adamw: Metaseq's adam options on torch.optim.AdamW; FSDP's mixed precision hands it bf16
+    # gradients of fp32 parameters
+    from metaseq.optim import build_optimizer
+    cfg = Namespace(optimizer="torch_adamw", lr=[1e-2], adam_betas="(0.9, 0.95)", adam_eps=1e-8, weight_decay=0.1,
+                    use_old_adam=False, fp16_adam_stats=False)
+    ours, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ref.load_state_dict(ours.state_dict())
+    opt = build_optimizer(cfg, list(ours.parameters()))
+    assert isinstance(opt, metaseq_adapter.TorchAdamW) and opt.supports_flat_params
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(3):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+        for m in (ours, ref):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        for p in ours.parameters():
+            if hasattr(p, "grad_dtype"):    # torch >= 2.10 checks a gradient's dtype unless told not to
+                p.grad_dtype = None
+            p.grad = p.grad.bfloat16()
+        for p in ref.parameters():
+            p.grad = p.grad.bfloat16().float()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert p.dtype == torch.float32 and torch.allclose(p, q, rtol=0, atol=1e-7)
