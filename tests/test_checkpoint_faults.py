@@ -295,6 +295,20 @@ def test_corrupt_config_value_is_named(sources, tmp_path):
         convert.load_model(d)
 
 
+@pytest.mark.skipif(FAIRSEQ is None, reason="needs fairseq")
+def test_fairseq_loader_checks_the_layer_count_before_building(sources, tmp_path):
+    """fairseq-eval-lm / fairseq-generate build the model from the checkpoint's arguments before loading a tensor:
+    a corrupt decoder_layers=10**12 was built block by block until memory ran out (the long fuzz run hit it)."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(sources["plugin"], d)
+    state = torch.load(d / "checkpoint.pt", weights_only=False)
+    vars(state["cfg"]["model"])["decoder_layers"] = 10 ** 12
+    torch.save(state, d / "checkpoint.pt")
+    with pytest.raises(ValueError, match=rf"{d / 'checkpoint.pt'}: the model arguments say "
+                                         r"decoder_layers=1000000000000, the checkpoint holds 2 layers"):
+        FAIRSEQ.load_model_ensemble_and_task([str(d / "checkpoint.pt")], arg_overrides={"data": str(d)})
+
+
 @pytest.mark.parametrize("direction", ["plugin-to-released", "released-to-plugin"])
 def test_failed_conversion_leaves_no_partial_output(sources, tmp_path, monkeypatch, direction):
     """A disk that fills up on the second shard (plugin -> released) or on the checkpoint (released -> plugin): no

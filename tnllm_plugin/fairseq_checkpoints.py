@@ -20,6 +20,7 @@ What fairseq 0.12 does, and what is changed here when the fairseq adapter is imp
 """
 import functools
 import os
+import re
 import shutil
 import zipfile
 
@@ -30,7 +31,7 @@ from fairseq.file_io import PathManager
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from .checkpoint import check_tensor_values
-from .convert import check_zip_checksums, errors_name, unreadable_names
+from .convert import FAIRSEQ_PREFIX, check_zip_checksums, errors_name, plain, unreadable_names
 
 
 def copy_to_temporary_then_rename(src_path: str, dst_path: str, overwrite: bool = False):
@@ -40,6 +41,26 @@ def copy_to_temporary_then_rename(src_path: str, dst_path: str, overwrite: bool 
     shutil.copyfile(src_path, tmp)
     os.replace(tmp, dst_path)
     return dst_path          # fairseq asserts a true value, as shutil.copyfile returns
+
+
+def check_model_args(state) -> None:
+    """decoder_layers and decoder_embed_dim of a transnormer_llm checkpoint against its tensors, before fairseq builds
+    the model its arguments describe (a corrupt decoder_layers=10**12 would be built block by block until memory
+    runs out). Both are the same on every model-parallel rank and under FSDP's flattened state there is nothing to
+    compare."""
+    cfg = plain(state.get("cfg")) or {}
+    args = (cfg.get("model") if isinstance(cfg, dict) else None) or plain(state.get("args")) or {}
+    if not isinstance(args, dict) or not str(args.get("arch") or args.get("_name") or "").startswith("transnormer_llm"):
+        return
+    names = state.get("model") or {}
+    layers = {int(m.group(1)) for k in names if (m := re.match(re.escape(FAIRSEQ_PREFIX) + r"layers\.(\d+)\.", k))}
+    if layers and int(args.get("decoder_layers")) != len(layers):
+        raise ValueError(f"the model arguments say decoder_layers={args.get('decoder_layers')}, the checkpoint holds "
+                         f"{len(layers)} layers")
+    embed = names.get(FAIRSEQ_PREFIX + "embed_tokens.weight")
+    if torch.is_tensor(embed) and embed.dim() == 2 and int(args.get("decoder_embed_dim")) != embed.shape[1]:
+        raise ValueError(f"the model arguments say decoder_embed_dim={args.get('decoder_embed_dim')}, the checkpoint's "
+                         f"embedding has {embed.shape[1]} columns")
 
 
 def install():
@@ -65,6 +86,7 @@ def install():
         weights = {k: v for k, v in (state.get("model") or {}).items() if torch.is_tensor(v) and v.is_floating_point()}
         with errors_name(path):
             check_tensor_values(weights)
+            check_model_args(state)
         return state
 
     original_ensemble = checkpoint_utils.load_model_ensemble_and_task
