@@ -49,7 +49,8 @@ def prepare(args):
     """A slice of the corpus (the first --train-mib of train documents, which prepare_corpus.py already ordered
     by a hash of their path; valid whole), a byte-level BPE of --bpe-vocab pieces trained on that slice with
     <s> <pad> </s> <unk> at ids 0-3 (what Metaseq's tasks require), packed with xz."""
-    from tokenizers import ByteLevelBPETokenizer
+    sys.path.insert(0, str(REPO))
+    from tnllm_plugin.metaseq_data import train_bpe
     corpus, work = Path(args.corpus), Path(tempfile.mkdtemp()) / "metaseq_linux"
     (work / "train" / "00").mkdir(parents=True, exist_ok=True)
     (work / "valid" / "00").mkdir(parents=True, exist_ok=True)
@@ -63,10 +64,7 @@ def prepare(args):
             budget -= len(line)
             texts.append(json.loads(line)["text"])
     (work / "valid" / "00" / "linux.jsonl").write_bytes((corpus / "valid" / "00" / "linux.jsonl").read_bytes())
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=args.bpe_vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                            show_progress=False)
-    tok.save_model(str(work))
+    train_bpe(texts, work, args.bpe_vocab)
     with tarfile.open(args.pack, "w:xz") as tar:
         tar.add(work, arcname="metaseq_linux")
     shutil.rmtree(work.parent)
@@ -75,8 +73,9 @@ def prepare(args):
 
 def metaseq_command(data: Path, run: str, updates: int, save_dir: Path, log_interval: int, optimizer: str):
     spec = RUNS[run]
-    # torchrun (of this interpreter, which has Metaseq), also for one GPU: Metaseq wraps the whole model in FSDP with its data-parallel group, which
-    # exists only once torch.distributed is initialised (plain metaseq-train on one GPU passes None and stops)
+    # torchrun (of this interpreter, which has Metaseq), also for one GPU: Metaseq wraps the whole model in FSDP
+    # with its data-parallel group, which exists only once torch.distributed is initialised (plain metaseq-train
+    # on one GPU passes None and stops)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29511",
            shutil.which("metaseq-train") or "metaseq-train", str(data), "--user-dir", str(REPO / "tnllm_plugin"),
            "--task", "streaming_language_modeling", "--vocab-filename", str(data / "vocab.json"),
@@ -126,7 +125,8 @@ def run(args):
         rows = parse_log(log)
         timed = rows[args.warmup:]
         losses = [float(r["loss"]) for r in rows]
-        result = dict(run=name, arch=RUNS[name]["arch"], optimizer=args.optimizer, rc=rc, wall_s=round(time.time() - start, 1),
+        result = dict(run=name, arch=RUNS[name]["arch"], optimizer=args.optimizer, rc=rc,
+                      wall_s=round(time.time() - start, 1),
                       updates=len(rows), batch=RUNS[name]["batch"], seq=SEQ,
                       checkpoint_activations=RUNS[name]["checkpoint_activations"],
                       tokens_per_s=statistics.median(float(r["wps"]) for r in timed) if timed else None,

@@ -55,19 +55,12 @@ def documents(text):
 
 
 def write_corpus(docs, data: Path, vocab_size: int):
-    from tokenizers import ByteLevelBPETokenizer
+    from tnllm_plugin.metaseq_data import train_bpe, write_streaming_splits
     random.Random(0).shuffle(docs)
     n = max(1, len(docs) // 20)
     splits = {"train": docs[2 * n:], "valid": docs[:n], "test": docs[n:2 * n]}
-    for split, split_docs in splits.items():
-        (data / split / "00").mkdir(parents=True, exist_ok=True)
-        with open(data / split / "00" / "corpus.jsonl", "w", encoding="utf-8") as f:
-            for doc in split_docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(splits["train"], vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    tokenizer.save_model(str(data))
+    write_streaming_splits(data, splits)
+    tokenizer = train_bpe(splits["train"], data, vocab_size)
     print(f"[corpus] {', '.join(f'{k}: {len(v)} documents' for k, v in splits.items())}; "
           f"BPE of {tokenizer.get_vocab_size()} tokens in {data}", flush=True)
 

@@ -483,6 +483,18 @@ def fairseq_model_args(cfg: TransNormerConfig) -> dict:
     }
 
 
+def model_arg_flags(cfg: TransNormerConfig) -> List[str]:
+    """fairseq_model_args(cfg) as command-line flags (both hosts' parsers take them)."""
+    argv = []
+    for key, value in fairseq_model_args(cfg).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
 def fairseq_arch_name(cfg: TransNormerConfig) -> str:
     """fairseq knows transnormer_llm's architectures by their presets only. Every architecture argument is
     written explicitly (a preset fills only missing ones), so the preset just names it: the one of the same
@@ -541,13 +553,7 @@ def fairseq_cfg(cfg: TransNormerConfig, data_dir: str, use_fairseq: Optional[boo
     # no --user-dir on this command line: the plugin is registered already, and fairseq's import_user_module
     # refuses a package imported through a differently spelled path; the cfg records it afterwards
     argv = [data_dir, "--task", "language_modeling", "--arch", fairseq_arch_name(cfg),
-            "--criterion", "transnormer_llm_cross_entropy"]
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+            "--criterion", "transnormer_llm_cross_entropy", *model_arg_flags(cfg)]
     with warnings.catch_warnings():      # hydra's deprecation notices about fairseq's own config use
         warnings.simplefilter("ignore")
         parsed = options.parse_args_and_arch(options.get_training_parser(), argv)

@@ -18,7 +18,7 @@ from typing import List
 import torch
 
 from .checkpoint import state_dict_from_released
-from .convert import (PLUGIN_DIR, StagedOutput, fairseq_arch_name, fairseq_model_args, plugin_checkpoint_state,
+from .convert import (PLUGIN_DIR, StagedOutput, fairseq_arch_name, model_arg_flags, plugin_checkpoint_state,
                       read_released)
 from .model import TransNormerConfig
 
@@ -35,13 +35,7 @@ def metaseq_cfg(cfg: TransNormerConfig, data: str, vocab_filename: str, merges_f
     from . import metaseq_adapter  # noqa: F401  (registers transnormer_llm)
     argv = [data, "--task", "streaming_language_modeling", "--vocab-filename", vocab_filename,
             "--merges-filename", merges_filename, "--final-vocab-size", str(cfg.vocab_size),
-            "--arch", fairseq_arch_name(cfg), "--criterion", "transnormer_llm_cross_entropy"]
-    for key, value in fairseq_model_args(cfg).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        else:
-            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+            "--arch", fairseq_arch_name(cfg), "--criterion", "transnormer_llm_cross_entropy", *model_arg_flags(cfg)]
     with warnings.catch_warnings():      # hydra's notices about Metaseq's own config use
         warnings.simplefilter("ignore")
         parsed = options.parse_args_and_arch(options.get_training_parser(), argv)

@@ -7,8 +7,9 @@ Session fixtures:
                       (vocab.json, merges.txt; <s> <pad> </s> <unk> at ids 0-3, as Metaseq's tasks require).
   metaseq_train       train(save_dir, *extra_args, max_update=20, validate=False, data=None) -> Path of
                       save_dir/checkpoint_last.pt: a real ``metaseq-train`` subprocess of transnormer_llm_tiny on
-                      that corpus (or the data directory ``data``, with that BPE), on CPU (extra_args are appended, so later options override the defaults); its
-                      output is kept in save_dir/train.log (``train_log_records`` reads its JSON records).
+                      that corpus (or the data directory ``data``, with that BPE), on CPU (extra_args are
+                      appended, so later options override the defaults); its output is kept in
+                      save_dir/train.log (``train_log_records`` reads its JSON records).
   metaseq_checkpoint  Path of one checkpoint trained that way (20 updates, a few seconds), shared by the session.
 """
 import importlib.util
@@ -51,21 +52,13 @@ def _documents(n_files=40):
 
 @pytest.fixture(scope="session")
 def metaseq_corpus(tmp_path_factory) -> MetaseqCorpus:
-    from tokenizers import ByteLevelBPETokenizer
+    from tnllm_plugin.metaseq_data import train_bpe, write_streaming_splits
 
     root = tmp_path_factory.mktemp("metaseq_corpus")
     docs = _documents()
     splits = {"train": docs[:-6], "valid": docs[-6:-3], "test": docs[-3:]}
-    for split, split_docs in splits.items():
-        (root / split / "00").mkdir(parents=True)
-        with open(root / split / "00" / "corpus.jsonl", "w", encoding="utf-8") as f:
-            for doc in split_docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(splits["train"], vocab_size=VOCAB_SIZE, show_progress=False,
-                                  special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    tokenizer.save_model(str(root))
-    assert tokenizer.get_vocab_size() == VOCAB_SIZE
+    write_streaming_splits(root, splits)
+    assert train_bpe(splits["train"], root, VOCAB_SIZE).get_vocab_size() == VOCAB_SIZE
     return MetaseqCorpus(root, root / "vocab.json", root / "merges.txt")
 
 

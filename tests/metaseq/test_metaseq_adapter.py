@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from metaseq.criterions import CRITERION_REGISTRY, build_criterion
 from metaseq.data import Dictionary
 from metaseq.logging import metrics
-from metaseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY, build_model
+from metaseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY,
+                            build_model)
 
 from tnllm_plugin import host_common, metaseq_adapter
 

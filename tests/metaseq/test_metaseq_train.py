@@ -63,26 +63,13 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, metaseq_
         assert torch.equal(a[key], b[key]), key
 
 
-def binarize(corpus, out: Path):
-    """Metaseq's binarized layout (its mmap indexed dataset, as the language_modeling task reads it): each
-    document's BPE ids followed by </s>, written with Metaseq's own builder."""
-    from metaseq.data import indexed_dataset
-    from tokenizers import ByteLevelBPETokenizer
-    tokenizer = ByteLevelBPETokenizer.from_file(str(corpus.vocab), str(corpus.merges))
-    out.mkdir(parents=True)
-    for split in ("train", "valid"):
-        builder = indexed_dataset.make_builder(str(out / f"{split}.bin"), impl="mmap", vocab_size=len(tokenizer.get_vocab()))
-        for line in (corpus.root / split / "00" / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
-            ids = tokenizer.encode(json.loads(line)["text"].rstrip()).ids + [tokenizer.token_to_id("</s>")]
-            builder.add_item(torch.tensor(ids, dtype=torch.int32))
-        builder.finalize(str(out / f"{split}.idx"))
-
-
 def test_binarized_language_modeling_task_trains(tmp_path, metaseq_train, metaseq_corpus):
+    from tnllm_plugin.metaseq_data import binarize
     data = tmp_path / "data-bin"
-    binarize(metaseq_corpus, data)
+    counts = binarize(metaseq_corpus.root, data, ("train", "valid"))
+    assert counts["train"] > 10 * counts["valid"] > 0
     metaseq_train(tmp_path / "run", "--task", "language_modeling", "--sample-break-mode", "none", "--log-interval",
-                  "1", max_update=30, data=data)
+                  "1", max_update=30, data=data)      # with the fixture's --vocab-filename / --merges-filename
     log = (tmp_path / "run" / "train.log").read_text()
     assert "LanguageModelingTask" in log and "StreamingLanguageModelingTask" not in log
     curve = losses(tmp_path / "run" / "train.log")
