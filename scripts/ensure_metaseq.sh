@@ -89,14 +89,15 @@ EOF_PY
         || { tail -n 30 "$build/build.log" >&2; _ms_fail "building Metaseq failed (log above)"; return 1; }
     "$py" -m pip install "${pip_q[@]}" --no-deps "$build"/dist/metaseq-*.whl || { _ms_fail "installing Metaseq failed"; return 1; }
     rm -rf "$build"
-    touch "$TNLLM_METASEQ_VENV/.complete"
+    echo "$_ms_hash" > "$TNLLM_METASEQ_VENV/.complete"
 }
 
 mkdir -p "$(dirname "$TNLLM_METASEQ_VENV")"
 exec 8>"$TNLLM_METASEQ_VENV.lock"      # one creator at a time
 flock 8
 _ms_ok=1
-if [ ! -f "$TNLLM_METASEQ_VENV/.complete" ]; then
+# the hash of what went into it, so that an environment named by TNLLM_METASEQ_VENV is rebuilt when they change
+if [ "$(cat "$TNLLM_METASEQ_VENV/.complete" 2>/dev/null)" != "$_ms_hash" ]; then
     _ms_build || _ms_ok=
 fi
 flock -u 8
