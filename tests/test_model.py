@@ -133,6 +133,19 @@ def test_paper_decay_schedule_values():
     assert torch.all(lam[:, 0] == 1)          # head 0: no decay
 
 
+def test_no_temperature_decay_schedule_values():
+    # Table 4's "w/o temperature": the released ALiBi slopes, the same in every layer (no (1 - l/(L-1)) factor)
+    cfg = TransNormerConfig(vocab_size=10, d_model=48, n_layers=4, n_heads=6, glu_dim=8, decay="no-temperature")
+    slopes = decay_slopes(cfg)
+    assert slopes.dtype == torch.float64 and slopes.shape == (4, 6)
+    want = [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]      # alibi_slopes(6), written out
+    for layer in range(4):
+        assert slopes[layer].tolist() == pytest.approx(want, rel=1e-15)
+    # the last layer keeps its decay (the released schedule's factor takes it to ~0 there)
+    released = decay_slopes(TransNormerConfig(vocab_size=10, d_model=48, n_layers=4, n_heads=6, glu_dim=8))
+    assert released[-1].max().item() < 1e-4 < slopes[-1].min().item()
+
+
 def test_model_uses_the_schedule():
     model = TransNormerLLM(TransNormerConfig(vocab_size=10, d_model=32, n_layers=3, n_heads=4, glu_dim=8))
     for i, layer in enumerate(model.layers):

@@ -22,7 +22,7 @@ from torch import nn
 
 from tnllm_kernels import lightning_attention, lightning_attention_step, srms_norm, srms_norm_gate
 
-DECAY_SCHEDULES = ("released", "paper")
+DECAY_SCHEDULES = ("released", "paper", "no-temperature")
 QK_ACTIVATIONS = ("silu", "1+elu", "none")
 NORMS = ("srms", "rms", "layer")
 
@@ -36,7 +36,8 @@ class TransNormerConfig:
     hidden_dim: Optional[int] = None       # GLA width; None means d_model (as in the released models)
     glu_dim: int = 2816
     lrpe_layers: Sequence[int] = (0,)      # layers that use LRPE-d; the paper's "Mix": first layer only
-    decay: str = "released"                # "released" (ALiBi slopes, layer factor) or "paper" (eq. 2)
+    decay: str = "released"                # "released" (ALiBi slopes, layer factor), "paper" (eq. 2), or
+                                           # "no-temperature" (ALiBi slopes in every layer: Table 4's ablation)
     qk_act: str = "silu"
     norm: str = "srms"
     bias: bool = False
@@ -94,11 +95,15 @@ def alibi_slopes(n_heads: int) -> List[float]:
 
 
 def decay_slopes(cfg: TransNormerConfig) -> torch.Tensor:
-    """[n_layers, n_heads] float64 slopes of the chosen schedule (see the spec)."""
+    """[n_layers, n_heads] float64 slopes of the chosen schedule (see the spec). "no-temperature" is the
+    released schedule without its layer temperature (the factor that makes the last layer's decay ~1): the paper's
+    Table 4 ablation, applied to the schedule the plugin trains with."""
     L, H = cfg.n_layers, cfg.n_heads
     layer = torch.arange(L, dtype=torch.float64)[:, None]
-    if cfg.decay == "released":
+    if cfg.decay in ("released", "no-temperature"):
         base = torch.tensor(alibi_slopes(H), dtype=torch.float64)[None, :]
+        if cfg.decay == "no-temperature":
+            return base.expand(L, H).clone()
         factor = 1 - layer / (L - 1) + 1e-5 if L > 1 else torch.ones_like(layer)
         return base * factor
     head = torch.arange(H, dtype=torch.float64)[None, :]
