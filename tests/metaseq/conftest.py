@@ -11,6 +11,8 @@ Session fixtures:
                       appended, so later options override the defaults); its output is kept in
                       save_dir/train.log (``train_log_records`` reads its JSON records).
   metaseq_checkpoint  Path of one checkpoint trained that way (20 updates, a few seconds), shared by the session.
+metaseq_train_command(corpus, save_dir, ...) is that fixture's command line, for tests that start metaseq-train
+themselves (to kill it).
 """
 import importlib.util
 import json
@@ -71,19 +73,29 @@ def _metaseq_train_command():
     return found
 
 
+def metaseq_train_command(corpus: MetaseqCorpus, save_dir, *extra_args, max_update=20, validate=False, data=None):
+    """The metaseq-train command line of the metaseq_train fixture (for tests that run it themselves)."""
+    return [_metaseq_train_command(), str(data or corpus.root), "--user-dir", str(PLUGIN_DIR),
+            "--task", "streaming_language_modeling", "--vocab-filename", str(corpus.vocab),
+            "--merges-filename", str(corpus.merges), "--arch", "transnormer_llm_tiny",
+            "--criterion", "transnormer_llm_cross_entropy", "--cpu", "--optimizer", "adam", "--lr", "3e-3",
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5", "--batch-size", "4",
+            "--tokens-per-sample", "128", "--max-update", str(max_update), "--num-workers", "0",
+            *([] if validate else ["--disable-validation"]), "--ddp-backend", "pytorch_ddp", "--seed", "1",
+            "--log-format", "json", "--save-dir", str(save_dir), *map(str, extra_args)]
+
+
+def train_env():
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 @pytest.fixture(scope="session")
 def metaseq_train(metaseq_corpus):
     def train(save_dir, *extra_args, max_update=20, validate=False, data=None):
         save_dir = Path(save_dir)
-        cmd = [_metaseq_train_command(), str(data or metaseq_corpus.root), "--user-dir", str(PLUGIN_DIR),
-               "--task", "streaming_language_modeling", "--vocab-filename", str(metaseq_corpus.vocab),
-               "--merges-filename", str(metaseq_corpus.merges), "--arch", "transnormer_llm_tiny",
-               "--criterion", "transnormer_llm_cross_entropy", "--cpu", "--optimizer", "adam", "--lr", "3e-3",
-               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5", "--batch-size", "4",
-               "--tokens-per-sample", "128", "--max-update", str(max_update), "--num-workers", "0",
-               *([] if validate else ["--disable-validation"]), "--ddp-backend", "pytorch_ddp", "--seed", "1",
-               "--log-format", "json", "--save-dir", str(save_dir), *map(str, extra_args)]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        cmd = metaseq_train_command(metaseq_corpus, save_dir, *extra_args, max_update=max_update,
+                                    validate=validate, data=data)
+        env = train_env()
         run = subprocess.run(cmd, cwd=save_dir.parent, env=env, capture_output=True, text=True,
                              timeout=TRAIN_TIMEOUT_S)
         save_dir.mkdir(parents=True, exist_ok=True)
