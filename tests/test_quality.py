@@ -1,0 +1,126 @@
+"""The quality benchmark's pieces on CPU (benchmarks/quality.py, benchmarks/quality_models): the LLaMA baseline is
+causal, it has TransNormerLLM's parameter count at the benchmark's size, and one tiny run goes end to end through
+fairseq-train and fairseq-validate (the smoke settings, on a synthetic data-bin with a small vocabulary)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import quality  # noqa: E402
+from quality_models import LlamaConfig, LlamaLM  # noqa: E402
+
+
+def test_baseline_is_causal():
+    torch.manual_seed(0)
+    model = LlamaLM(LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ffn_dim=48)).eval()
+    tokens = torch.randint(4, 50, (2, 24))
+    changed = tokens.clone()
+    changed[:, 15] = (tokens[:, 15] + 7) % 46 + 4          # another token at position 15 only
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :15], b[:, :15])                 # positions before it see nothing of it
+    assert (a[:, 15:] - b[:, 15:]).abs().amax() > 1e-3      # from it on, the logits change
+
+
+def test_baseline_rotary_positions_are_relative():
+    # RoPE makes the q.k score a function of the offset between positions: the same pair of vectors scores the
+    # same at positions (5, 2) and (9, 6), otherwise at (5, 1)
+    from quality_models import rotary
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 1, 1, 8).double(), torch.randn(1, 1, 1, 8).double()
+    rows = lambda x, n: x.expand(1, 1, n, 8)              # noqa: E731  the vector at every position 0..n-1
+    rq, rk = rotary(rows(q, 10), 10000.0), rotary(rows(k, 10), 10000.0)
+    score = lambda s, t: (rq[0, 0, s] * rk[0, 0, t]).sum().item()   # noqa: E731
+    assert score(5, 2) == pytest.approx(score(9, 6), rel=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 1), rel=1e-3)
+
+
+def test_parameter_counts_within_three_percent():
+    # at the benchmark's size and the corpus' vocabulary (32000 pieces, fairseq pads the dictionary to 32000)
+    tnl = quality.parameter_counts(quality.FULL, 32000)
+    llama = quality.parameter_counts(quality.FULL, 32000, dict(model="llama"))
+    assert 100e6 <= tnl["total"] <= 150e6
+    for key in ("total", "non_embedding"):
+        assert abs(llama[key] / tnl[key] - 1) < 0.03, (key, tnl, llama)
+    # the counts come from the models as built: a baseline of the plain 8/3 width would be 8% smaller
+    narrow = dict(quality.FULL, glu=2048)
+    assert quality.llama_ffn_dim(narrow) == 2304
+
+
+def test_every_run_is_listed_with_its_flags(capsys):
+    quality.main(["--list"])
+    out = capsys.readouterr().out
+    for name in quality.runs_for(quality.FULL):
+        assert name in out
+    assert "decay-schedule no-temperature" in out and "lrpe-layers 0,1,2,3,4,5,6,7,8,9,10,11" in out
+    assert "60.0M tokens" in out and "10.0M tokens" in out
+
+
+def test_block_form_refused_on_cuda_tensors():
+    # on a GPU the benchmark installs this guard: attention that would take the PyTorch block form on CUDA stops
+    import importlib
+    import types
+
+    from quality_models import refuse_block_form_on_cuda
+    dispatch = importlib.import_module("tnllm_kernels.lightning_attention")
+    original = refuse_block_form_on_cuda()
+    try:
+        with pytest.raises(RuntimeError, match="took the PyTorch block form"):
+            dispatch.lightning_attention_chunk(types.SimpleNamespace(is_cuda=True, shape=(1, 2, 3, 4), dtype="bf16"))
+        q = torch.randn(1, 8, 2, 4)           # CPU tensors still go through, with the block form's result
+        o, _ = dispatch.lightning_attention(q, q, q, torch.tensor([0.5, 0.25]), None, 4)
+        assert torch.allclose(o, original(q, q, q, torch.tensor([0.5, 0.25]), None, 4)[0])
+    finally:
+        dispatch.lightning_attention_chunk = original
+
+
+def synthetic_data_bin(path: Path, vocab=60):
+    """A fairseq data-bin of counting sequences over `vocab` symbols (something learnable), lines ending in </s>."""
+    import prepare_corpus
+    path.mkdir(parents=True)
+    (path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(vocab - 4)))
+    rng = np.random.default_rng(0)
+    for split, lines in (("train", 400), ("valid", 40), ("test", 40)):
+        ids = []
+        for _ in range(lines):
+            start, n = rng.integers(0, vocab - 4), rng.integers(5, 30)
+            ids += [4 + (start + i) % (vocab - 4) for i in range(n)] + [prepare_corpus.EOS]
+        ids = np.array(ids, dtype=np.uint16)
+        ids.tofile(path / f"{split}.bin")
+        ends = np.flatnonzero(ids == prepare_corpus.EOS) + 1
+        prepare_corpus.write_index(path / f"{split}.idx", np.diff(ends, prepend=0).tolist(), np.uint16)
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tmp_path):
+    src = tmp_path / "src"
+    synthetic_data_bin(src)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--data", str(src),
+           "--work", str(tmp_path / "work"), "--out", str(out), "--only", "llama_lr3e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "LLaMA baseline" in proc.stdout                   # both parameter counts printed
+    r = json.loads((out / "llama_lr3e-3.json").read_text())
+    assert r["model"] == "llama" and "--arch llama_baseline" in r["command"]
+    assert "--optimizer torch_adamw" in r["command"] and "--cpu" in r["command"]
+    # the curve: validation every 4 updates (and at the saves), against tokens = updates x 4 x 64
+    assert [t for t, _ in r["curve"]][:2] == [4 * 256, 5 * 256] and r["curve"][-1][0] == r["tokens"] == 12 * 256
+    assert r["curve"][-1][1] < r["curve"][0][1]             # it learns (counting sequences)
+    assert set(r["final"]) == {"valid", "test"} and r["final"]["valid"]["loss"] < 6 and r["tokens_per_s"] > 0
+    assert (out / "llama_lr3e-3.log").read_text().count("fairseq-validate") == 1
+    # a finished run is not trained again; --table reads the result
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0 and "done before" in again.stdout
+    table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out),
+                            "--table"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "| llama_lr3e-3 | LLaMA baseline (best lr) |" in table.stdout
+    assert "Table 1 Transformer: 2.362 / 5.160" in table.stdout
