@@ -302,15 +302,18 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
     cmd = train_command(s, run, data, save_dir)
     print(f"[{name}] " + shlex.join(cmd), flush=True)
     t0 = time.time()
+    pid_file = rdir / "train.pid"
+    stop_leftover(pid_file, save_dir)
     with open(log_path, "a") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen([host_exe(cmd[0])] + cmd[1:], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
+        # in this process's group: whatever kills this script (the GPU machine's time limit) kills the training too
+        proc = subprocess.Popen([host_exe(cmd[0])] + cmd[1:], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        pid_file.write_text(str(proc.pid))
         try:
             proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)       # fairseq resumes from checkpoint_last.pt (written atomically)
+            proc.kill()         # fairseq resumes from checkpoint_last.pt (written atomically by the plugin)
             proc.wait()
             print(f"[{name}] stopped by the time limit after {time.time() - t0:.0f} s; run it again to resume",
                   flush=True)
@@ -347,6 +350,23 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
     print(f"[{name}] valid {fin.get('valid', {}).get('loss')} test {fin.get('test', {}).get('loss')} bits, "
           f"{record['tokens_per_s'] or 0:,.0f} tokens/s, {wall:.0f} s", flush=True)
     return record
+
+
+def stop_leftover(pid_file: Path, save_dir: Path):
+    """A training of this run still alive from an earlier start (its parent killed without it) would write the same
+    checkpoints as the resumed one: stop it first, by the pid recorded, if its command line is this run's."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if "fairseq-train" in cmdline and str(save_dir) in cmdline:
+        print(f"stopping a leftover fairseq-train of this run (pid {pid})", flush=True)
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+                break
+            time.sleep(0.1)
 
 
 def host_exe(name):

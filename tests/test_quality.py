@@ -124,3 +124,24 @@ def test_smoke_run_end_to_end(tmp_path):
                             "--table"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "| llama_lr3e-3 | LLaMA baseline (best lr) |" in table.stdout
     assert "Table 1 Transformer: 2.362 / 5.160" in table.stdout
+
+
+def test_leftover_training_of_the_run_is_stopped(tmp_path):
+    # a fairseq-train of this run left alive by a killed parent would write the resumed run's checkpoints too
+    save_dir = tmp_path / "runs" / "x" / "ckpt"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "fairseq-train"]
+    mine = subprocess.Popen(sleeper + ["--save-dir", str(save_dir)])
+    other = subprocess.Popen(sleeper + ["--save-dir", str(tmp_path / "other" / "ckpt")])
+    try:
+        pid_file = tmp_path / "train.pid"
+        pid_file.write_text(str(other.pid))
+        quality.stop_leftover(pid_file, save_dir)          # another run's training: left alone
+        assert other.poll() is None
+        pid_file.write_text(str(mine.pid))
+        quality.stop_leftover(pid_file, save_dir)
+        assert mine.wait(timeout=10) == -9
+        quality.stop_leftover(pid_file, save_dir)          # gone already: nothing to do, no error
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
