@@ -16,8 +16,8 @@ unpacked into --work), tokenizer, data order (--seed), sequence length, tokens p
 0.9/0.95, weight decay 0.1, clip 1.0), cosine schedule with linear warm-up to the run's learning rate and down to a
 tenth of it, bf16 autocast over fp32 weights; only the model flags and the learning rate differ. Validation every
 100 updates (50 in the ablations) on the first 32 batches (1M tokens) of valid gives the curve; at the end
-`fairseq-validate` scores the last checkpoint on the whole valid and test splits (the table). Losses are fairseq's, in bits per
-token (base 2), as the paper's tables (their PPL is 2^loss, averaged over the last 1k updates).
+`fairseq-validate` scores the last checkpoint on the whole valid and test splits (the table). Losses are fairseq's,
+in bits per token (base 2), as the paper's tables (their PPL is 2^loss, averaged over the last 1k updates).
 
 Results go to --out (default benchmarks/logs/quality): per run NAME.json (settings, command, parameter counts,
 curve, final losses, tokens/s) and NAME.log (fairseq's output). A run killed by a time limit (--time-limit, or the
@@ -148,7 +148,8 @@ def train_command(s, run, data, save_dir):
            "--clip-norm", "1.0", "--lr", run["lr"], "--lr-scheduler", "cosine",
            "--warmup-updates", max(1, int(s["warmup"] * updates)), "--warmup-init-lr", "1e-7",
            "--min-lr", run["lr"] / 10, "--max-update", updates,
-           "--validate-interval-updates", s["valid_every" if run["budget"] == "main" else "ablation_valid_every"], "--max-valid-steps", s["valid_batches"],
+           "--validate-interval-updates", s["valid_every" if run["budget"] == "main" else "ablation_valid_every"],
+           "--max-valid-steps", s["valid_batches"],
            "--valid-subset", "valid", "--save-dir", save_dir, "--save-interval-updates", s["save_every"],
            "--keep-interval-updates", "1", "--no-epoch-checkpoints", "--seed", "1",
            "--log-format", "json", "--log-interval", s["log_interval"], "--num-workers", "2" if not s["cpu"] else "0"]
@@ -516,13 +517,15 @@ def table(results):
         lines.append(
             f"| {name} | {setting} | {si(r['params']['total'])} ({si(r['params']['non_embedding'])}) | "
             f"{r['lr']:.1e} | {si(r['tokens'])} | {v.get('loss', float('nan')):.3f} | "
-            f"{v.get('ppl', float('nan')):.2f} | {t.get('loss', float('nan')):.3f} | {t.get('ppl', float('nan')):.2f} | "
+            f"{v.get('ppl', float('nan')):.2f} | {t.get('loss', float('nan')):.3f} | "
+            f"{t.get('ppl', float('nan')):.2f} | "
             f"{si(r['tokens_per_s'] or 0)} | "
-            + (f"{paper[0]} {paper[1]}: {paper[2]:.3f} / {paper[3]:.3f}" if paper else "") + f" | {d_ours} | {d_paper} |")
-    lines += ["", "Losses in bits per token (fairseq's base 2; the paper's tables likewise, PPL = 2^loss averaged over "
-              "its last 1k updates). 'minus reference': main runs against TransNormerLLM's best main run (paper: Table 1 "
-              "TransNormerLLM); ablations against abl_base (paper: the table's own first row). Ours: the last "
-              "checkpoint on the whole valid and test splits."]
+            + (f"{paper[0]} {paper[1]}: {paper[2]:.3f} / {paper[3]:.3f}" if paper else "")
+            + f" | {d_ours} | {d_paper} |")
+    lines += ["", "Losses in bits per token (fairseq's base 2; the paper's tables likewise, PPL = 2^loss averaged "
+              "over its last 1k updates). 'minus reference': main runs against TransNormerLLM's best main run (paper: "
+              "Table 1 TransNormerLLM); ablations against abl_base (paper: the table's own first row). Ours: the "
+              "last checkpoint on the whole valid and test splits."]
     return "\n".join(lines)
 
 
