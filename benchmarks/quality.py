@@ -22,7 +22,8 @@ in bits per token (base 2), as the paper's tables (their PPL is 2^loss, averaged
 Results go to --out (default benchmarks/logs/quality): per run NAME.json (settings, command, parameter counts,
 curve, final losses, tokens/s) and NAME.log (fairseq's output). A run killed by a time limit (--time-limit, or the
 GPU machine's) resumes from its last checkpoint (every 600 updates) in --work when started again;
-finished runs are skipped unless --force.
+finished runs (in --work, or in benchmarks/logs/quality, which travels with the checkout) are skipped unless
+--force; their results are copied to --out, so that --table and --plot there see every run.
 """
 import argparse
 import json
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "benchmarks" / "quality_models"
 DEFAULT_PACK = REPO / "work_dirs" / "corpus" / "linux-6.1.pack.tar"
 DEFAULT_DATA_BIN = REPO / "work_dirs" / "corpus" / "data-bin"
+DEFAULT_OUT = REPO / "benchmarks" / "logs" / "quality"
 
 # Model shape: TransNormerLLM d_model 768, 12 layers, 12 heads (head 64; LRPE doubles q/k to 128, within the
 # Triton kernel's Dk <= 256), SGLU width 8/3 d = 2048 (presets.glu_dim_for). The baseline has the same width,
@@ -281,16 +283,30 @@ def parse_log(text: str, tokens_per_update: int):
 # ---------------------------------------------------------------------------------------------------------
 # Running
 
+def finished(name, work: Path, args):
+    """The result of a run done before: in this machine's work dir, or in --done-dir (benchmarks/logs/quality: a
+    fresh GPU machine has lost the last one's work dir, but results copied back into the checkout travel)."""
+    for path in (work / "runs" / name / "result.json", Path(args.done_dir) / f"{name}.json" if args.done_dir else None):
+        if path is not None and path.exists():
+            return path
+    return None
+
+
 def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, deadline=None):
     """Train (or resume) one run, validate it, write out/NAME.json; returns its record, or None if cut short."""
     rdir = work / "runs" / name
     save_dir = rdir / "ckpt"
     done = rdir / "result.json"
     out.mkdir(parents=True, exist_ok=True)
-    if done.exists() and not args.force:
-        (out / f"{name}.json").write_text(done.read_text())
-        print(f"[{name}] done before: {done}", flush=True)
-        return json.loads(done.read_text())
+    found = finished(name, work, args)
+    if found and not args.force:
+        if found.resolve() != (out / f"{name}.json").resolve():
+            (out / f"{name}.json").write_text(found.read_text())
+            log_before = rdir / "train.log" if found == done else found.with_suffix(".log")
+            if log_before.exists():
+                copy_log(log_before, out / f"{name}.log")
+        print(f"[{name}] done before: {found}", flush=True)
+        return json.loads(found.read_text())
     if args.force and rdir.exists():
         import shutil
         shutil.rmtree(rdir)
@@ -453,7 +469,8 @@ def run_selected(names, runs, s, args, data, work, out):
                 name = queue.pop(0)
             run = runs[name]
             if deadline is not None and time.time() + estimate_s(s, run, measured) > deadline \
-                    and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists():
+                    and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists() \
+                    and not (finished(name, work, args) and not args.force):
                 print(f"[{name}] not started: its estimate exceeds the time left (--time-limit)", flush=True)
                 continue
             results[name] = run_one(name, run, s, args, data, work, out, counts[name], gpu, deadline)
@@ -578,6 +595,8 @@ def main(argv=None):
     ap.add_argument("--work", help="checkpoints, logs, unpacked data (default work_dirs/quality[_smoke])")
     ap.add_argument("--out", help="results (default benchmarks/logs/quality; --smoke: WORK/results)")
     ap.add_argument("--plot-dir", default=str(REPO / "benchmarks"))
+    ap.add_argument("--done-dir", help="results of finished runs to skip and copy to --out (default "
+                                       "benchmarks/logs/quality; none with --smoke)")
     ap.add_argument("--gpus", help="comma list of GPU ids: one run on each at a time (default: one run at a time)")
     ap.add_argument("--time-limit", type=float, help="minutes: stop (resumably) before this; start no run whose "
                                                      "estimate does not fit")
@@ -596,7 +615,9 @@ def main(argv=None):
     suffix = "_smoke" if args.smoke else ""
     work = Path(args.work or REPO / "work_dirs" / f"quality{suffix}").resolve()
     # the smoke's results are no evidence: they stay in the ignored work dir
-    out = Path(args.out or (work / "results" if args.smoke else REPO / "benchmarks" / "logs" / "quality")).resolve()
+    out = Path(args.out or (work / "results" if args.smoke else DEFAULT_OUT)).resolve()
+    if args.done_dir is None and not args.smoke:
+        args.done_dir = str(DEFAULT_OUT)
     runs = runs_for(s)
     if args.list:
         list_runs(runs, s, out, work)

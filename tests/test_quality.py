@@ -120,6 +120,13 @@ def test_smoke_run_end_to_end(tmp_path):
     # a finished run is not trained again; --table reads the result
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0 and "done before" in again.stdout
+    # a fresh machine: no work dir, but the results copied back into the checkout (--done-dir) count as done
+    moved = subprocess.run(cmd[:-6] + ["--work", str(tmp_path / "fresh"), "--out", str(tmp_path / "out2"),
+                                       "--done-dir", str(out), "--only", "llama_lr3e-3", "--time-limit", "0.01"],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert moved.returncode == 0 and "done before" in moved.stdout, moved.stdout[-2000:] + moved.stderr[-2000:]
+    assert json.loads((tmp_path / "out2" / "llama_lr3e-3.json").read_text()) == r
+    assert (tmp_path / "out2" / "llama_lr3e-3.log").exists()
     table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--out", str(out),
                             "--table"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "| llama_lr3e-3 | LLaMA baseline (best lr) |" in table.stdout
