@@ -167,3 +167,23 @@ def test_train_eval_generate_through_fairseq(tmp_path):
     lm.eval()
     out = lm.sample("w3 w4 w5 w6 w7", beam=1, max_len_b=8)     # the length counts the prompt
     assert out.split()[:7] == ["w3", "w4", "w5", "w6", "w7", "w8", "w9"], out
+
+
+def test_torch_adamw_optimizer_equals_torch_adamw():
+    # --optimizer torch_adamw: fairseq's adam options on torch.optim.AdamW (fused on CUDA, foreach here)
+    from fairseq.optim import build_optimizer
+    cfg = Namespace(optimizer="torch_adamw", lr=[1e-2], adam_betas="(0.9, 0.95)", adam_eps=1e-8, weight_decay=0.1,
+                    use_old_adam=False, fp16_adam_stats=False, tpu=False)
+    ours, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ref.load_state_dict(ours.state_dict())
+    opt = build_optimizer(cfg, list(ours.parameters()))
+    assert isinstance(opt, fairseq_adapter.TorchAdamW)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(3):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)

@@ -1,12 +1,15 @@
 """fairseq adapter: registers model ``transnormer_llm``, its architecture presets and the criterion
 ``transnormer_llm_cross_entropy``. Thin: the model is tnllm_plugin.model.TransNormerLLM, unchanged."""
 import argparse
+from dataclasses import dataclass
 
 import torch
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.models import (FairseqIncrementalDecoder, FairseqLanguageModel, register_model,
                             register_model_architecture)
+from fairseq.optim import register_optimizer
+from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 
 from .checkpoint import check_state_dict
 from .host_common import (IncrementalDecoding, add_model_args, build_transnormer, criterion_result,
@@ -138,3 +141,21 @@ class TransNormerCrossEntropy(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+@dataclass
+class TorchAdamWConfig(FairseqAdamConfig):
+    pass
+
+
+@register_optimizer("torch_adamw", dataclass=TorchAdamWConfig)
+class TorchAdamW(FairseqAdam):
+    """``--optimizer torch_adamw``: fairseq's adam options (--adam-betas, --adam-eps, --weight-decay: decoupled, as
+    fairseq's adam) on torch.optim.AdamW, fused on CUDA, foreach on the CPU (fairseq's own adam without apex is a
+    Python loop over parameters). The Metaseq adapter registers the same optimizer for Metaseq."""
+
+    def __init__(self, cfg, params):
+        super(FairseqAdam, self).__init__(cfg)        # FairseqOptimizer's init: FairseqAdam's picks its own class
+        params = list(params)
+        fused = bool(params) and all(p.is_cuda for p in params)
+        self._optimizer = torch.optim.AdamW(params, fused=fused, foreach=not fused, **self.optimizer_config)

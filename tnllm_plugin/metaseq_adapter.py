@@ -147,7 +147,7 @@ class TorchAdamW(BaseOptimizer):
     def __init__(self, cfg, params):
         super().__init__(cfg)
         params = list(params)
-        fused = all(p.is_cuda for p in params)
+        fused = bool(params) and all(p.is_cuda for p in params)
         self._optimizer = torch.optim.AdamW(params, fused=fused, foreach=not fused, **self.optimizer_config)
 
     optimizer_config = MetaseqAdam.optimizer_config

@@ -6,9 +6,8 @@ beside it, registered here by the benchmark and not by the plugin, a LLaMA-style
     Attn: rotary positions on q and k, F.scaled_dot_product_attention(is_causal=True)
 
 fairseq takes one --user-dir per run, so both models (and the plugin's criterion) come through this one package:
-the same `fairseq-train` command trains either, and only the --arch and model flags differ. Also registered:
-``--optimizer torch_adamw`` (fairseq's adam options on torch.optim.AdamW, one fused kernel per step on CUDA;
-fairseq's own adam without apex is a Python loop over parameters), used by both models alike.
+the same `fairseq-train` command trains either, and only the --arch and model flags differ. Both use the plugin's
+``--optimizer torch_adamw`` (fairseq's adam options on torch's fused AdamW).
 
 Plain PyTorch; no Hugging Face. Initialisation as TransNormerLLM's: every linear and embedding weight N(0, 0.02),
 the padding row zero, norm weights one."""
@@ -25,10 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fairseq.models import (FairseqDecoder, FairseqLanguageModel, register_model,  # noqa: E402
                             register_model_architecture)
-from fairseq.optim import register_optimizer  # noqa: E402
-from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig  # noqa: E402
 
-import tnllm_plugin.fairseq_adapter  # noqa: E402,F401  (registers transnormer_llm and its criterion)
+import tnllm_plugin.fairseq_adapter  # noqa: E402,F401  (registers transnormer_llm, its criterion, torch_adamw)
 
 
 def refuse_block_form_on_cuda():
@@ -218,23 +215,6 @@ def llama_base_architecture(args):
     args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", None) or 2304
     args.rope_theta = getattr(args, "rope_theta", None) or 10000.0
     args.init_std = getattr(args, "init_std", None) or 0.02
-
-
-@dataclass
-class TorchAdamWConfig(FairseqAdamConfig):
-    pass
-
-
-@register_optimizer("torch_adamw", dataclass=TorchAdamWConfig)
-class TorchAdamW(FairseqAdam):
-    """fairseq's adam options (--adam-betas, --adam-eps, --weight-decay: decoupled, as fairseq's adam) on
-    torch.optim.AdamW: fused on CUDA, foreach on the CPU."""
-
-    def __init__(self, cfg, params):
-        super(FairseqAdam, self).__init__(cfg)        # FairseqOptimizer's init: FairseqAdam's picks its own class
-        params = list(params)
-        fused = bool(params) and all(p.is_cuda for p in params)
-        self._optimizer = torch.optim.AdamW(params, fused=fused, foreach=not fused, **self.optimizer_config)
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
