@@ -11,6 +11,7 @@ vocabulary size. Token id k is embedding row k, as everywhere in convert.py. Nee
 writes the checkpoint's config, so every section a Metaseq loader reads exists).
 """
 import argparse
+import json
 import warnings
 from pathlib import Path
 from typing import List
@@ -65,7 +66,6 @@ def released_to_metaseq(src, out_dir, data: str, vocab_filename: str, merges_fil
 
 
 def _bpe_size(vocab_filename) -> int:
-    import json
     try:
         return len(json.loads(Path(vocab_filename).read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
