@@ -3,7 +3,8 @@
 Installed under the import name ``tnllm_kernels`` (see setup.py) so that it never shadows
 the PyPI package ``kernels``.
 """
+from .fused_cross_entropy import linear_cross_entropy
 from .lightning_attention import lightning_attention, lightning_attention_step
 from .srmsnorm import srms_norm, srms_norm_gate
 
-__all__ = ["lightning_attention", "lightning_attention_step", "srms_norm", "srms_norm_gate"]
+__all__ = ["linear_cross_entropy", "lightning_attention", "lightning_attention_step", "srms_norm", "srms_norm_gate"]
