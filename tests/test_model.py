@@ -234,3 +234,40 @@ def test_any_block_of_an_initial_value_equals_that_block_of_the_whole():
     assert not torch.equal(head[:88], head[INIT_TILE:INIT_TILE + 88])   # tiles are drawn apart
     assert not torch.equal(emb[:88], head[:88])                         # so are parameters
     assert abs(head.std().item() - cfg.init_std) < 0.05 * cfg.init_std
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_chunked_lm_loss_equals_cross_entropy_of_the_logits(reduction):
+    """Loss and every parameter's gradient (float64): the chunked head + loss on the hidden states against
+    F.cross_entropy on the full logits, with padding targets and chunks that cut across batch rows."""
+    model = tiny().train()
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 97, (3, 23), generator=g)
+    target = tokens.roll(-1, 1)
+    target[1, 15:] = model.cfg.pad_id
+    weights = torch.rand(target.shape if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        if fused:
+            hidden, _ = model(tokens, return_hidden=True)
+            loss = model.chunked_lm_loss(hidden, target, model.cfg.pad_id, reduction, chunk_size=10)
+        else:
+            logits, _ = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), target.reshape(-1),
+                                                     ignore_index=model.cfg.pad_id, reduction=reduction)
+            loss = loss.reshape(target.shape) if reduction == "none" else loss
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss_got, grads_got) = results
+    assert loss_got.shape == loss_ref.shape and rel(loss_got, loss_ref) < 1e-12
+    assert set(grads_got) == set(grads_ref)
+    for name in grads_ref:
+        assert rel(grads_got[name], grads_ref[name]) < 1e-10, name
+
+
+def test_chunked_lm_loss_refuses_a_vocab_parallel_head():
+    model = tiny()
+    model.vocab_parallel = True
+    with pytest.raises(ValueError, match="vocab-parallel"):
+        model.chunked_lm_loss(torch.zeros(1, 2, 32, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long))

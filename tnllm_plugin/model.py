@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnllm_kernels import lightning_attention, lightning_attention_step, srms_norm, srms_norm_gate
+from tnllm_kernels import lightning_attention, lightning_attention_step, linear_cross_entropy, srms_norm, srms_norm_gate
+from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
 DECAY_SCHEDULES = ("released", "paper", "no-temperature")
 QK_ACTIVATIONS = ("silu", "1+elu", "none")
@@ -405,6 +406,20 @@ class TransNormerLLM(nn.Module):
             static.copy_(new)
         state.positions.add_(1)
         return self.lm_head(x)
+
+    def chunked_lm_loss(self, hidden, target, ignore_index: int = -100, reduction: str = "sum",
+                        chunk_size: int = DEFAULT_CHUNK):
+        """Cross entropy of the LM head's logits over ``hidden`` (``forward(..., return_hidden=True)``) against
+        ``target`` [B, N], without the [tokens, vocab] logits: the head and the loss run ``chunk_size`` tokens at
+        a time and the backward keeps only the gradients w.r.t. hidden and the head
+        (tnllm_kernels.fused_cross_entropy; under autocast the head's matmul is in its dtype, the softmax in fp32).
+        The value of
+        ``F.cross_entropy(self.lm_head(hidden).float(), target, ignore_index=..., reduction=...)`` up to rounding;
+        "none" gives target's shape. A vocab-parallel head holds a shard of the vocabulary: use
+        tnllm_plugin.parallel.vocab_parallel_cross_entropy on its logits."""
+        if getattr(self, "vocab_parallel", False):
+            raise ValueError("chunked_lm_loss needs the whole vocabulary; this LM head is a vocab-parallel shard")
+        return linear_cross_entropy(hidden, self.lm_head.weight, target, ignore_index, reduction, chunk_size)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
