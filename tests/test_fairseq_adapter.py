@@ -120,6 +120,70 @@ def test_criterion_ignores_padding():
     assert sample_size == 16 and torch.allclose(loss.double(), want, rtol=1e-6)  # the criterion works in fp32
 
 
+def criterion_batch(d, seed=5):
+    tokens = torch.randint(d.nspecial, len(d), (3, 17), generator=torch.Generator().manual_seed(seed))
+    target = tokens.roll(-1, 1)
+    target[2, 11:] = d.pad()
+    return {"net_input": {"src_tokens": tokens, "src_lengths": torch.full((3,), 17)}, "target": target,
+            "ntokens": int(target.ne(d.pad()).sum())}
+
+
+def loss_and_grads(model, loss_fn, weights):
+    model.zero_grad()
+    loss = loss_fn()
+    (loss * weights).sum().backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+def test_criterion_equals_cross_entropy_of_the_full_logits_without_making_them(reduce):
+    """The criterion has the model compute its loss (chunked LM head + loss: the LM head module never runs, so the
+    [tokens, vocab] logits never exist); the loss and every gradient are those of the previous criterion, cross
+    entropy on the full logits, to fp32 rounding."""
+    model, d = build()
+    model = model.float().train()
+    sample = criterion_batch(d)
+    crit = TransNormerCrossEntropy(Namespace(target_dictionary=d, source_dictionary=d))
+    weights = (torch.rand(sample["target"].numel(), generator=torch.Generator().manual_seed(6)) + 0.5
+               if not reduce else torch.tensor(0.7))
+    head_calls = []
+    hook = model.decoder.transnormer.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    loss, grads = loss_and_grads(model, lambda: crit(model, sample, reduce=reduce)[0], weights)
+    hook.remove()
+    assert not head_calls
+
+    def full_logits_loss():
+        logits = model(**sample["net_input"])[0]
+        return host_common.model_cross_entropy(model, logits, sample["target"], d.pad(), reduce)
+    want, want_grads = loss_and_grads(model, full_logits_loss, weights)
+    assert loss.dtype == torch.float32 and loss.shape == want.shape
+    assert rel(loss, want) < 1e-6
+    if not reduce:
+        assert (loss.view(3, 17)[2, 11:] == 0).all()
+    assert set(grads) == set(want_grads)
+    for k in want_grads:
+        assert rel(grads[k], want_grads[k]) < 1e-5, k
+
+
+def test_criterion_under_check_finite_still_checks_the_logits():
+    """--check-finite watches the logits: with it the loss goes through the full logits (same value), and an inf
+    logit stops the step naming the logits."""
+    from tnllm_plugin.finite import FiniteCheck, NonFiniteError
+    model, d = build(check_finite=True)
+    assert isinstance(model.decoder.finite_check, FiniteCheck)
+    sample = criterion_batch(d)
+    crit = TransNormerCrossEntropy(Namespace(target_dictionary=d, source_dictionary=d))
+    checked = crit(model, sample)[0]
+    model.decoder.finite_check.remove()
+    model.decoder.finite_check = None
+    assert rel(checked, crit(model, sample)[0]) < 1e-6      # the full logits' loss is fp32 (token_cross_entropy)
+    model.decoder.finite_check = FiniteCheck(model.decoder.transnormer)
+    with torch.no_grad():
+        model.decoder.transnormer.lm_head.weight[7] = float("inf")
+    with pytest.raises(NonFiniteError, match="logits"):
+        crit(model, sample)
+
+
 def test_mismatched_checkpoint_names_the_tensor():
     model, _ = build()
     sd = model.state_dict()

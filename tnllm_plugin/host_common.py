@@ -120,6 +120,17 @@ class IncrementalDecoding:
             out = full_vocabulary_logits(self.transnormer, out)
         return out, {"attn": [None], "inner_states": None}
 
+    def lm_loss(self, prev_output_tokens, target, padding_idx, reduce=True):
+        """The criterion's loss (see criterion_loss), inside the decoder's forward: hidden states, then the LM head
+        and cross entropy chunk by chunk, so that the [tokens, vocab] logits never exist. With a FiniteCheck
+        installed (fairseq's --check-finite) the logits are made whole, as its check of the logits needs them."""
+        if getattr(self, "finite_check", None) is not None:
+            logits, _ = self.transnormer(prev_output_tokens)
+            return token_cross_entropy(logits, target, padding_idx, reduce)
+        hidden, _ = self.transnormer(prev_output_tokens, return_hidden=True)
+        loss = self.transnormer.chunked_lm_loss(hidden, target, padding_idx, "sum" if reduce else "none")
+        return loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
+
     def reorder_incremental_state(self, incremental_state, new_order):
         state = self.get_incremental_state(incremental_state, "decode")
         if state is not None:
@@ -143,6 +154,17 @@ def model_cross_entropy(model, logits, target, padding_idx, reduce=True):
         loss = vocab_parallel_cross_entropy(logits, target, padding_idx, "sum" if reduce else "none")
         return loss if reduce else loss.reshape(-1)     # per token, flat like token_cross_entropy
     return token_cross_entropy(logits, target, padding_idx, reduce)
+
+
+def criterion_loss(model, net_input, target, padding_idx, reduce=True):
+    """The criterion's loss for a batch: cross entropy summed over non-padding targets, or per token (flat,
+    padding 0) without reduce. The model computes it in its own forward (``loss_target=``: under its autocast and,
+    under FSDP, while its LM head's weight is gathered) with the chunked LM head + loss, which never makes the
+    [tokens, vocab] logits. A vocab-parallel model returns its logits shard instead, for
+    vocab_parallel_cross_entropy (model_cross_entropy)."""
+    if getattr(model, "vocab_parallel", False):
+        return model_cross_entropy(model, model(**net_input)[0], target, padding_idx, reduce)
+    return model(**net_input, loss_target=target, loss_padding_idx=padding_idx, loss_reduce=reduce)[0]
 
 
 def criterion_result(loss, sample):

@@ -24,8 +24,8 @@ from metaseq.optim import BaseOptimizer, register_optimizer
 from metaseq.optim.adam import MetaseqAdam, MetaseqAdamConfig
 
 from .checkpoint import check_state_dict
-from .host_common import (IncrementalDecoding, add_model_args, build_transnormer, criterion_result,
-                          full_vocabulary_logits, log_loss_and_perplexity, model_cross_entropy, preset_architecture)
+from .host_common import (IncrementalDecoding, add_model_args, build_transnormer, criterion_loss, criterion_result,
+                          full_vocabulary_logits, log_loss_and_perplexity, preset_architecture)
 from .model import TransNormerLLM
 from .presets import PRESETS
 
@@ -65,7 +65,10 @@ class TransNormerDecoder(IncrementalDecoding, BaseDecoder):
         super().__init__(dictionary)
         self.transnormer = transnormer
 
-    def forward(self, prev_output_tokens, incremental_state=None, features_only=False, **unused):
+    def forward(self, prev_output_tokens, incremental_state=None, features_only=False, loss_target=None,
+                loss_padding_idx=None, loss_reduce=True, **unused):
+        if loss_target is not None:     # the criterion's loss in place of logits (host_common.criterion_loss)
+            return self.lm_loss(prev_output_tokens, loss_target, loss_padding_idx, loss_reduce), {}
         return self.decode(prev_output_tokens, incremental_state, features_only)
 
     def extract_features(self, prev_output_tokens, incremental_state=None, **kwargs):
@@ -115,13 +118,12 @@ for _name, _shape in PRESETS.items():
 
 @register_criterion("transnormer_llm_cross_entropy")
 class TransNormerCrossEntropy(BaseCriterion):
-    """Token-level cross entropy summed over non-padding targets (vocab-parallel under tensor parallelism);
-    logs loss (base 2) and perplexity."""
+    """Token-level cross entropy summed over non-padding targets, from the model's chunked LM head + loss
+    (vocab-parallel under tensor parallelism); logs loss (base 2) and perplexity."""
 
     def forward(self, model, sample, reduce=True):
-        logits = model(**sample["net_input"])[0]
         target = model.get_targets(sample)
-        return criterion_result(model_cross_entropy(model, logits, target, self.padding_idx, reduce), sample)
+        return criterion_result(criterion_loss(model, sample["net_input"], target, self.padding_idx, reduce), sample)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -148,6 +148,36 @@ def test_criterion_and_metrics():
     assert metaseq_adapter.TransNormerCrossEntropy.logging_outputs_can_be_summed()
 
 
+@pytest.mark.parametrize("reduce", [True, False])
+def test_criterion_gradients_equal_those_of_the_full_logits_without_making_them(reduce):
+    """The criterion has the model compute its loss (chunked LM head + loss: the LM head module never runs); the
+    loss and every gradient are those of cross entropy on the full logits, to fp32 rounding."""
+    model, d, task = build()
+    model.train()
+    crit = build_criterion(Namespace(criterion="transnormer_llm_cross_entropy"), task)
+    tokens = tokens_for(d, (3, 17), 5)
+    target = tokens.roll(-1, 1)
+    target[2, 11:] = d.pad()
+    sample = {"net_input": {"src_tokens": tokens}, "target": target, "ntokens": int(target.ne(d.pad()).sum())}
+    weights = (torch.rand(target.numel(), generator=torch.Generator().manual_seed(6)) + 0.5
+               if not reduce else torch.tensor(0.7))
+    results = []
+    head_calls = []
+    hook = model.decoder.transnormer.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    for loss_fn in (lambda: crit(model, sample, reduce=reduce)[0],
+                    lambda: host_common.model_cross_entropy(model, model(tokens)[0], target, d.pad(), reduce)):
+        model.zero_grad()
+        loss = loss_fn()
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, len(head_calls)))
+    hook.remove()
+    (loss, grads, calls), (want, want_grads, _) = results
+    assert calls == 0
+    assert loss.shape == want.shape and rel(loss, want) < 1e-6
+    for k in want_grads:
+        assert rel(grads[k], want_grads[k]) < 1e-5, k
+
+
 def test_mismatched_checkpoint_names_the_tensor():
     model, _, _ = build()
     sd = model.state_dict()
