@@ -5,8 +5,11 @@ and flash-linear-attention's RetNet, in one run, with the same training step for
 
 16384 tokens per step (batch = 16384 // seq_len, at least 1), sequence lengths 2048, 8192, 32768;
 tokens/s is the median over the timed steps after warm-up; peak memory is torch.cuda.max_memory_allocated
-over the whole measurement (GB = 1e9 bytes). Then the longest sequence our model trains at batch 1 with
-per-block activation checkpointing and a chunked LM-head loss (doubling search; an OOM ends it).
+over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs twice: with the plain loss above, and with the
+chunked LM head + loss (``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist; the same
+loss up to rounding), so that the table shows what each change of the step is worth. Then the longest sequence
+our model trains at batch 1 with per-block activation checkpointing and a chunked LM-head loss (doubling search;
+an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
     python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
@@ -27,9 +30,9 @@ from benchmark_common import free_memory as release, llama_model, reset_peak, sy
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
 
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
-            warmup=3, steps=10, longest_start=32768, longest_max=1 << 22, smoke=False)
+            warmup=3, steps=10, longest_start=32768, longest_max=1 << 22, loss_chunk=4096, smoke=False)
 SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32, 64, 128),
-             warmup=1, steps=2, longest_start=128, longest_max=512, smoke=True)
+             warmup=1, steps=2, longest_start=128, longest_max=512, loss_chunk=48, smoke=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -37,6 +40,13 @@ SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32
 
 def transnormer(s):
     return transnormer_model(s, full=not s["smoke"]), plain_loss(lambda m, x: m(x)[0])
+
+
+def transnormer_fused_loss(s):
+    def loss_fn(model, x, y):
+        hidden, _ = model(x, return_hidden=True)
+        return model.chunked_lm_loss(hidden, y, reduction="mean", chunk_size=s["loss_chunk"])
+    return transnormer_model(s, full=not s["smoke"]), loss_fn
 
 
 def llama_sdpa(s):
@@ -66,8 +76,8 @@ def fla_retnet_fused_loss(s):
     return retnet_model(s), loss_fn
 
 
-MODELS = {"transnormer_llm_385m": transnormer, "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet,
-          "fla_retnet_fused_loss": fla_retnet_fused_loss}
+MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_fused_loss": transnormer_fused_loss,
+          "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,6 +147,7 @@ def is_oom(e):
 
 
 def run_model(name, s, device):
+    torch.manual_seed(0)        # the same initial weights for the same model under either loss: comparable losses
     try:
         model, loss_fn = MODELS[name](s)
     except Exception as e:      # a baseline's package missing or broken: the others still run, the table says why
@@ -235,6 +246,14 @@ def table(results, s, longest):
     for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss"):
         if other in results:
             lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
+    fused = results.get("transnormer_llm_385m_fused_loss", {}).get("seqs", {})
+    both = [n for n in seqs if "tokens_per_s" in ours.get(n, {}) and "tokens_per_s" in fused.get(n, {})]
+    if both:
+        cells = [f"seq {n}: tokens/s {fused[n]['tokens_per_s'] / ours[n]['tokens_per_s']:.2f}x, "
+                 f"peak {ours[n]['peak_gb']:.1f} -> {fused[n]['peak_gb']:.1f} GB, "
+                 f"last loss {ours[n]['loss']:.4f} -> {fused[n]['loss']:.4f}" for n in both]
+        lines.append(f"ours with the chunked LM head + loss (chunk {s['loss_chunk']} tokens) / plain loss: "
+                     + ", ".join(cells))
     if all("tokens_per_s" in ours.get(n, {}) for n in (seqs[0], seqs[-1])):
         lines.append(f"ours seq {seqs[-1]} / seq {seqs[0]}: "
                      f"{ours[seqs[-1]]['tokens_per_s'] / ours[seqs[0]]['tokens_per_s']:.2f}")
@@ -255,9 +274,10 @@ def main():
                     help="also print a torch.profiler table of our training step at this sequence length")
     ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10)")
     ap.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
+    ap.add_argument("--loss-chunk", type=int, help="tokens per chunk of the chunked LM head + loss (default 4096)")
     args = ap.parse_args()
     s = dict(SMOKE if args.smoke else FULL)
-    s.update({k: getattr(args, k) for k in ("steps", "warmup") if getattr(args, k) is not None})
+    s.update({k: getattr(args, k) for k in ("steps", "warmup", "loss_chunk") if getattr(args, k) is not None})
     if s["steps"] < 1:
         sys.exit("--steps must be at least 1")
     if args.smoke:
