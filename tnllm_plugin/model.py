@@ -23,6 +23,8 @@ from torch import nn
 from tnllm_kernels import lightning_attention, lightning_attention_step, linear_cross_entropy, srms_norm, srms_norm_gate
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
+from .recompute import linears_after
+
 DECAY_SCHEDULES = ("released", "paper", "no-temperature")
 QK_ACTIVATIONS = ("silu", "1+elu", "none")
 NORMS = ("srms", "rms", "layer")
@@ -133,6 +135,18 @@ def make_norm(cfg: TransNormerConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
+def norm_then_linears(norm: Optional[nn.Module], x, linears):
+    """[linear(norm(x)) for linear in linears]. The parameter-free SRMSNorm is recomputed in backward instead of
+    its output (and autocast's bf16 copy of it) being kept: x is kept anyway, as the norm's own backward needs it
+    (recompute.linears_after). Without a norm, the linears of x."""
+    if norm is None:
+        return [m(x) for m in linears]
+    if type(norm) is SRMSNorm:
+        return linears_after(norm, [x], linears)
+    y = norm(x)
+    return [m(y) for m in linears]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Token mixer
 
@@ -196,9 +210,11 @@ class GatedLinearAttention(nn.Module):
         self.slope = slope.to(self.slope.device)
         return self
 
-    def forward(self, x, state=None, offset=0, padding_mask=None):
+    def forward(self, x, state=None, offset=0, padding_mask=None, norm: Optional[nn.Module] = None):
+        """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply."""
         b, n, _ = x.shape
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        qkvu, = norm_then_linears(norm, x, [self.qkvu_proj])
+        q, k, v, u = qkvu.chunk(4, dim=-1)
         # heads from the tensor width, so that a tensor-parallel shard holding H/tp heads runs unchanged
         q, k, v = (t.reshape(b, n, -1, self.head_dim) for t in (q, k, v))
         q, k = self.act(q), self.act(k)
@@ -212,11 +228,12 @@ class GatedLinearAttention(nn.Module):
         else:
             o, state = lightning_attention(q, k, v, self.slope, state, self.block_size)
         o = o.reshape(b, n, -1)
-        if type(self.out_norm) is SRMSNorm:     # norm and gate in one kernel on CUDA (same values as below)
-            o = srms_norm_gate(o, u, self.out_norm.eps)
-        else:
-            o = self.out_norm(o) * u
-        return self.out_proj(o), state
+        if type(self.out_norm) is SRMSNorm:
+            # norm and gate in one kernel on CUDA (same values as below), recomputed in backward: W_o's input is
+            # not kept (o is, and u is part of the QKVU output that the activation keeps)
+            out, = linears_after(functools.partial(srms_norm_gate, eps=self.out_norm.eps), [o, u], [self.out_proj])
+            return out, state
+        return self.out_proj(self.out_norm(o) * u), state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,8 +248,12 @@ class SGLU(nn.Module):
         self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
         self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x):
-        return self.l3(self.l1(x) * self.l2(x))
+    def forward(self, x, norm: Optional[nn.Module] = None):
+        """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's channel norm) to apply.
+        The product is recomputed in backward (its factors are kept, as its own backward needs them), so W3's
+        input is not kept."""
+        a, b = norm_then_linears(norm, x, [self.l1, self.l2])
+        return linears_after(torch.mul, [a, b], [self.l3])[0]
 
 
 class TransNormerBlock(nn.Module):
@@ -245,9 +266,11 @@ class TransNormerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, state=None, offset=0, padding_mask=None):
-        mixed, state = self.token_mixer(self.token_norm(x), state, offset, padding_mask)
+        # each norm runs inside its mixer, as the first step of the mixer's input projections (recomputed there
+        # in backward rather than kept)
+        mixed, state = self.token_mixer(x, state, offset, padding_mask, norm=self.token_norm)
         x = x + self.dropout(mixed)
-        x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
+        x = x + self.dropout(self.channel_mixer(x, norm=self.channel_norm))
         return x, state
 
 

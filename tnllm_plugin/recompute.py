@@ -1,0 +1,104 @@
+"""Linear layers whose input is recomputed in backward instead of saved (issue 14, the memory of a training step).
+
+``linears_after(prefix, inputs, linears)`` is ``[linear(prefix(*inputs)) for linear in linears]``, but what it keeps
+for backward is ``inputs`` and the fp32 weights, not ``prefix``'s output nor autocast's bf16 copies of the weights:
+the prefix (cheap elementwise work: a block's SRMSNorm, the GLA output norm and gate, SGLU's product) runs again in
+backward, under the autocast state of the forward. The inputs are tensors that are kept anyway (the residual the
+norm's own backward reads, the attention output and the gate, the product's factors), so each use removes an
+activation of the linear layers' input width.
+
+Outputs are those of the plain composition bit for bit (the same ops in the same dtypes, autocast's casts made
+explicitly) and so are the products of the backward; a residual's gradient is the same sum, but added up in
+another order (fp32 rounding). Only for plain ``nn.Linear`` layers and a deterministic prefix without parameters
+(the caller's choice); tensor-parallel layers and evaluation take the plain composition.
+"""
+import contextlib
+from typing import Callable, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _matmul_dtype(y, device_type):
+    """The dtype autocast would run a linear layer on ``y`` in (float64 is never autocast)."""
+    if torch.is_autocast_enabled(device_type) and y.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return y.dtype
+
+
+class _LinearsAfter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prefix, n_inputs, *args):
+        inputs, params = args[:n_inputs], args[n_inputs:]
+        device_type = inputs[0].device.type
+        ctx.prefix, ctx.n_inputs, ctx.device_type = prefix, n_inputs, device_type
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        y = prefix(*inputs)
+        dtype = _matmul_dtype(y, device_type)
+        ctx.y_dtype, ctx.dtype = y.dtype, dtype
+        yc = y.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            outs = [F.linear(yc, w.to(dtype), None if b is None else b.to(dtype))
+                    for w, b in zip(params[0::2], params[1::2])]
+        ctx.save_for_backward(*inputs, *params)
+        ctx.set_materialize_grads(False)    # an output no loss used gives its layer no gradient, as autograd would
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        saved = ctx.saved_tensors
+        inputs, params = saved[:ctx.n_inputs], saved[ctx.n_inputs:]
+        detached = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        enabled, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=autocast_dtype, enabled=enabled):
+            y = ctx.prefix(*detached)
+        wanted = [x for x in detached if x.requires_grad]
+        y2 = y.detach().to(ctx.dtype).reshape(-1, y.shape[-1])
+        grad_y, grads = None, []
+        for i, (w, b, g) in enumerate(zip(params[0::2], params[1::2], grad_outs)):
+            need_w, need_b = ctx.needs_input_grad[2 + ctx.n_inputs + 2 * i:4 + ctx.n_inputs + 2 * i]
+            if g is None:
+                grads += [None, None]
+                continue
+            g2 = g.reshape(-1, g.shape[-1]).to(ctx.dtype)
+            # the products torch's own linear backward computes, in its orientation; each layer's input gradient
+            # back in y's dtype before they are summed, as autograd sums the gradients of autocast's casts
+            if wanted:
+                step = g2.mm(w.to(ctx.dtype)).to(ctx.y_dtype)
+                grad_y = step if grad_y is None else grad_y + step
+            grads += [g2.t().mm(y2).to(w.dtype) if need_w else None,
+                      g2.sum(0).to(b.dtype) if need_b and b is not None else None]
+        input_grads = {}
+        if grad_y is not None:
+            input_grads = dict(zip(map(id, wanted), torch.autograd.grad(y, wanted, grad_y.reshape(y.shape))))
+        return (None, None, *[input_grads.get(id(x)) for x in detached], *grads)
+
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def plain_composition():
+    """Inside, linears_after computes the plain composition (and saves what it saves): the reference to compare
+    against, and the previous behaviour for measurements."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def linears_after(prefix: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                  linears: Sequence[nn.Module]) -> List[torch.Tensor]:
+    """``[linear(prefix(*inputs)) for linear in linears]`` keeping ``inputs`` for backward instead of the prefix's
+    output (recomputed there). ``prefix`` must be deterministic and hold no parameters."""
+    plain = (not _enabled or not torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears)
+             or not (any(x.requires_grad for x in inputs) or any(p.requires_grad for m in linears
+                                                                   for p in m.parameters())))
+    if plain:
+        y = prefix(*inputs)
+        return [m(y) for m in linears]
+    params = [t for m in linears for t in (m.weight, m.bias)]
+    return list(_LinearsAfter.apply(prefix, len(inputs), *inputs, *params))
