@@ -5,11 +5,12 @@ and flash-linear-attention's RetNet, in one run, with the same training step for
 
 16384 tokens per step (batch = 16384 // seq_len, at least 1), sequence lengths 2048, 8192, 32768;
 tokens/s is the median over the timed steps after warm-up; peak memory is torch.cuda.max_memory_allocated
-over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs twice: with the plain loss above, and with the
-chunked LM head + loss (``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist; the same
-loss up to rounding), so that the table shows what each change of the step is worth. Then the longest sequence
-our model trains at batch 1 with per-block activation checkpointing and a chunked LM-head loss (doubling search;
-an OOM ends it).
+over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs three times, so that the table shows what each
+change of the step is worth: as it was (``_no_recompute``: every linear layer keeps its input), with the norms,
+GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
+loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); the
+same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
+with per-block activation checkpointing and a chunked LM-head loss (doubling search; an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
     python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmark_common import free_memory as release, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
+from tnllm_plugin.recompute import plain_composition  # noqa: E402
 
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
             warmup=3, steps=10, longest_start=32768, longest_max=1 << 22, loss_chunk=4096, smoke=False)
@@ -40,6 +42,17 @@ SMOKE = dict(vocab=256, layers=2, dim=64, heads=4, ffn=128, tokens=256, seqs=(32
 
 def transnormer(s):
     return transnormer_model(s, full=not s["smoke"]), plain_loss(lambda m, x: m(x)[0])
+
+
+def transnormer_no_recompute(s):
+    """The step before issue 14's memory work: every linear layer keeps its input for backward (no recomputed
+    norms, gate or SGLU product) and the plain loss."""
+    plain = plain_loss(lambda m, x: m(x)[0])
+
+    def loss_fn(model, x, y):
+        with plain_composition():
+            return plain(model, x, y)
+    return transnormer_model(s, full=not s["smoke"]), loss_fn
 
 
 def transnormer_fused_loss(s):
@@ -76,7 +89,8 @@ def fla_retnet_fused_loss(s):
     return retnet_model(s), loss_fn
 
 
-MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_fused_loss": transnormer_fused_loss,
+MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recompute": transnormer_no_recompute,
+          "transnormer_llm_385m_fused_loss": transnormer_fused_loss,
           "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
 
 
@@ -246,14 +260,18 @@ def table(results, s, longest):
     for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss"):
         if other in results:
             lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
-    fused = results.get("transnormer_llm_385m_fused_loss", {}).get("seqs", {})
-    both = [n for n in seqs if "tokens_per_s" in ours.get(n, {}) and "tokens_per_s" in fused.get(n, {})]
-    if both:
-        cells = [f"seq {n}: tokens/s {fused[n]['tokens_per_s'] / ours[n]['tokens_per_s']:.2f}x, "
-                 f"peak {ours[n]['peak_gb']:.1f} -> {fused[n]['peak_gb']:.1f} GB, "
-                 f"last loss {ours[n]['loss']:.4f} -> {fused[n]['loss']:.4f}" for n in both]
-        lines.append(f"ours with the chunked LM head + loss (chunk {s['loss_chunk']} tokens) / plain loss: "
-                     + ", ".join(cells))
+    def lever(label, before, after):      # one change of our step: what it does to speed, memory and the loss
+        old = results.get(before, {}).get("seqs", {})
+        new = results.get(after, {}).get("seqs", {})
+        both = [n for n in seqs if "tokens_per_s" in old.get(n, {}) and "tokens_per_s" in new.get(n, {})]
+        if both:
+            lines.append(f"{label} ({after} / {before}): " + ", ".join(
+                f"seq {n}: tokens/s {new[n]['tokens_per_s'] / old[n]['tokens_per_s']:.2f}x, peak "
+                f"{old[n]['peak_gb']:.1f} -> {new[n]['peak_gb']:.1f} GB, last loss {old[n]['loss']:.4f} -> "
+                f"{new[n]['loss']:.4f}" for n in both))
+    lever("linear layers' inputs recomputed", "transnormer_llm_385m_no_recompute", "transnormer_llm_385m")
+    lever(f"chunked LM head + loss, {s['loss_chunk']} tokens a chunk", "transnormer_llm_385m",
+          "transnormer_llm_385m_fused_loss")
     if all("tokens_per_s" in ours.get(n, {}) for n in (seqs[0], seqs[-1])):
         lines.append(f"ours seq {seqs[-1]} / seq {seqs[0]}: "
                      f"{ours[seqs[-1]]['tokens_per_s'] / ours[seqs[0]]['tokens_per_s']:.2f}")
