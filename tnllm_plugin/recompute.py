@@ -18,6 +18,7 @@ from typing import Callable, List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _matmul_dtype(y, device_type):
@@ -46,6 +47,7 @@ class _LinearsAfter(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grad_outs):
         saved = ctx.saved_tensors
         inputs, params = saved[:ctx.n_inputs], saved[ctx.n_inputs:]
