@@ -161,8 +161,9 @@ def criterion_loss(model, net_input, target, padding_idx, reduce=True):
     padding 0) without reduce. The model computes it in its own forward (``loss_target=``: under its autocast and,
     under FSDP, while its LM head's weight is gathered) with the chunked LM head + loss, which never makes the
     [tokens, vocab] logits. A vocab-parallel model returns its logits shard instead, for
-    vocab_parallel_cross_entropy (model_cross_entropy)."""
-    if getattr(model, "vocab_parallel", False):
+    vocab_parallel_cross_entropy (model_cross_entropy); so does a model whose decoder is not ours (a baseline
+    registered beside the plugin that uses this criterion): it would ignore ``loss_target`` and return logits."""
+    if getattr(model, "vocab_parallel", False) or not hasattr(getattr(model, "decoder", None), "lm_loss"):
         return model_cross_entropy(model, model(**net_input)[0], target, padding_idx, reduce)
     return model(**net_input, loss_target=target, loss_padding_idx=padding_idx, loss_reduce=reduce)[0]
 
