@@ -21,7 +21,7 @@ in bits per token (base 2), as the paper's tables (their PPL is 2^loss, averaged
 
 Results go to --out (default benchmarks/logs/quality): per run NAME.json (settings, command, parameter counts,
 curve, final losses, tokens/s) and NAME.log (fairseq's output). A run killed by a time limit (--time-limit, or the
-GPU machine's) resumes from its last checkpoint (every 600 updates) in --work when started again;
+GPU machine's) resumes from its last checkpoint (every 300 updates) in --work when started again;
 finished runs (in --work, or in benchmarks/logs/quality, which travels with the checkout) are skipped unless
 --force; their results are copied to --out, so that --table and --plot there see every run.
 """
@@ -52,7 +52,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "logs" / "quality"
 # 59,999,988 tokens = 1831 full updates, then one update into epoch 2), the ablations 10M tokens.
 FULL = dict(d=768, layers=12, heads=12, glu=2048, seq=2048, batch=16, main_tokens=60_000_000,
             ablation_tokens=10_000_000, lrs=(6e-4, 1.5e-3), ablation_lr=1e-3, warmup=0.05, valid_every=100,
-            ablation_valid_every=50, valid_batches=32, save_every=600, log_interval=20, cpu=False,
+            ablation_valid_every=50, valid_batches=32, save_every=300, log_interval=20, cpu=False,
             assume_tokens_per_s=200_000, overhead_s=60)
 # tiny, CPU: a few dozen updates of 4 x 64 tokens
 SMOKE = dict(d=64, layers=2, heads=4, glu=128, seq=64, batch=4, main_tokens=256 * 12, ablation_tokens=256 * 4,
@@ -170,25 +170,60 @@ def validate_command(s, data, save_dir):
 # ---------------------------------------------------------------------------------------------------------
 # Parameter counts (both models built on the meta device: no memory, no initialisation)
 
+def build_model(s, vocab, run):
+    """The run's model as fairseq-train builds it (same flags), as a plain module: for the parameter counts and the
+    plugin's own training-step benchmark."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_models import LlamaConfig, LlamaLM
+    from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+    if run["model"] == "tnl":
+        flags = dict(zip(run["flags"][::2], run["flags"][1::2]))
+        lrpe = flags.get("--lrpe-layers", "0")
+        return TransNormerLLM(TransNormerConfig(
+            vocab_size=vocab, d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"], glu_dim=s["glu"],
+            lrpe_layers=tuple(int(i) for i in lrpe.split(",") if i.strip()),
+            decay=flags.get("--decay-schedule", "released"), qk_act=flags.get("--qk-act", "silu"),
+            norm=flags.get("--norm-type", "srms")))
+    return LlamaLM(LlamaConfig(vocab_size=vocab, d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"],
+                               ffn_dim=llama_ffn_dim(s)))
+
+
 def parameter_counts(s, vocab, run=None):
     import torch
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from quality_models import LlamaConfig, LlamaLM, count_parameters
-    from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
-    run = run or dict(model="tnl", flags=[])
+    from quality_models import count_parameters
     with torch.device("meta"):
-        if run["model"] == "tnl":
-            flags = dict(zip(run["flags"][::2], run["flags"][1::2]))
-            lrpe = flags.get("--lrpe-layers", "0")
-            model = TransNormerLLM(TransNormerConfig(
-                vocab_size=vocab, d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"], glu_dim=s["glu"],
-                lrpe_layers=tuple(int(i) for i in lrpe.split(",") if i.strip()),
-                decay=flags.get("--decay-schedule", "released"), qk_act=flags.get("--qk-act", "silu"),
-                norm=flags.get("--norm-type", "srms")))
-        else:
-            model = LlamaLM(LlamaConfig(vocab_size=vocab, d_model=s["d"], n_layers=s["layers"], n_heads=s["heads"],
-                                        ffn_dim=llama_ffn_dim(s)))
+        model = build_model(s, vocab, run or dict(model="tnl", flags=[]))
     return dict(total=count_parameters(model), non_embedding=count_parameters(model, non_embedding=True))
+
+
+STEP_BENCHMARK = "step_benchmark.json"     # in --out beside the runs' NAME.json
+
+
+def step_benchmark(s, vocab, out: Path):
+    """Issue 13 item 5: both models' training step outside any host, at the runs' shape and tokens per update, timed
+    as benchmarks/train_throughput.py times it (bf16 autocast over fp32 weights, fp32 cross entropy, fused AdamW;
+    median of 10 steps after 3). fairseq-train's tokens/s (the table) is read against these; written to
+    --out's step_benchmark.json."""
+    import torch
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_throughput
+    device = torch.device("cpu" if s["cpu"] else "cuda")
+    shape = dict(tokens=s["batch"] * s["seq"], vocab=vocab, warmup=1 if s["cpu"] else 3, steps=2 if s["cpu"] else 10)
+    results = {}
+    for model_name in ("tnl", "llama"):
+        torch.manual_seed(0)
+        model = build_model(s, vocab, dict(model=model_name, flags=[])).to(device)
+        logits = (lambda m, x: m(x)[0]) if model_name == "tnl" else (lambda m, x: m(x))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        results[model_name] = train_throughput.measure(model, train_throughput.plain_loss(logits), opt, shape,
+                                                       s["seq"], device)
+        print(f"step benchmark {model_name}: {results[model_name]}", flush=True)
+        del model, opt
+        train_throughput.free_memory(device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STEP_BENCHMARK).write_text(json.dumps(dict(
+        results, settings=shape, seq=s["seq"], device=device_name(s, None), date=time.strftime("%Y-%m-%d")), indent=1))
+    return results
 
 
 def check_same_size(s, vocab):
@@ -292,7 +327,7 @@ def finished(name, work: Path, args):
     return None
 
 
-def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, deadline=None):
+def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, deadline=None, sharing=1):
     """Train (or resume) one run, validate it, write out/NAME.json; returns its record, or None if cut short."""
     rdir = work / "runs" / name
     save_dir = rdir / "ckpt"
@@ -358,6 +393,7 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
                   params=params, vocab=dictionary_size(Path(data)), command=shlex.join(cmd),
                   validate_command=shlex.join(vcmd), last_call_wall_s=wall,
                   triton="kernels: Triton" in text, device=device_name(s, gpu), date=time.strftime("%Y-%m-%d"),
+                  runs_sharing_the_device=sharing,
                   **parsed)
     done.write_text(json.dumps(record, indent=1))
     (out / f"{name}.json").write_text(done.read_text())
@@ -432,7 +468,8 @@ def estimate_s(s, run, measured):
 def measured_rates(*dirs: Path):
     """tokens/s per model from finished runs (out/NAME.json or work/runs/NAME/result.json), for the estimates."""
     rates = {}
-    for f in sorted(p for d in dirs for p in [*d.glob("*.json"), *d.glob("runs/*/result.json")]):
+    for f in sorted(p for d in dirs for p in [*d.glob("*.json"), *d.glob("runs/*/result.json")]
+                    if p.name != STEP_BENCHMARK):
         r = json.loads(f.read_text())
         if r.get("tokens_per_s"):
             rates.setdefault(r["model"], r["tokens_per_s"])
@@ -455,8 +492,7 @@ def list_runs(runs, s, out, work):
           f"and validation)")
 
 
-def run_selected(names, runs, s, args, data, work, out):
-    deadline = time.time() + args.time_limit * 60 if args.time_limit else None
+def run_selected(names, runs, s, args, data, work, out, deadline):
     measured = measured_rates(out, work)
     counts = {n: parameter_counts(s, dictionary_size(Path(data)), runs[n]) for n in names}   # here, not in threads
     queue, lock, results = list(names), threading.Lock(), {}
@@ -468,13 +504,19 @@ def run_selected(names, runs, s, args, data, work, out):
                     return
                 name = queue.pop(0)
             run = runs[name]
-            if deadline is not None and time.time() + estimate_s(s, run, measured) > deadline \
-                    and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists() \
-                    and not (finished(name, work, args) and not args.force):
+            done_before = finished(name, work, args) and not args.force     # no training: copied to --out
+            if deadline is not None and not done_before and time.time() > deadline - 30:
+                print(f"[{name}] not started: less than 30 s left (--time-limit)", flush=True)
+                continue
+            if deadline is not None and not done_before and not args.start_anyway \
+                    and time.time() + estimate_s(s, run, measured) > deadline \
+                    and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists():
                 print(f"[{name}] not started: its estimate exceeds the time left (--time-limit)", flush=True)
                 continue
-            results[name] = run_one(name, run, s, args, data, work, out, counts[name], gpu, deadline)
+            results[name] = run_one(name, run, s, args, data, work, out, counts[name], gpu, deadline,
+                                    sharing=gpus.count(gpu))
 
+    # a GPU id given n times runs n trainings on it at once (their tokens/s are then shares of one device)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [None]
     threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:
@@ -490,7 +532,7 @@ def run_selected(names, runs, s, args, data, work, out):
 def load_results(out: Path):
     """{name: record} in table order: the main runs (TransNormerLLM first, by learning rate), then the ablations as
     ABLATIONS lists them."""
-    results = [json.loads(f.read_text()) for f in out.glob("*.json")]
+    results = [json.loads(f.read_text()) for f in out.glob("*.json") if f.name != STEP_BENCHMARK]
     ablations = [a[0] for a in ABLATIONS]
 
     def order(r):
@@ -511,6 +553,11 @@ def si(x):
         if abs(x) >= div:
             return f"{x / div:.1f}{unit}"
     return f"{x:.0f}"
+
+
+def shared_note(r):
+    n = r.get("runs_sharing_the_device", 1)
+    return f" ({n} runs on the GPU)" if n > 1 else ""
 
 
 def table(results):
@@ -536,7 +583,7 @@ def table(results):
             f"{r['lr']:.1e} | {si(r['tokens'])} | {v.get('loss', float('nan')):.3f} | "
             f"{v.get('ppl', float('nan')):.2f} | {t.get('loss', float('nan')):.3f} | "
             f"{t.get('ppl', float('nan')):.2f} | "
-            f"{si(r['tokens_per_s'] or 0)} | "
+            f"{si(r['tokens_per_s'] or 0)}{shared_note(r)} | "
             + (f"{paper[0]} {paper[1]}: {paper[2]:.3f} / {paper[3]:.3f}" if paper else "")
             + f" | {d_ours} | {d_paper} |")
     lines += ["", "Losses in bits per token (fairseq's base 2; the paper's tables likewise, PPL = 2^loss averaged "
@@ -544,6 +591,26 @@ def table(results):
               "Table 1 TransNormerLLM); ablations against abl_base (paper: the table's own first row). Ours: the "
               "last checkpoint on the whole valid and test splits."]
     return "\n".join(lines)
+
+
+def host_overhead(results, out: Path):
+    """Lines setting fairseq-train's tokens/s (median over the main runs of each model) beside the plugin's own step
+    at the same shape (step_benchmark.json, when measured)."""
+    path = out / STEP_BENCHMARK
+    if not path.exists():
+        return []
+    bench = json.loads(path.read_text())
+    lines = ["", f"Host path against the model's own training step (`--step-benchmark`, {bench['device']}, "
+                 f"{bench['date']}; {bench['settings']['tokens']} tokens per step at sequence {bench['seq']}):", ""]
+    for model, label in (("tnl", "TransNormerLLM"), ("llama", "LLaMA baseline")):
+        rates = [r["tokens_per_s"] for r in results.values() if r["model"] == model and r["budget"] == "main"
+                 and r.get("tokens_per_s") and r.get("runs_sharing_the_device", 1) == 1]
+        if model not in bench or not rates:
+            continue
+        host, own = statistics.median(rates), bench[model]["tokens_per_s"]
+        lines.append(f"- {label}: fairseq-train {host:,.0f} tokens/s (median of its main runs), own step "
+                     f"{own:,.0f} tokens/s, peak {bench[model]['peak_gb']:.1f} GB: host/own = {host / own:.3f}")
+    return lines
 
 
 def plot(results, plot_dir: Path):
@@ -600,16 +667,23 @@ def main(argv=None):
     ap.add_argument("--gpus", help="comma list of GPU ids: one run on each at a time (default: one run at a time)")
     ap.add_argument("--time-limit", type=float, help="minutes: stop (resumably) before this; start no run whose "
                                                      "estimate does not fit")
+    ap.add_argument("--start-anyway", action="store_true",
+                    help="with --time-limit: start runs whose estimate does not fit too (they stop resumably at the "
+                         "limit; for calls that follow each other on one machine, which keeps --work)")
     ap.add_argument("--lrs", help="comma list of main learning rates (default %s)" % ",".join(map(str, FULL["lrs"])))
     ap.add_argument("--main-tokens", type=int)
     ap.add_argument("--ablation-tokens", type=int)
     ap.add_argument("--ablation-lr", type=float)
+    ap.add_argument("--ablation-valid-every", type=int, help="updates between the ablations' validations")
     ap.add_argument("--force", action="store_true", help="redo finished runs from scratch")
+    ap.add_argument("--step-benchmark", action="store_true",
+                    help="time both models' training step outside the host at the runs' shape (first)")
     args = ap.parse_args(argv)
+    deadline = time.time() + args.time_limit * 60 if args.time_limit else None    # from the start: unpacking counts
     s = dict(SMOKE if args.smoke else FULL)
     if args.lrs:
         s["lrs"] = tuple(float(x) for x in args.lrs.split(","))
-    for key in ("main_tokens", "ablation_tokens", "ablation_lr"):
+    for key in ("main_tokens", "ablation_tokens", "ablation_lr", "ablation_valid_every"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     suffix = "_smoke" if args.smoke else ""
@@ -625,7 +699,7 @@ def main(argv=None):
     if args.table or args.plot:
         results = load_results(out)
         if args.table:
-            print(table(results))
+            print("\n".join([table(results), *host_overhead(results, out)]))
         if args.plot:
             plot(results, Path(args.plot_dir))
         return
@@ -636,7 +710,9 @@ def main(argv=None):
     names = select(runs, args.only)
     data = prepare_data(args, s, work)
     check_same_size(s, dictionary_size(data))
-    results = run_selected(names, runs, s, args, data, work, out)
+    if args.step_benchmark:
+        step_benchmark(s, dictionary_size(data), out)
+    results = run_selected(names, runs, s, args, data, work, out, deadline)
     missing = [n for n in names if not results.get(n)]
     print(f"finished {len(names) - len(missing)} of {len(names)} runs; results in {out}"
           + (f"; not finished: {', '.join(missing)}" if missing else ""))
