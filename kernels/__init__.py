@@ -4,7 +4,9 @@ Installed under the import name ``tnllm_kernels`` (see setup.py) so that it neve
 the PyPI package ``kernels``.
 """
 from .fused_cross_entropy import linear_cross_entropy
+from .gla_decode import gla_decode_step, gla_decode_step_applies
 from .lightning_attention import lightning_attention, lightning_attention_step
 from .srmsnorm import srms_norm, srms_norm_gate
 
-__all__ = ["linear_cross_entropy", "lightning_attention", "lightning_attention_step", "srms_norm", "srms_norm_gate"]
+__all__ = ["gla_decode_step", "gla_decode_step_applies", "linear_cross_entropy", "lightning_attention",
+           "lightning_attention_step", "srms_norm", "srms_norm_gate"]
