@@ -65,19 +65,27 @@ def run_steps(model, prompts, sampling, cuda_graph=None):
 
 # --- greedy and the padding / position scheme -----------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 2), block_size=8), dict(decay="paper", norm="rms")])
-def test_greedy_equals_argmax_over_full_forwards(kw):
+def fused_ran(decode_path, layers, steps):
+    """With the fused path (conftest.decode_path), its kernel ran for every layer of every decode step."""
+    return decode_path is None or len(decode_path) == layers * steps
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 2), block_size=8), dict(decay="paper", norm="rms"),
+                                dict(qk_act="1+elu", lrpe_layers=(1,)), dict(qk_act="none", norm="layer", bias=True)])
+def test_greedy_equals_argmax_over_full_forwards(kw, decode_path):
+    """The decode loop's steps (the composition, or the fused Triton step) against full block-form forwards."""
     model = tiny(**kw)
     prompt = prompts_of([70], seed=1)[0]        # prefill crosses the 64 block; decoding crosses blocks of 8
     want_tokens, want_logits = argmax_loop(model, prompt, 15)
     tokens, logits = run_steps(model, [prompt], SamplingConfig(max_new_tokens=15))
+    assert fused_ran(decode_path, 3, 14)
     assert tokens[0] == want_tokens
     assert rel(logits[:, 0], want_logits) < 1e-5
     assert len(set(want_tokens)) > 3      # the test means something: not one token repeated
 
 
 @pytest.mark.parametrize("block_size", [64, 8])
-def test_batch_of_different_lengths_equals_each_prompt_alone(block_size):
+def test_batch_of_different_lengths_equals_each_prompt_alone(block_size, decode_path):
     model = tiny(block_size=block_size, lrpe_layers=(0, 1))
     lengths = [5, 70, 1, 23]            # differ by more than 1; 70 crosses the block of 64, and pads 69 for "1"
     prompts = prompts_of(lengths, seed=1)
@@ -140,8 +148,9 @@ def test_row_positions_matter_only_through_relative_positions():
 
 
 @torch.no_grad()
-def test_in_place_decode_step_equals_the_forward_step():
-    """decode_step_ (what the CUDA graph captures) against model.forward's step, on CPU."""
+def test_in_place_decode_step_equals_the_forward_step(decode_path):
+    """decode_step_ (what the CUDA graph captures) against model.forward's step, on CPU; with the fused step,
+    decode_step_ updates the state in place inside the kernel and forward writes a new one."""
     model = tiny(lrpe_layers=(0, 2))
     prompts = prompts_of([4, 10, 7], seed=4)
     from tnllm_plugin.generation import prefill
@@ -157,6 +166,39 @@ def test_in_place_decode_step_equals_the_forward_step():
     assert [s.data_ptr() for s in static.kv] == kv_ids          # updated in place
     assert static.positions.tolist() == state.positions.tolist() == [9, 15, 12]
     assert all(rel(a, b) < 1e-6 for a, b in zip(static.kv, state.kv))
+    assert fused_ran(decode_path, 3, 2 * 5)
+
+
+@pytest.mark.parametrize("decode_path", ["fused"], indirect=True)
+@torch.no_grad()
+def test_fused_step_equals_the_composition(decode_path):
+    """The model's fused one-token step (interpreted on CPU) against its PyTorch composition, step by step from one
+    prefill: the same greedy tokens, logits and states to fp32 rounding; the states it was handed are left as they
+    were (forward's step is not in place). A wrong position in the fused path is seen."""
+    import tnllm_kernels.gla_decode as gla_decode
+    model = tiny(lrpe_layers=(0, 1), qk_act="1+elu")
+    from tnllm_plugin.generation import prefill
+    _, state = prefill(model, prompts_of([6, 30], seed=7))
+    fused_state = composed_state = state
+    tok = torch.tensor([[5], [9]])
+    for _ in range(6):
+        handed, before = fused_state.kv, [s.clone() for s in fused_state.kv]
+        got, fused_state = model(tok, fused_state)
+        assert all(torch.equal(a, b) for a, b in zip(handed, before))
+        gla_decode.interpret_on_cpu = False
+        try:
+            want, composed_state = model(tok, composed_state)
+        finally:
+            gla_decode.interpret_on_cpu = True
+        assert rel(got, want) < 1e-5
+        assert all(rel(a, b) < 1e-5 for a, b in zip(fused_state.kv, composed_state.kv))
+        tok = want[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(got[:, -1].argmax(-1, keepdim=True), tok)
+    assert fused_ran(decode_path, 3, 6)
+    shifted = DecodeState(kv=fused_state.kv, offset=fused_state.offset, positions=fused_state.positions + 1)
+    wrong, _ = model(tok, shifted)
+    right, _ = model(tok, fused_state)
+    assert rel(wrong, right) > 1e-4
 
 
 # --- stop tokens, sampling, streaming ----------------------------------------------------------------------------
@@ -492,6 +534,35 @@ def test_cuda_graph_decoding_equals_eager(lrpe_layers, monkeypatch):
     for r, prompt in enumerate(prompts):
         _, alone = run_steps(model, [prompt], SamplingConfig(max_new_tokens=1), cuda_graph=False)
         assert rel(eager_logits[0, r], alone[0, 0]) < 5e-3, f"row {r}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 1, 2), qk_act="1+elu"), dict(norm="rms", qk_act="none")])
+def test_cuda_fused_step_equals_the_composition_and_the_block_form(kw, monkeypatch):
+    """fp32 on CUDA: the graphed decode with the fused Triton step (what the model takes there) gives the tokens and,
+    to fp32 rounding, the logits of the graphed decode through the PyTorch composition, and each prompt's greedy
+    tokens from full block-form forwards (Triton's chunked kernel: tf32-class, so its logits only to 5e-3)."""
+    from tnllm_kernels.gla_decode import triton_step
+    from tnllm_plugin import model as model_module
+    model = tiny(**GPU_SHAPE, **kw).cuda()
+    prompts = prompts_of([3, 40, 90], seed=13)
+    greedy = SamplingConfig(max_new_tokens=20)
+    calls = []
+    real = triton_step.gla_decode_step_triton
+    monkeypatch.setattr(triton_step, "gla_decode_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused_tokens, fused_logits = run_steps(model, prompts, greedy, cuda_graph=True)
+    assert calls, "the fused step did not run"
+    monkeypatch.setattr(model_module, "gla_decode_step_applies", lambda *a, **k: False)
+    calls.clear()
+    composed_tokens, composed_logits = run_steps(model, prompts, greedy, cuda_graph=True)
+    assert not calls
+    assert fused_tokens == composed_tokens
+    for i in range(20):
+        assert rel(fused_logits[i], composed_logits[i]) < 1e-5, f"step {i}"
+    for r, prompt in enumerate(prompts):
+        want_tokens, want_logits = argmax_loop(model, prompt, 20)
+        assert fused_tokens[r] == want_tokens, f"row {r}"
+        assert rel(fused_logits[:, r], want_logits) < 5e-3, f"row {r}"
 
 
 @pytest.mark.gpu

@@ -90,3 +90,30 @@ def test_cuda_recomputed_inputs_and_chunked_loss_match_the_plain_step():
         assert rel(after[0], before[0]) < 1e-3
         for name in before[1]:
             assert rel(after[1][name], before[1][name]) <= 2 * rel(before[1][name], fp32[1][name]) + 1e-6, name
+
+
+@pytest.mark.parametrize("lrpe_layers", [(0,), ()])
+def test_bf16_fused_decode_step_is_as_close_to_fp32_as_the_composition(lrpe_layers, monkeypatch):
+    """The benchmark's layer shape (8 heads of 128) in bf16, batch 1 and 16, from a prefill of 300 tokens: the
+    decode steps through the fused Triton step are no further from the fp32 model's than the bf16 PyTorch
+    composition's (x 1.5)."""
+    from tnllm_plugin import model as model_module
+    fp32 = build(d_model=1024, n_heads=8, glu_dim=1024, lrpe_layers=lrpe_layers).cuda().eval()
+    bf16 = build(d_model=1024, n_heads=8, glu_dim=1024, lrpe_layers=lrpe_layers).cuda().eval().to(torch.bfloat16)
+    applies = model_module.gla_decode_step_applies
+    for batch in (1, 16):
+        g = torch.Generator("cuda").manual_seed(batch)
+        tokens = torch.randint(0, 512, (batch, 310), device="cuda", generator=g)
+
+        def decode(model, fused):
+            monkeypatch.setattr(model_module, "gla_decode_step_applies", applies if fused else (lambda *a, **k: False))
+            with torch.no_grad():
+                _, state = model(tokens[:, :300], use_cache=True)
+                outs = []
+                for i in range(300, 310):
+                    step, state = model(tokens[:, i:i + 1], state)
+                    outs.append(step.float())
+            return torch.cat(outs, 1)
+        ref = decode(fp32, fused=False)
+        fused, composed = decode(bf16, fused=True), decode(bf16, fused=False)
+        assert rel(fused, ref) <= 1.5 * rel(composed, ref) + 1e-6, (batch, rel(fused, ref), rel(composed, ref))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tnllm_plugin.checkpoint import config_from_released, load_checked, state_dict_from_released
-from tnllm_plugin.model import LRPE, TransNormerConfig, TransNormerLLM, alibi_slopes, decay_slopes
+from tnllm_plugin.model import LRPE, DecodeState, TransNormerConfig, TransNormerLLM, alibi_slopes, decay_slopes
 
 from shared_data import RELEASED_TINY
 
@@ -71,6 +71,25 @@ def test_full_forward_equals_prefill_plus_decode(kw):
     a, state = model(tokens[:, :11], use_cache=True)
     b, _ = model(tokens[:, 11:], state)
     assert rel(torch.cat([a, b], 1), full) < 1e-10
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 2), qk_act="1+elu"), dict(qk_act="none", norm="rms")])
+@torch.no_grad()
+def test_fp32_prefill_plus_decode_with_an_int_offset(kw, decode_path):
+    """fp32 (the dtype the fused Triton step takes; conftest.decode_path runs it in the interpreter), a state
+    without per-row positions (the int offset path): stepwise decoding equals the full forward to fp32 rounding,
+    and a decode step at a wrong offset does not."""
+    model = tiny(**kw).float()
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    full, _ = model(tokens)
+    stepped, state = decode_stepwise(model, tokens, 13)
+    assert decode_path is None or len(decode_path) == 3 * 7
+    assert rel(stepped, full) < 1e-5
+    if kw.get("lrpe_layers"):
+        _, prefix = model(tokens[:, :19], use_cache=True)
+        shifted = DecodeState(kv=prefix.kv, offset=prefix.offset + 3)
+        wrong, _ = model(tokens[:, 19:], shifted)
+        assert rel(wrong[:, 0], full[:, 19]) > 1e-3
 
 
 @torch.no_grad()

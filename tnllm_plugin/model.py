@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnllm_kernels import lightning_attention, lightning_attention_step, linear_cross_entropy, srms_norm, srms_norm_gate
+from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
+                           linear_cross_entropy, srms_norm, srms_norm_gate)
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
 from .recompute import linears_after
@@ -199,6 +200,7 @@ class GatedLinearAttention(nn.Module):
         self.lrpe = LRPE(cfg.n_heads, cfg.head_dim) if layer_idx in cfg.lrpe_layers else None
         self.out_norm = make_norm(cfg, cfg.hidden_dim)      # over the whole hidden dim, not per head
         self.act = qk_activation(cfg.qk_act)
+        self.qk_act = cfg.qk_act
         self.block_size = cfg.block_size
         self.register_buffer("slope", slope.float(), persistent=False)   # [H]
 
@@ -210,10 +212,14 @@ class GatedLinearAttention(nn.Module):
         self.slope = slope.to(self.slope.device)
         return self
 
-    def forward(self, x, state=None, offset=0, padding_mask=None, norm: Optional[nn.Module] = None):
-        """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply."""
+    def forward(self, x, state=None, offset=0, padding_mask=None, norm: Optional[nn.Module] = None,
+                state_in_place: bool = False):
+        """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply.
+        ``state_in_place``: a one-token step may write the new state into ``state`` (decode_step_ owns it)."""
         b, n, _ = x.shape
         qkvu, = norm_then_linears(norm, x, [self.qkvu_proj])
+        if n == 1 and state is not None and padding_mask is None and self._fused_step_applies(qkvu, state, offset):
+            return self._fused_step(qkvu, state, offset, state_in_place)
         q, k, v, u = qkvu.chunk(4, dim=-1)
         # heads from the tensor width, so that a tensor-parallel shard holding H/tp heads runs unchanged
         q, k, v = (t.reshape(b, n, -1, self.head_dim) for t in (q, k, v))
@@ -234,6 +240,28 @@ class GatedLinearAttention(nn.Module):
             out, = linears_after(functools.partial(srms_norm_gate, eps=self.out_norm.eps), [o, u], [self.out_proj])
             return out, state
         return self.out_proj(self.out_norm(o) * u), state
+
+    def _fused_step_applies(self, qkvu, state, offset) -> bool:
+        # decoding only (no autograd through the kernels); on CPU, float64, or a head dim the kernels do not take,
+        # the composition below runs. A tensor-parallel shard takes it too: its kernels see only its own heads,
+        # slopes and theta, and ParallelOutNorm (the norm over the whole hidden dim) stays in PyTorch.
+        if torch.is_grad_enabled() and (qkvu.requires_grad or state.requires_grad):
+            return False
+        theta = None if self.lrpe is None else self.lrpe.theta
+        return gla_decode_step_applies(qkvu[:, 0], state, offset, theta)
+
+    def _fused_step(self, qkvu, state, offset, in_place):
+        """The one-token step in two Triton kernels (tnllm_kernels.gla_decode) instead of ~15 small ones: under
+        a CUDA graph a decode step at batch 1 costs mostly launches, and the state is read and written once."""
+        b = qkvu.shape[0]
+        theta = None if self.lrpe is None else self.lrpe.theta
+        srms = type(self.out_norm) is SRMSNorm
+        y, state = gla_decode_step(qkvu[:, 0], state, self.slope, offset, theta, self.qk_act,
+                                   self.out_norm.eps if srms else None, in_place=in_place)
+        y = y.view(b, 1, -1)
+        if not srms:
+            y = self.out_norm(y) * qkvu.chunk(4, dim=-1)[3]
+        return self.out_proj(y), state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,10 +293,11 @@ class TransNormerBlock(nn.Module):
         self.channel_mixer = SGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, state=None, offset=0, padding_mask=None):
+    def forward(self, x, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
         # each norm runs inside its mixer, as the first step of the mixer's input projections (recomputed there
         # in backward rather than kept)
-        mixed, state = self.token_mixer(x, state, offset, padding_mask, norm=self.token_norm)
+        mixed, state = self.token_mixer(x, state, offset, padding_mask, norm=self.token_norm,
+                                        state_in_place=state_in_place)
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.channel_mixer(x, norm=self.channel_norm))
         return x, state
@@ -408,12 +437,13 @@ class TransNormerLLM(nn.Module):
         n = tokens.shape[1]
         return out, DecodeState(kv=new_kv, offset=offset + n, positions=None if positions is None else positions + n)
 
-    def _blocks(self, tokens, kv, positions, padding_mask):
-        """Embedding, the blocks and the final norm. positions: an int offset or per-row start positions [B]."""
+    def _blocks(self, tokens, kv, positions, padding_mask, state_in_place: bool = False):
+        """Embedding, the blocks and the final norm. positions: an int offset or per-row start positions [B].
+        ``state_in_place``: the layers may write their new states into ``kv``'s tensors (only decode_step_)."""
         x = self.dropout(self.embed_tokens(tokens) * self.embed_scale)
         new_kv = []
         for i, layer in enumerate(self.layers):
-            x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask)
+            x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask, state_in_place=state_in_place)
             new_kv.append(layer_state)
         return self.final_norm(x), new_kv
 
@@ -424,9 +454,10 @@ class TransNormerLLM(nn.Module):
         checks (forward does those). ``state.offset`` is left as it is: a replayed graph could not advance an int."""
         if state.positions is None or len(state.kv) != len(self.layers):
             raise ValueError("decode_step_ needs a full decode state with per-row positions")
-        x, new_kv = self._blocks(tokens, state.kv, state.positions, None)
+        x, new_kv = self._blocks(tokens, state.kv, state.positions, None, state_in_place=True)
         for static, new in zip(state.kv, new_kv):
-            static.copy_(new)
+            if new is not static:       # the fused CUDA step updated it in place already
+                static.copy_(new)
         state.positions.add_(1)
         return self.lm_head(x)
 

@@ -333,9 +333,10 @@ def gather_vocab_parallel_logits(logits_shard: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Activation checkpointing and FSDP, one block at a time
 
-def _checkpointed_forward(block_forward, x, state=None, offset: int = 0, padding_mask=None):
+def _checkpointed_forward(block_forward, x, state=None, offset: int = 0, padding_mask=None,
+                          state_in_place: bool = False):
     if not torch.is_grad_enabled() or state is not None:     # decoding / eval: nothing to save
-        return block_forward(x, state, offset, padding_mask)
+        return block_forward(x, state, offset, padding_mask, state_in_place=state_in_place)
     return checkpoint(block_forward, x, state, offset, padding_mask, use_reentrant=False)
 
 
