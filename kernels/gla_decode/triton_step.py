@@ -32,9 +32,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# libdevice's exp/cos/sin on the GPU: tl.exp/cos/sin lower to the approximate instructions, whose range reduction
-# fails at the large angles of late positions (p theta ~ 1e5 rad at 100k tokens) and which differ from torch's
-# accurate ones; the CPU interpreter has no libdevice (its tl.* are numpy's, accurate already).
+# libdevice's exp/cos/sin on the GPU, the accurate ones torch's kernels use (full range reduction: the angles p theta
+# of late positions reach 1e5 rad at 100k tokens); tl.exp goes through the approximate ex2, and tl.cos/sin promise
+# no accuracy at such angles. The CPU interpreter has no libdevice (its tl.* are numpy's, accurate already).
 @triton.jit
 def _exp(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
