@@ -540,8 +540,9 @@ def test_cuda_graph_decoding_equals_eager(lrpe_layers, monkeypatch):
 @pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 1, 2), qk_act="1+elu"), dict(norm="rms", qk_act="none")])
 def test_cuda_fused_step_equals_the_composition_and_the_block_form(kw, monkeypatch):
     """fp32 on CUDA: the graphed decode with the fused Triton step (what the model takes there) gives the tokens and,
-    to fp32 rounding, the logits of the graphed decode through the PyTorch composition, and each prompt's greedy
-    tokens from full block-form forwards (Triton's chunked kernel: tf32-class, so its logits only to 5e-3)."""
+    to fp32 rounding, the logits of the graphed decode through the PyTorch composition; and the logits of one
+    block-form forward over each prompt and its generated tokens (Triton's chunked kernel: tf32-class, so to 5e-3,
+    and teacher-forced, so a near-tie of two tokens cannot make the sequences part)."""
     from tnllm_kernels.gla_decode import triton_step
     from tnllm_plugin import model as model_module
     model = tiny(**GPU_SHAPE, **kw).cuda()
@@ -560,9 +561,9 @@ def test_cuda_fused_step_equals_the_composition_and_the_block_form(kw, monkeypat
     for i in range(20):
         assert rel(fused_logits[i], composed_logits[i]) < 1e-5, f"step {i}"
     for r, prompt in enumerate(prompts):
-        want_tokens, want_logits = argmax_loop(model, prompt, 20)
-        assert fused_tokens[r] == want_tokens, f"row {r}"
-        assert rel(fused_logits[:, r], want_logits) < 5e-3, f"row {r}"
+        with torch.no_grad():
+            full, _ = model(torch.tensor([prompt + fused_tokens[r][:-1]], device="cuda"))
+        assert rel(fused_logits[:, r], full[0, len(prompt) - 1:]) < 5e-3, f"row {r}"
 
 
 @pytest.mark.gpu
