@@ -337,3 +337,45 @@ def test_gpu_cuda_graph_replay_advances_state_and_positions():
         assert torch.equal(y_static, y), f"step {step}"
         assert torch.equal(static_state, eager_state), f"step {step}"
     assert static_pos.tolist() == eager_pos.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ compiled for sm_90
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import tnllm_kernels.gla_decode.triton_step as m
+
+target = GPUTarget("cuda", 90, 32)
+for dt, lrpe, row_pos, act in (("bf16", True, True, 1), ("fp32", False, False, 2), ("fp16", True, False, 0)):
+    ints = ["pos0", "H", "E", "HIDDEN", "stride_xb"] + [f"stride_{a}{b}" for a in "io" for b in "bhkv"]
+    sig = dict(QKVU=f"*{dt}", S_IN="*fp32", S_OUT="*fp32", SLOPE="*fp32", POS="*i64" if row_pos else "*fp32",
+               THETA=f"*{dt}", O=f"*{dt}", **{n: "i32" for n in ints},
+               **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V")})
+    consts = dict(ACT=act, LRPE=lrpe, ROW_POS=row_pos, LIBDEVICE=True, RNE=False, BLOCK_E=128,
+                  BLOCK_V=m._block_v(8, 128, lrpe))
+    ptx = triton.compile(ASTSource(m._step_kernel, sig, consts), target=target, options=dict(num_warps=4)).asm["ptx"]
+    assert "sin.approx" not in ptx and "cos.approx" not in ptx, (dt, lrpe)
+sig = dict(O="*bf16", U="*bf16", Y="*bf16", D="i32", stride_ub="i32", eps="fp32", RNE="constexpr", BLOCK_D="constexpr")
+triton.compile(ASTSource(m._norm_gate_kernel, sig, dict(RNE=False, BLOCK_D=1024)), target=target,
+               options=dict(num_warps=4))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels are compiled and run by the tests above")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The GPU path (libdevice, no interpreter rounding by hand) through Triton's NVIDIA compiler down to ptxas,
+    which Triton's wheel ships: what the interpreter cannot check (typing of the compiled kernel, libdevice calls)
+    is checked on a machine without a GPU too. In a subprocess: this process's kernels are interpreted."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

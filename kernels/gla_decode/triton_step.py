@@ -149,10 +149,12 @@ def _norm_gate_kernel(O, U, Y, D, stride_ub, eps, RNE: tl.constexpr, BLOCK_D: tl
         tl.store(Y + row * D + d0 + cols, _round(_round(x * r, DT, RNE) * u, DT, RNE).to(DT), mask=mk)
 
 
-def _block_v(rows_heads: int, head_dim: int) -> int:
-    """Columns of the state per program: at most 64, fewer (down to 16) until the grid has ~256 programs, so a
-    batch-1 step still spreads its state over many SMs. A guess to be tuned on the GPU."""
-    bv = min(64, max(16, triton.next_power_of_2(head_dim)))
+def _block_v(rows_heads: int, head_dim: int, lrpe: bool) -> int:
+    """Columns of the state per program. At most 32 (16 with LRPE's two row blocks): compiled for sm_90 with 4 warps
+    and head dim 128 that keeps the step kernel near 110-125 registers without spills (64 columns took 128 without
+    LRPE, 255 plus a spill with it at 8 warps). Fewer, down to 16, until the grid has ~256 programs, so that a
+    batch-1 step spreads its state over many SMs. Not tuned on a GPU yet."""
+    bv = min(16 if lrpe else 32, max(16, triton.next_power_of_2(head_dim)))
     while bv > 16 and rows_heads * triton.cdiv(head_dim, bv) < 256:
         bv //= 2
     return bv
@@ -210,17 +212,15 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     rne = _interpreting() and qkvu.dtype == torch.bfloat16
     slope = slope.float().contiguous()
     theta_arg = theta.reshape(-1).contiguous() if theta is not None else slope      # any pointer when unused
-    bv = _block_v(b * h, e)
+    bv = _block_v(b * h, e, theta is not None)
     block_e = max(16, triton.next_power_of_2(e))
-    tile = block_e * bv * (2 if theta is not None else 1)
-    num_warps = 4 if tile <= 8192 or _interpreting() else 8
     if b > 0:
         _step_kernel[(b * h, triton.cdiv(e, bv))](
             qkvu, state, new_state, slope, positions if row_pos else slope, theta_arg, o,
             0 if row_pos else int(positions), h, e, hidden, qkvu.stride(0),
             *state.stride(), *new_state.stride(),
             ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not _interpreting(), RNE=rne,
-            BLOCK_E=block_e, BLOCK_V=bv, num_warps=num_warps)
+            BLOCK_E=block_e, BLOCK_V=bv, num_warps=4)
     if norm_eps is None:
         return o, new_state
     if not float(norm_eps) >= 0:
