@@ -12,28 +12,21 @@ by fp32 summation order only. In bf16/fp16 that order can flip a rounding now an
 at most three steps of the output's precision (o, the normalised o and the gated product are each rounded), or,
 where o is a near-cancelling sum, by the fp32 noise of its terms (2^-16 of the largest output bounds it here).
 """
-import importlib
 import os
 import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"          # must precede the @triton.jit decorations below
-pytest.importorskip("triton")
+from triton_cpu import CUDA, DEV, import_kernel_module
 
-_MOD = "tnllm_kernels.gla_decode.triton_step"
-if not CUDA and _MOD in sys.modules:             # imported earlier without the interpreter: decorate again
-    importlib.reload(sys.modules[_MOD])
+import_kernel_module("tnllm_kernels.gla_decode.triton_step")
 import tnllm_kernels.gla_decode as gla_decode  # noqa: E402
 from tnllm_kernels.gla_decode import gla_decode_step, gla_decode_step_applies  # noqa: E402
 from tnllm_kernels.gla_decode.reference import gla_decode_step_reference  # noqa: E402
 from tnllm_kernels.gla_decode.triton_step import MAX_HEAD_DIM, gla_decode_step_triton  # noqa: E402
 from tnllm_plugin.model import LRPE, GatedLinearAttention, TransNormerConfig, decay_slopes  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
 EPS = 1e-6
 # against the same-dtype composition: fp32 sums in another order (fp32), or that plus rounding flips of the output
 # dtype (bf16, fp16): the largest relative step of its precision, three roundings in a row, in at most 1% of the

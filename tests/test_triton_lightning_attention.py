@@ -5,26 +5,18 @@ is imported) at small shapes; with CUDA the same tests run on the GPU, and the t
 shapes and a comparison of our error with flash-linear-attention's ``chunk_simple_gla`` on the same inputs.
 Error measure: ||out - ref|| / ||ref||.
 """
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"          # must precede the @triton.jit decorations below
-pytest.importorskip("triton")
+from triton_cpu import CUDA, DEV, import_kernel_module
 
-_MOD = "tnllm_kernels.lightning_attention.triton_chunk"
-if not CUDA and _MOD in sys.modules:             # imported earlier without the interpreter: decorate again
-    importlib.reload(sys.modules[_MOD])
+import_kernel_module("tnllm_kernels.lightning_attention.triton_chunk")
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
 from tnllm_kernels.lightning_attention.naive import lightning_attention_naive  # noqa: E402
 from tnllm_kernels.lightning_attention.triton_chunk import MAX_DK, MAX_DV, lightning_attention_triton  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

@@ -3,26 +3,17 @@
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernel module is
 imported); with CUDA the same tests run on the GPU, plus large shapes marked ``gpu``.
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_cpu import CUDA, DEV, import_kernel_module
 
-_MOD = "tnllm_kernels.srmsnorm.triton_srmsnorm"
-if not CUDA and _MOD in sys.modules:
-    importlib.reload(sys.modules[_MOD])
+import_kernel_module("tnllm_kernels.srmsnorm.triton_srmsnorm")
 from tnllm_kernels.srmsnorm import srms_norm, srms_norm_gate  # noqa: E402
 from tnllm_kernels.srmsnorm.reference import srms_norm_reference  # noqa: E402
 from tnllm_kernels.srmsnorm.triton_srmsnorm import srms_norm_gate_triton, srms_norm_triton  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
