@@ -25,7 +25,9 @@ from tnllm_plugin.fairseq_adapter import TransNormerCrossEntropy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+# bit-exact comparisons across processes: one thread, MKL's strict reproducibility (tests/metaseq/conftest.train_env)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AUTO,STRICT",
+       "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
 MAX_UPDATE = 30      # about 19 updates per epoch: the run crosses an epoch boundary
 
 

@@ -86,7 +86,10 @@ def metaseq_train_command(corpus: MetaseqCorpus, save_dir, *extra_args, max_upda
 
 
 def train_env():
-    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # one thread and MKL's strict reproducibility: the resume and kill tests compare weights bit for bit across
+    # processes, and with two threads MKL may use fewer when the machine is busy (MKL_DYNAMIC) and pick kernels by
+    # memory alignment, which changes the order of a sum: a process now and then computed other step-1 gradients
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE", MKL_CBWR="AUTO,STRICT")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from conftest import metaseq_train_command, train_env
 from tnllm_plugin import metaseq_adapter  # noqa: F401  (its torch.load allow-list for Metaseq's checkpoints)
 
 SAVE_EVERY = 4
-MAX_UPDATE = 18     # not a multiple of SAVE_EVERY: the run's last save writes checkpoint_last.pt itself
+MAX_UPDATE = 30     # not a multiple of SAVE_EVERY: the run's last save writes checkpoint_last.pt itself; room for
+#                    four kills that each move the run on by at most two saves
 KILLS = ("save", "update", "save", "update", "last save")
 POLL_S = 0.001
 
@@ -85,6 +87,13 @@ def losses(log):
     return records
 
 
+def seconds_per_update(log):
+    """The median time of one update in a run's log (Metaseq's updates per second, logged every update)."""
+    ups = [float(json.loads(line.split("| train_inner | ", 1)[1])["ups"])
+           for line in Path(log).read_text().splitlines() if "| train_inner | " in line]
+    return 1 / statistics.median(ups)
+
+
 def load(path):
     from metaseq import checkpoint_utils
     return checkpoint_utils.load_checkpoint_to_cpu(str(path))   # what metaseq-train's restore reads
@@ -108,6 +117,7 @@ def test_killed_training_resumes_to_the_losses_and_weights_of_an_uninterrupted_r
     want_losses = losses(tmp_path / "ref.log")
     assert sorted(want_losses) == list(range(1, MAX_UPDATE + 1))
     want = load(ref / "checkpoint_last.pt")["model"]
+    update_s = seconds_per_update(tmp_path / "ref.log")
 
     rng = random.Random(16)
     save = tmp_path / "killed"
@@ -125,9 +135,10 @@ def test_killed_training_resumes_to_the_losses_and_weights_of_an_uninterrupted_r
         if kind in ("save", "last save"):     # while that save writes: 0-10 ms after the save dir first changes
             how = dict(arm_at=f"Preparing to save checkpoint for epoch 1 @ {save_at} updates", on_save=True,
                        delay=rng.uniform(0, 0.01))
-        else:                                 # between or inside updates: 0-300 ms after an update is logged
-            update = min(done + rng.randint(SAVE_EVERY + 1, 2 * SAVE_EVERY), MAX_UPDATE - 1)
-            how = dict(arm_at=f'"num_updates": "{update}"', delay=rng.uniform(0, 0.3))
+        else:       # between or inside updates: within two updates' time after an update is logged
+            # (in time, not a fixed span: a fixed 300 ms let a fast machine run on to the end and save it)
+            update = min(done + rng.randint(SAVE_EVERY + 1, 2 * SAVE_EVERY), MAX_UPDATE - 3)
+            how = dict(arm_at=f'"num_updates": "{update}"', delay=rng.uniform(0, 2 * update_s))
         rc = run(train_command(metaseq_corpus, save), save, log, **how)
         if rc == 0:                   # finished before the kill point
             finished = True
