@@ -594,8 +594,8 @@ def table(results):
 
 
 def host_overhead(results, out: Path):
-    """Lines setting fairseq-train's tokens/s (median over the main runs of each model) beside the plugin's own step
-    at the same shape (step_benchmark.json, when measured)."""
+    """Lines setting each main run's fairseq-train tokens/s beside the plugin's own step at the same shape
+    (step_benchmark.json, when measured). Per run, not a median: runs made on other days may have run other code."""
     path = out / STEP_BENCHMARK
     if not path.exists():
         return []
@@ -603,13 +603,15 @@ def host_overhead(results, out: Path):
     lines = ["", f"Host path against the model's own training step (`--step-benchmark`, {bench['device']}, "
                  f"{bench['date']}; {bench['settings']['tokens']} tokens per step at sequence {bench['seq']}):", ""]
     for model, label in (("tnl", "TransNormerLLM"), ("llama", "LLaMA baseline")):
-        rates = [r["tokens_per_s"] for r in results.values() if r["model"] == model and r["budget"] == "main"
-                 and r.get("tokens_per_s") and r.get("runs_sharing_the_device", 1) == 1]
-        if model not in bench or not rates:
+        if model not in bench:
             continue
-        host, own = statistics.median(rates), bench[model]["tokens_per_s"]
-        lines.append(f"- {label}: fairseq-train {host:,.0f} tokens/s (median of its main runs), own step "
-                     f"{own:,.0f} tokens/s, peak {bench[model]['peak_gb']:.1f} GB: host/own = {host / own:.3f}")
+        own = bench[model]["tokens_per_s"]
+        lines.append(f"- {label}: own step {own:,.0f} tokens/s, peak {bench[model]['peak_gb']:.1f} GB")
+        for r in results.values():
+            if r["model"] == model and r["budget"] == "main" and r.get("tokens_per_s") \
+                    and r.get("runs_sharing_the_device", 1) == 1:
+                lines.append(f"  - {r['name']} ({r.get('date', '?')}): fairseq-train {r['tokens_per_s']:,.0f} "
+                             f"tokens/s = {r['tokens_per_s'] / own:.3f} x own")
     return lines
 
 

@@ -152,3 +152,20 @@ def test_leftover_training_of_the_run_is_stopped(tmp_path):
         for p in (mine, other):
             p.kill()
             p.wait()
+
+
+def test_host_path_is_set_beside_the_own_step_per_run(tmp_path):
+    # each main run alone on its device against the step benchmark of its model; runs that shared the GPU are left
+    # out (their tokens/s is a share of it)
+    (tmp_path / quality.STEP_BENCHMARK).write_text(json.dumps(dict(
+        tnl=dict(tokens_per_s=400_000.0, peak_gb=29.7), llama=dict(tokens_per_s=250_000.0, peak_gb=33.0),
+        settings=dict(tokens=32768), seq=2048, device="gpu", date="2026-11-29")))
+    run = lambda name, model, tps, sharing=1: dict(name=name, model=model, budget="main", tokens_per_s=tps,  # noqa
+                                                   date="2026-11-29", runs_sharing_the_device=sharing)
+    results = {r["name"]: r for r in (run("tnl_a", "tnl", 360_000.0), run("llama_a", "llama", 200_000.0),
+                                      run("llama_b", "llama", 90_000.0, sharing=3))}
+    text = "\n".join(quality.host_overhead(results, tmp_path))
+    assert "tnl_a (2026-11-29): fairseq-train 360,000 tokens/s = 0.900 x own" in text
+    assert "llama_a (2026-11-29): fairseq-train 200,000 tokens/s = 0.800 x own" in text
+    assert "llama_b" not in text
+    assert quality.host_overhead(results, tmp_path / "elsewhere") == []      # no step benchmark: no lines
