@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tnllm_plugin import convert
+from tnllm_plugin import convert, file_checks, plugin_checkpoint, released_format
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
 
 try:    # with the adapter imported, as under --user-dir: its checks and error naming are installed
@@ -40,10 +40,10 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     cfg = TransNormerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, glu_dim=24)
     torch.manual_seed(0)
-    state = convert.plugin_checkpoint_state(cfg, TransNormerLLM(cfg).state_dict(), str(root / "plugin"))
+    state = plugin_checkpoint.plugin_checkpoint_state(cfg, TransNormerLLM(cfg).state_dict(), str(root / "plugin"))
     (root / "plugin").mkdir()
     torch.save(state, root / "plugin" / "checkpoint.pt")
-    convert.write_fairseq_dict(root / "plugin" / "dict.txt", cfg.vocab_size)
+    plugin_checkpoint.write_fairseq_dict(root / "plugin" / "dict.txt", cfg.vocab_size)
     out = {"plugin": root / "plugin"}
     for name, (safetensors, shard) in LAYOUTS.items():
         convert.plugin_to_released(root / "plugin", root / name, safetensors=safetensors, max_shard_size=shard)
@@ -132,7 +132,7 @@ def mutate_config(rng, directory: Path) -> tuple:
             args[key] = rng.choice(BAD_VALUES)
         torch.save(state, directory / "checkpoint.pt")
         return f"{change} cfg.model.{key}", "checkpoint.pt", key
-    config = convert.read_json(directory / "config.json")
+    config = file_checks.read_json(directory / "config.json")
     key = rng.choice(sorted(config) + ["num_experts", "rope_theta"])
     change = rng.choice(["value", "delete"]) if key in config else "add"
     if change == "delete":
@@ -318,7 +318,7 @@ def test_failed_conversion_leaves_no_partial_output(sources, tmp_path, monkeypat
         convert.plugin_to_released(sources["plugin"], out, max_shard_size="4KB")
         convert_again = lambda: convert.plugin_to_released(sources["plugin"], out, max_shard_size="3KB",  # noqa: E731
                                                            overwrite=True)
-        patched, original = "_save_weights", convert._save_weights
+        target, patched, original = released_format, "_save_weights", released_format._save_weights
         calls = []
 
         def failing(path, *args):
@@ -330,7 +330,7 @@ def test_failed_conversion_leaves_no_partial_output(sources, tmp_path, monkeypat
         convert.released_to_plugin(sources["bin"], out, use_fairseq=False)
         convert_again = lambda: convert.released_to_plugin(sources["bin"], out, overwrite=True,  # noqa: E731
                                                            use_fairseq=False)
-        patched, original = "torch", convert.torch
+        target, patched, original = convert, "torch", convert.torch
 
         class failing:      # convert.torch whose save fails half-way through the file
             def __getattr__(self, name):
@@ -342,7 +342,7 @@ def test_failed_conversion_leaves_no_partial_output(sources, tmp_path, monkeypat
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         failing = failing()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(convert, patched, failing)
+    monkeypatch.setattr(target, patched, failing)
     with pytest.raises(OSError, match="No space left on device"):
         convert_again()
     monkeypatch.undo()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tnllm_plugin import convert
+from tnllm_plugin import convert, plugin_checkpoint, released_format
 from tnllm_plugin.checkpoint import (config_from_released, config_to_released, load_checked, state_dict_from_released,
                                      state_dict_to_released)
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
@@ -152,7 +152,7 @@ def write_released_by_hand(directory: Path, config: dict, tensors: dict, fmt: st
 
 
 def read_any_released(directory: Path) -> dict:
-    return convert.read_released(directory).tensors
+    return released_format.read_released(directory).tensors
 
 
 def assert_bit_exact(a: dict, b: dict):
@@ -204,13 +204,14 @@ def test_output_layout_options(tmp_path, plugin_dir):
 
 
 def test_parse_size_and_shard_plan():
-    assert convert.parse_size("2GB") == 2 * 10 ** 9 and convert.parse_size("2GiB") == 2 * 2 ** 30
-    assert convert.parse_size("500MB") == 5 * 10 ** 8 and convert.parse_size("1234") == 1234
+    parse_size, plan_shards = released_format.parse_size, released_format.plan_shards
+    assert parse_size("2GB") == 2 * 10 ** 9 and parse_size("2GiB") == 2 * 2 ** 30
+    assert parse_size("500MB") == 5 * 10 ** 8 and parse_size("1234") == 1234
     with pytest.raises(ValueError, match="cannot read size"):
-        convert.parse_size("two gigs")
+        parse_size("two gigs")
     tensors = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5), "d": torch.zeros(5)}   # fp32
-    assert convert.plan_shards(tensors, 100) == [["a"], ["b"], ["c", "d"]]     # b (120 B) alone, over the limit
-    assert convert.plan_shards(tensors, None) == [["a", "b", "c", "d"]]
+    assert plan_shards(tensors, 100) == [["a"], ["b"], ["c", "d"]]     # b (120 B) alone, over the limit
+    assert plan_shards(tensors, None) == [["a", "b", "c", "d"]]
 
 
 RANDOM_MODELS = {
@@ -255,10 +256,10 @@ def test_fairseq_train_style_checkpoint_without_metadata(tmp_path):
     cfg = TransNormerConfig(vocab_size=44, d_model=32, n_layers=2, n_heads=4, glu_dim=40, lrpe_layers=(), bias=True)
     torch.manual_seed(0)
     model = TransNormerLLM(cfg)
-    state = convert.plugin_checkpoint_state(cfg, model.state_dict(), str(tmp_path), use_fairseq=False)
+    state = plugin_checkpoint.plugin_checkpoint_state(cfg, model.state_dict(), str(tmp_path), use_fairseq=False)
     del state["tnllm"]
     torch.save(state, tmp_path / "checkpoint_best.pt")
-    convert.write_fairseq_dict(tmp_path / "dict.txt", 44)
+    plugin_checkpoint.write_fairseq_dict(tmp_path / "dict.txt", 44)
     loaded, info = convert.load_model(tmp_path / "checkpoint_best.pt")
     assert (info.bos_id, info.pad_id, info.eos_id, info.unk_id) == (0, 1, 2, 3)
     assert loaded.cfg.lrpe_layers == () and loaded.cfg.bias
@@ -358,10 +359,10 @@ def test_bad_index(tmp_path):
         if index["weight_map"]["lm_head.weight"].startswith("model-00002") else "model-00002-of-00002.safetensors"
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"does not match model\.safetensors\.index\.json.*lm_head\.weight"):
-        convert.read_released(src)
+        released_format.read_released(src)
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match="no 'weight_map'"):
-        convert.read_released(src)
+        released_format.read_released(src)
 
 
 def test_plugin_checkpoint_errors(tmp_path, plugin_dir):
@@ -403,7 +404,8 @@ def test_refuses_to_overwrite_and_to_write_what_released_cannot_say(tmp_path, pl
     convert.plugin_to_released(plugin_dir, tmp_path / "out", safetensors=True, overwrite=True)
     assert not (tmp_path / "out" / "pytorch_model.bin").exists()        # no stale file of the other layout
     cfg = TransNormerConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, glu_dim=40, decay="paper")
-    state = convert.plugin_checkpoint_state(cfg, TransNormerLLM(cfg).state_dict(), str(tmp_path), use_fairseq=False)
+    state = plugin_checkpoint.plugin_checkpoint_state(cfg, TransNormerLLM(cfg).state_dict(), str(tmp_path),
+                                                      use_fairseq=False)
     torch.save(state, tmp_path / "paper.pt")
     with pytest.raises(ValueError, match="decay"):
         convert.plugin_to_released(tmp_path / "paper.pt", tmp_path / "paper")
@@ -449,7 +451,7 @@ def test_fairseq_train_checkpoint(tmp_path):
     model, info = convert.load_model(tmp_path / "ckpt" / "checkpoint_last.pt")
     assert info.dict_path == str((tmp_path / "bin" / "dict.txt").resolve())     # data path relative to the run
     assert (info.bos_id, info.pad_id, info.eos_id, info.unk_id) == (0, 1, 2, 3)
-    assert info.vocab_size == convert.fairseq_dict_size(info.dict_path)
+    assert info.vocab_size == plugin_checkpoint.fairseq_dict_size(info.dict_path)
     convert.plugin_to_released(tmp_path / "ckpt" / "checkpoint_last.pt", tmp_path / "released")
     released, _ = convert.load_model(tmp_path / "released")
     tokens = torch.randint(4, info.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))

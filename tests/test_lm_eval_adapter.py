@@ -329,12 +329,12 @@ def test_simple_evaluate_on_the_local_tasks(model, codec):
 @pytest.mark.slow
 def test_command_line_on_a_checkpoint(model, codec, spm_path, tmp_path):
     """lm-eval's CLI (python -m tnllm_plugin.lm_eval_adapter) with checkpoint= a released-layout directory
-    written by tnllm_plugin.convert: the same acc as by hand. (The perplexity task is left to the in-process
+    written by tnllm_plugin.released_format: the same acc as by hand. (The perplexity task is left to the in-process
     test: the command line cannot turn off lm-eval's 100000-sample bootstrap of its standard error.)"""
-    from tnllm_plugin import convert
+    from tnllm_plugin import released_format
     from tnllm_plugin.checkpoint import config_to_released, state_dict_to_released
     ckpt = tmp_path / "ckpt"
-    convert.write_released(ckpt, config_to_released(model.cfg), state_dict_to_released(model.state_dict()))
+    released_format.write_released(ckpt, config_to_released(model.cfg), state_dict_to_released(model.state_dict()))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "tnllm_plugin.lm_eval_adapter", "--model", "transnormer_llm",
            "--model_args", f"checkpoint={ckpt},spm={spm_path},device=cpu,batch_size=4,max_length=16",

@@ -31,7 +31,8 @@ from fairseq.file_io import PathManager
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from .checkpoint import check_tensor_values
-from .convert import FAIRSEQ_PREFIX, check_zip_checksums, errors_name, plain, unreadable_names
+from .file_checks import check_zip_checksums, errors_name, unreadable_names
+from .plugin_checkpoint import FAIRSEQ_PREFIX, plain
 
 
 def copy_to_temporary_then_rename(src_path: str, dst_path: str, overwrite: bool = False):

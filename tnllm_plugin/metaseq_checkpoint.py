@@ -19,9 +19,9 @@ from typing import List
 import torch
 
 from .checkpoint import state_dict_from_released
-from .convert import (PLUGIN_DIR, StagedOutput, fairseq_arch_name, model_arg_flags, plugin_checkpoint_state,
-                      read_released)
 from .model import TransNormerConfig
+from .plugin_checkpoint import PLUGIN_DIR, fairseq_arch_name, model_arg_flags, plugin_checkpoint_state
+from .released_format import StagedOutput, read_released
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 
