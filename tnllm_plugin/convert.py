@@ -54,13 +54,13 @@ import torch
 from torch import nn
 
 from .checkpoint import check_tensor_shapes, config_from_released, state_dict_from_released, state_dict_to_released
-from .file_checks import _expected_shapes
+from .file_checks import expected_shapes
 from .model import TransNormerConfig, TransNormerLLM
-from .plugin_checkpoint import (DICT_NAME, PLUGIN_CHECKPOINT_NAME, RELEASED_CONFIG_COPY, _is_placeholder_dict,
+from .plugin_checkpoint import (DICT_NAME, PLUGIN_CHECKPOINT_NAME, RELEASED_CONFIG_COPY, is_placeholder_dict,
                                 fairseq_dict_size, find_dict, plugin_checkpoint_state, read_plugin_checkpoint,
                                 write_fairseq_dict)
 from .released_format import (CONFIG_NAME, INDEX_NAME, SHARD_PATTERN, WEIGHTS_NAME, ReleasedCheckpoint,
-                              StagedOutput, _released_files_in, _stage_released, read_released, released_config_for)
+                              StagedOutput, released_files_in, stage_released, read_released, released_config_for)
 
 # tokenizer and generation files that travel with the weights (copied verbatim)
 COMPANION_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
@@ -139,10 +139,10 @@ def plugin_to_released(ckpt, out_dir, safetensors: bool = False, max_shard_size=
     plugin = read_plugin_checkpoint(_plugin_file(Path(ckpt)), trusted)
     config = released_config_for(plugin.config, plugin.released_config, plugin.tensors["embed_tokens.weight"].dtype)
     out = Path(out_dir)
-    stale = _released_files_in(out, overwrite)
+    stale = released_files_in(out, overwrite)
     with StagedOutput(out, stale, last=CONFIG_NAME) as stage:
-        _stage_released(stage.path, config, state_dict_to_released(plugin.tensors), safetensors, max_shard_size)
-        if plugin.dict_path is not None and not _is_placeholder_dict(plugin.dict_path):
+        stage_released(stage.path, config, state_dict_to_released(plugin.tensors), safetensors, max_shard_size)
+        if plugin.dict_path is not None and not is_placeholder_dict(plugin.dict_path):
             shutil.copyfile(plugin.dict_path, stage.path / DICT_NAME)
         copy_companions(plugin.path.parent, stage.path)
     return stage.written
@@ -224,7 +224,7 @@ def build_with_tensors(cfg: TransNormerConfig, tensors: Mapping[str, torch.Tenso
     """TransNormerLLM whose parameters are ``tensors`` themselves (checked first): the parameters are created on
     the meta device, so there is no random init and no second copy of a large model; buffers (the fixed decay
     rates) are computed as usual."""
-    check_tensor_shapes(_expected_shapes(cfg), tensors)
+    check_tensor_shapes(expected_shapes(cfg), tensors)
     with _parameters_on_meta():
         model = TransNormerLLM(cfg)
     model.load_state_dict(dict(tensors), strict=True, assign=True)

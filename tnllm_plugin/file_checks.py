@@ -64,7 +64,7 @@ def check_tensors(cfg: TransNormerConfig, tensors: Mapping[str, torch.Tensor], p
     """Names and shapes of ``tensors`` against ``cfg``, naming tensors as the file does: ``prefix`` is
     RELEASED_PREFIX for the released layout (whose lm_head has none), FAIRSEQ_PREFIX for plugin checkpoints."""
     _check_sizes(cfg, {k: tuple(t.shape) for k, t in tensors.items()}, prefix)
-    expected = _expected_released_shapes(cfg) if prefix == RELEASED_PREFIX else _expected_shapes(cfg, prefix)
+    expected = _expected_released_shapes(cfg) if prefix == RELEASED_PREFIX else expected_shapes(cfg, prefix)
     check_tensor_shapes(expected, tensors)
 
 
@@ -80,12 +80,12 @@ def _check_sizes(cfg: TransNormerConfig, shapes: Mapping[str, tuple], prefix: st
             raise ValueError(f"{name}: checkpoint {tuple(shapes[name])} vs config {want}")
 
 
-def _is_zip(path: Path) -> bool:
+def is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _expected_shapes(cfg: TransNormerConfig, prefix: str = "") -> Dict[str, tuple]:
+def expected_shapes(cfg: TransNormerConfig, prefix: str = "") -> Dict[str, tuple]:
     """Names and shapes of the model's state dict, from a model on the meta device (no memory, no init)."""
     with torch.device("meta"):
         model = TransNormerLLM(cfg)
@@ -93,6 +93,6 @@ def _expected_shapes(cfg: TransNormerConfig, prefix: str = "") -> Dict[str, tupl
 
 
 def _expected_released_shapes(cfg: TransNormerConfig) -> Dict[str, tuple]:
-    shapes = _expected_shapes(cfg)
+    shapes = expected_shapes(cfg)
     renamed = state_dict_to_released({k: k for k in shapes})
     return {new: shapes[old] for new, old in renamed.items()}

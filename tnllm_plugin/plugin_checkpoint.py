@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from .checkpoint import check_tensor_values
-from .file_checks import _is_zip, check_tensors, check_zip_checksums, errors_name, read_json, unreadable_names
+from .file_checks import is_zip, check_tensors, check_zip_checksums, errors_name, read_json, unreadable_names
 from .model import TransNormerConfig
 from .presets import PRESETS
 
@@ -166,7 +166,7 @@ def fairseq_dict_size(path) -> int:
     return len(lines) + len(FAIRSEQ_SPECIALS)
 
 
-def _is_placeholder_dict(path) -> bool:
+def is_placeholder_dict(path) -> bool:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return all(ln.split(" ")[0] == str(i) for i, ln in enumerate(lines, start=len(FAIRSEQ_SPECIALS)) if ln.strip())
 
@@ -204,7 +204,7 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
     if trusted:
         with unreadable_names(path):
             return torch.load(path, map_location="cpu", weights_only=False)
-    if not _is_zip(path):       # legacy (non-zip) file: weights_only loading below says what it refuses
+    if not is_zip(path):       # legacy (non-zip) file: weights_only loading below says what it refuses
         unsafe = []
     else:
         check_zip_checksums(path)
@@ -222,7 +222,7 @@ def load_fairseq_file(path, trusted: bool = False) -> dict:
         raise ValueError(f"{path}: refusing to unpickle {refused} with weights_only=True; if you trust this file, "
                          f"load it with trusted=True (--trust-checkpoint)")
     with torch.serialization.safe_globals(allowed), unreadable_names(path):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip(path))
 
 
 def _omegaconf_state(obj) -> Optional[dict]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .checkpoint import RELEASED_PREFIX, check_tensor_values, config_from_released, config_to_released
-from .file_checks import _is_zip, check_tensors, check_zip_checksums, errors_name, read_json, unreadable_names
+from .file_checks import is_zip, check_tensors, check_zip_checksums, errors_name, read_json, unreadable_names
 from .model import TransNormerConfig
 
 CONFIG_NAME = "config.json"
@@ -145,9 +145,9 @@ def load_weight_file(path) -> Dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:   # memory-mapped (a 7B checkpoint is not read twice into memory), except files in torch's legacy
             # (non-zip) format, which cannot be mapped
-            if _is_zip(path):
+            if is_zip(path):
                 check_zip_checksums(path)
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip(path))
     if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     with errors_name(path):
@@ -237,13 +237,13 @@ def write_released(out_dir, config: Mapping, tensors: Mapping[str, torch.Tensor]
                    max_shard_size=None, overwrite: bool = False) -> List[Path]:
     """config.json and the weights: one file, or shards plus an index when they exceed ``max_shard_size``."""
     out = Path(out_dir)
-    stale = _released_files_in(out, overwrite)
+    stale = released_files_in(out, overwrite)
     with StagedOutput(out, stale, last=CONFIG_NAME) as stage:
-        _stage_released(stage.path, config, tensors, safetensors, max_shard_size)
+        stage_released(stage.path, config, tensors, safetensors, max_shard_size)
     return stage.written
 
 
-def _stage_released(stage: Path, config: Mapping, tensors: Mapping[str, torch.Tensor], safetensors: bool,
+def stage_released(stage: Path, config: Mapping, tensors: Mapping[str, torch.Tensor], safetensors: bool,
                     max_shard_size) -> None:
     fmt = "safetensors" if safetensors else "bin"
     shards = plan_shards(tensors, None if max_shard_size is None else parse_size(max_shard_size))
@@ -262,7 +262,7 @@ def _stage_released(stage: Path, config: Mapping, tensors: Mapping[str, torch.Te
     (stage / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2) + "\n")
 
 
-def _released_files_in(out: Path, overwrite: bool) -> List[Path]:
+def released_files_in(out: Path, overwrite: bool) -> List[Path]:
     """The released-layout files already in ``out`` (to be replaced: stale shards of another layout would confuse
     readers); an error unless ``overwrite``."""
     patterns = [CONFIG_NAME, *WEIGHTS_NAME.values(), *INDEX_NAME.values(), *SHARD_PATTERN.values()]
