@@ -10,7 +10,7 @@ change of the step is worth: as it was (``_no_recompute``: every linear layer ke
 GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
 loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); the
 same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
-with per-block activation checkpointing and a chunked LM-head loss (doubling search; an OOM ends it).
+with per-block activation checkpointing and the chunked LM head + loss (doubling search; an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
     python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
@@ -24,7 +24,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmark_common import free_memory as release, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
@@ -126,17 +125,6 @@ def plain_loss(logits_fn):
     return loss_fn
 
 
-def chunked_loss(model, x, y, chunk=8192):
-    """Hidden states, then the LM head and cross entropy chunk by chunk, each chunk recomputed in the backward:
-    the full [seq, vocab] logits never exist, so the attention (not the LM head) bounds the sequence length."""
-    hidden, _ = model(x, return_hidden=True)
-    def piece(h, t):
-        return F.cross_entropy(model.lm_head(h).flatten(0, 1).float(), t.flatten(), reduction="sum")
-    total = sum(checkpoint(piece, hidden[:, i:i + chunk], y[:, i:i + chunk], use_reentrant=False)
-                for i in range(0, x.shape[1], chunk))
-    return total / y.numel()
-
-
 def measure(model, loss_fn, opt, s, seq, device):
     batch = max(1, s["tokens"] // seq)
     g = torch.Generator(device="cpu").manual_seed(seq)
@@ -186,7 +174,7 @@ def run_model(name, s, device):
 
 def longest_sequence(s, device):
     """Doubling search for the longest sequence TransNormerLLM trains at batch 1 (one full step)."""
-    model, _ = transnormer(s)
+    model, loss_fn = transnormer_fused_loss(s)      # the [seq, vocab] logits never exist: attention bounds seq
     model = apply_activation_checkpointing(model.to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     seq, best = s["longest_start"], None
@@ -196,7 +184,7 @@ def longest_sequence(s, device):
             free_memory(device)
             sync(device)
             t0 = time.perf_counter()
-            train_step(model, chunked_loss, opt, x, x, device)
+            train_step(model, loss_fn, opt, x, x, device)
             sync(device)
             peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
             best = dict(seq=seq, step_s=time.perf_counter() - t0, peak_gb=peak)
