@@ -467,9 +467,8 @@ class TransNormerLLM(nn.Module):
         ``target`` [B, N], without the [tokens, vocab] logits: the head and the loss run ``chunk_size`` tokens at
         a time and the backward keeps only the gradients w.r.t. hidden and the head
         (tnllm_kernels.fused_cross_entropy; under autocast the head's matmul is in its dtype, the softmax in fp32).
-        The value of
-        ``F.cross_entropy(self.lm_head(hidden).float(), target, ignore_index=..., reduction=...)`` up to rounding;
-        "none" gives target's shape. A vocab-parallel head holds a shard of the vocabulary: use
+        The value of ``F.cross_entropy(self.lm_head(hidden).float(), target, ignore_index=..., reduction=...)`` up
+        to rounding; "none" gives target's shape. A vocab-parallel head holds a shard of the vocabulary: use
         tnllm_plugin.parallel.vocab_parallel_cross_entropy on its logits."""
         if getattr(self, "vocab_parallel", False):
             raise ValueError("chunked_lm_loss needs the whole vocabulary; this LM head is a vocab-parallel shard")
