@@ -199,6 +199,11 @@ def parameter_counts(s, vocab, run=None):
 STEP_BENCHMARK = "step_benchmark.json"     # in --out beside the runs' NAME.json
 
 
+def run_records(out: Path):
+    """The runs' NAME.json files in a results directory (the step benchmark's file beside them is not a run)."""
+    return [f for f in out.glob("*.json") if f.name != STEP_BENCHMARK]
+
+
 def step_benchmark(s, vocab, out: Path):
     """Issue 13 item 5: both models' training step outside any host, at the runs' shape and tokens per update, timed
     as benchmarks/train_throughput.py times it (bf16 autocast over fp32 weights, fp32 cross entropy, fused AdamW;
@@ -468,8 +473,7 @@ def estimate_s(s, run, measured):
 def measured_rates(*dirs: Path):
     """tokens/s per model from finished runs (out/NAME.json or work/runs/NAME/result.json), for the estimates."""
     rates = {}
-    for f in sorted(p for d in dirs for p in [*d.glob("*.json"), *d.glob("runs/*/result.json")]
-                    if p.name != STEP_BENCHMARK):
+    for f in sorted(p for d in dirs for p in [*run_records(d), *d.glob("runs/*/result.json")]):
         r = json.loads(f.read_text())
         if r.get("tokens_per_s"):
             rates.setdefault(r["model"], r["tokens_per_s"])
@@ -505,14 +509,14 @@ def run_selected(names, runs, s, args, data, work, out, deadline):
                 name = queue.pop(0)
             run = runs[name]
             done_before = finished(name, work, args) and not args.force     # no training: copied to --out
-            if deadline is not None and not done_before and time.time() > deadline - 30:
-                print(f"[{name}] not started: less than 30 s left (--time-limit)", flush=True)
-                continue
-            if deadline is not None and not done_before and not args.start_anyway \
-                    and time.time() + estimate_s(s, run, measured) > deadline \
-                    and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists():
-                print(f"[{name}] not started: its estimate exceeds the time left (--time-limit)", flush=True)
-                continue
+            if deadline is not None and not done_before:
+                if time.time() > deadline - 30:
+                    print(f"[{name}] not started: less than 30 s left (--time-limit)", flush=True)
+                    continue
+                if not args.start_anyway and time.time() + estimate_s(s, run, measured) > deadline \
+                        and not (work / "runs" / name / "ckpt" / "checkpoint_last.pt").exists():
+                    print(f"[{name}] not started: its estimate exceeds the time left (--time-limit)", flush=True)
+                    continue
             results[name] = run_one(name, run, s, args, data, work, out, counts[name], gpu, deadline,
                                     sharing=gpus.count(gpu))
 
@@ -532,7 +536,7 @@ def run_selected(names, runs, s, args, data, work, out, deadline):
 def load_results(out: Path):
     """{name: record} in table order: the main runs (TransNormerLLM first, by learning rate), then the ablations as
     ABLATIONS lists them."""
-    results = [json.loads(f.read_text()) for f in out.glob("*.json") if f.name != STEP_BENCHMARK]
+    results = [json.loads(f.read_text()) for f in run_records(out)]
     ablations = [a[0] for a in ABLATIONS]
 
     def order(r):
