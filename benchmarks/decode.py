@@ -546,9 +546,25 @@ def main():
     ap.add_argument("--budget-s", type=float, default=None, help="start no cell after this many seconds")
     ap.add_argument("--fake-oom", default=None, metavar="MODEL:BATCH:PROMPT",
                     help="raise an OOM in that cell after its prefill (tests the handler)")
+    ap.add_argument("--prompts", help="comma-separated prompt lengths (default: 1k, 8k, 32k, 128k)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default: 1, 16)")
+    ap.add_argument("--no-fused-step", action="store_true",
+                    help="our one-token step as the PyTorch composition instead of the fused decode kernels "
+                         "(tnllm_kernels.gla_decode): the A/B of that change, same weights and tokens")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="where decode.md/json go (default $OUT)")
     args = ap.parse_args()
-    s = SMOKE if args.smoke else FULL
+    s = dict(SMOKE if args.smoke else FULL)
+    for key in ("prompts", "batches"):
+        if getattr(args, key):
+            try:
+                s[key] = tuple(int(v) for v in getattr(args, key).split(","))
+            except ValueError:
+                sys.exit(f"--{key} takes comma-separated integers, got {getattr(args, key)!r}")
+    if args.no_fused_step:
+        # the model asks this function whether the fused step takes a call; answering no keeps every step on
+        # the composition it had before the kernels existed
+        import tnllm_plugin.model
+        tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
     if args.fake_oom is None:
         args.fake_oom = s["fake_oom"]
     if args.smoke:

@@ -172,6 +172,46 @@ def run_model(name, s, device):
     return result
 
 
+def loss_curve(name, s, device, steps):
+    """The loss of the first `steps` training steps of one of our step variants, from the same initial weights on
+    the same batches: a change of the step that only saves memory or time must leave this curve where it was (up
+    to bf16 rounding). The batches are learnable (ids drawn from the first 1024 of the vocabulary, so the loss
+    falls from ln(vocab) towards ln(1024) within the steps) rather than uniform over the vocabulary, where every
+    variant would sit at ln(vocab) and agree trivially."""
+    torch.manual_seed(0)
+    model, loss_fn = MODELS[name](s)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    seq = s["seqs"][0]
+    batch = max(1, s["tokens"] // seq)
+    losses = []
+    for step in range(steps):
+        g = torch.Generator(device="cpu").manual_seed(10_000 + step)
+        ids = torch.randint(3, 3 + min(1024, s["vocab"] - 3), (batch, seq + 1), generator=g).to(device)
+        losses.append(float(train_step(model, loss_fn, opt, ids[:, :-1], ids[:, 1:], device).detach()))
+    del model, opt
+    free_memory(device)
+    return losses
+
+
+def loss_table(curves):
+    """Each variant's curve against the step as it was before issue 14 (_no_recompute): largest gap over the
+    steps, absolute and relative, and the first and last loss."""
+    base_name = "transnormer_llm_385m_no_recompute"
+    base = curves.get(base_name)
+    lines = [f"loss of the first {len(next(iter(curves.values())))} steps, against {base_name}:",
+             "| variant | first loss | last loss | max abs gap | max rel gap |", "|---|---|---|---|---|"]
+    for name, c in curves.items():
+        if base is None or name == base_name:
+            gaps = ("-", "-")
+        else:
+            gap = [abs(a - b) for a, b in zip(c, base)]
+            rel = [d / abs(b) for d, b in zip(gap, base)]
+            gaps = (f"{max(gap):.4f}", f"{max(rel):.2e}")
+        lines.append(f"| {name} | {c[0]:.4f} | {c[-1]:.4f} | {gaps[0]} | {gaps[1]} |")
+    return "\n".join(lines)
+
+
 def longest_sequence(s, device):
     """Doubling search for the longest sequence TransNormerLLM trains at batch 1 (one full step)."""
     model, loss_fn = transnormer_fused_loss(s)      # the [seq, vocab] logits never exist: attention bounds seq
@@ -280,6 +320,9 @@ def main():
                     help="also print a torch.profiler table of our training step at this sequence length")
     ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10)")
     ap.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
+    ap.add_argument("--loss-steps", type=int, default=0, metavar="N",
+                    help="also train each of our step variants among --models N steps from the same weights on the "
+                         "same batches and compare their loss curves (issue 14: the first 50 steps unchanged)")
     ap.add_argument("--loss-chunk", type=int, help="tokens per chunk of the chunked LM head + loss (default 4096)")
     args = ap.parse_args()
     s = dict(SMOKE if args.smoke else FULL)
@@ -314,19 +357,25 @@ def main():
     if not args.no_longest:
         longest = longest_sequence(s, device)
     report = table(results, s, longest)
+    curves = {}
+    for name in (n for n in names if n.startswith("transnormer_llm_385m")) if args.loss_steps else ():
+        log("loss curve", name)
+        curves[name] = loss_curve(name, s, device, args.loss_steps)
+    if curves:
+        report += "\n\n" + loss_table(curves)
     if args.profile:
         report += "\n\n" + profile_step(s, device, args.profile)
     print("\n" + report)
-    write_report(report, results, longest)
+    write_report(report, results, longest, curves)
 
 
-def write_report(report, results, longest):
+def write_report(report, results, longest, loss_curves=None):
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "train_throughput.md"), "w") as f:
             f.write(report + "\n")
         with open(os.path.join(out, "train_throughput.json"), "w") as f:
-            json.dump(dict(results=results, longest=longest), f, indent=1, default=str)
+            json.dump(dict(results=results, longest=longest, loss_curves=loss_curves or {}), f, indent=1, default=str)
 
 if __name__ == "__main__":
     main()
