@@ -49,9 +49,10 @@ DEFAULT_OUT = REPO / "benchmarks" / "logs" / "quality"
 # Triton kernel's Dk <= 256), SGLU width 8/3 d = 2048 (presets.glu_dim_for). The baseline has the same width,
 # depth and heads; its SwiGLU width is chosen so that a block has TransNormerLLM's parameters (llama_ffn_dim).
 # Tokens per update 16 x 2048 = 32768; the main budget is 1832 updates = 60.0M tokens (the pack's train split,
-# 59,999,988 tokens = 1831 full updates, then one update into epoch 2), the ablations 10M tokens.
+# 59,999,988 tokens = 1831 full updates, then one update into epoch 2), the ablations 10M tokens. Learning rates:
+# both models were best at the lower of 6e-4 and 1.5e-3 (2026-11-29), the edge of that sweep, so 3e-4 is added.
 FULL = dict(d=768, layers=12, heads=12, glu=2048, seq=2048, batch=16, main_tokens=60_000_000,
-            ablation_tokens=10_000_000, lrs=(6e-4, 1.5e-3), ablation_lr=1e-3, warmup=0.05, valid_every=100,
+            ablation_tokens=10_000_000, lrs=(3e-4, 6e-4, 1.5e-3), ablation_lr=1e-3, warmup=0.05, valid_every=100,
             ablation_valid_every=50, valid_batches=32, save_every=300, log_interval=20, cpu=False,
             assume_tokens_per_s=200_000, overhead_s=60)
 # tiny, CPU: a few dozen updates of 4 x 64 tokens
