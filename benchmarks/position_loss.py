@@ -46,12 +46,13 @@ def load(path, data, user_dir):
     return models[0].eval(), task, task.build_criterion(cfg.criterion)
 
 
-def batches(task, split, batch_size, max_batches=None):
-    """The split's samples in fairseq-validate's order (no shuffling; fairseq sorts them by length, so the short last
-    sample comes first): every checkpoint sees the same samples, batch_size a batch."""
+def batches(task, split, batch_size, max_batches=None, multiple=1):
+    """The split's samples in fairseq-validate's order (seed 1): every checkpoint sees the same samples, batch_size a
+    batch. multiple is fairseq's --required-batch-size-multiple: fairseq-validate's default 8 drops the last
+    partial batch of the split (fairseq's batch_by_size); 1 keeps every sample."""
     task.load_dataset(split, combine=False, epoch=1)
-    itr = task.get_batch_iterator(dataset=task.dataset(split), max_sentences=batch_size, seed=1,
-                                  num_workers=0).next_epoch_itr(shuffle=False)
+    itr = task.get_batch_iterator(dataset=task.dataset(split), max_sentences=batch_size, seed=1, num_workers=0,
+                                  required_batch_size_multiple=multiple).next_epoch_itr(shuffle=False)
     for i, sample in enumerate(itr):
         if max_batches is not None and i >= max_batches:
             return
@@ -84,11 +85,11 @@ def bucketed(total, count, edges):
     return rows, total.sum().item() / count.sum().item() / math.log(2)
 
 
-def position_losses(model, criterion, task, split, batch_size, max_batches=None, edges=None):
+def position_losses(model, criterion, task, split, batch_size, max_batches=None, edges=None, multiple=1):
     """The core: {edges, buckets: [(lo, hi, tokens, bits)], overall: bits, per_position: [bits], samples}."""
     tps = (getattr(task, "cfg", None) or task.args).tokens_per_sample   # a checkpoint of args has no task.cfg
     edges = edges or bucket_edges(tps)
-    samples = list(batches(task, split, batch_size, max_batches))
+    samples = list(batches(task, split, batch_size, max_batches, multiple))
     total, count = position_sums(model, criterion, samples, tps)
     rows, overall = bucketed(total, count, edges)
     per_position = (total / count.clamp(min=1) / math.log(2)).tolist()
@@ -130,6 +131,9 @@ def main(argv=None):
                          "registers both transnormer_llm and llama_baseline)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batches", type=int, help="the first N batches of the split (default: all of it)")
+    ap.add_argument("--required-batch-size-multiple", type=int, default=1,
+                    help="fairseq's option: 1 (default) scores every sample; 8 (fairseq-validate's default) drops "
+                         "the split's last partial batch, and reproduces fairseq-validate's loss")
     ap.add_argument("--edges", help="comma list of bucket edges (default 0,16,64,256,... up to tokens-per-sample)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--json", help="write the results (with the loss at every position) here")
@@ -143,15 +147,18 @@ def main(argv=None):
     for name, path in zip(names, paths):
         model, task, criterion = load(path, args.data, args.user_dir)
         results[name] = dict(path=str(path), **position_losses(model, criterion, task, args.split, args.batch_size,
-                                                                args.max_batches, edges))
+                                                                args.max_batches, edges,
+                                                                args.required_batch_size_multiple))
         print(f"{name}: {results[name]['overall']:.4f} bits over {results[name]['tokens']:,} tokens "
               f"({results[name]['samples']} samples)", file=sys.stderr, flush=True)
     if len({(r["tokens_per_sample"], r["tokens"]) for r in results.values()}) != 1:
         sys.exit("the checkpoints saw different samples (another --tokens-per-sample): not comparable")
     print(markdown(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(split=args.split, data=str(args.data),
-                                                   max_batches=args.max_batches, models=results), indent=1))
+        Path(args.json).write_text(json.dumps(dict(split=args.split, data=str(args.data), batch_size=args.batch_size,
+                                                   max_batches=args.max_batches,
+                                                   required_batch_size_multiple=args.required_batch_size_multiple,
+                                                   models=results), indent=1))
 
 
 if __name__ == "__main__":
