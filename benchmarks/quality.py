@@ -260,9 +260,13 @@ def prepare_data(args, s, work: Path) -> Path:
     import prepare_corpus
     if args.smoke:
         src = Path(args.data) if args.data else DEFAULT_DATA_BIN
-        dest = work / "data-smoke" / "data-bin"
+        sizes = dict(SMOKE_SLICE, **{k: int(v) for k, v in (p.split("=") for p in (args.smoke_slice or "").split(",")
+                                                             if p)})
+        # another slice, another directory (the slice is made once per directory)
+        dest = work / ("data-smoke" if sizes == SMOKE_SLICE else
+                       "data-smoke-" + "-".join(str(sizes[k]) for k in ("train", "valid", "test"))) / "data-bin"
         if not (dest / "test.idx").exists():
-            slice_data_bin(src, dest, SMOKE_SLICE, prepare_corpus)
+            slice_data_bin(src, dest, sizes, prepare_corpus)
         return dest
     if args.data:
         return Path(args.data)
@@ -404,7 +408,8 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
     done.write_text(json.dumps(record, indent=1))
     (out / f"{name}.json").write_text(done.read_text())
     for f in save_dir.glob("*.pt"):      # 1.7 GB each at the full size: the disk holds a few runs' worth only
-        f.unlink()
+        if not args.keep_checkpoints:
+            f.unlink()
     fin = record["final"]
     print(f"[{name}] valid {fin.get('valid', {}).get('loss')} test {fin.get('test', {}).get('loss')} bits, "
           f"{record['tokens_per_s'] or 0:,.0f} tokens/s, {wall:.0f} s", flush=True)
@@ -683,6 +688,13 @@ def main(argv=None):
     ap.add_argument("--ablation-lr", type=float)
     ap.add_argument("--ablation-valid-every", type=int, help="updates between the ablations' validations")
     ap.add_argument("--force", action="store_true", help="redo finished runs from scratch")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one of the settings (FULL / SMOKE: d, layers, heads, glu, seq, batch, "
+                         "valid_every, valid_batches, save_every, log_interval, ...), e.g. --smoke --set seq=256")
+    ap.add_argument("--smoke-slice", help="--smoke: tokens of each split, e.g. train=3000000,valid=200000 "
+                                          "(the others as default: %s)" % SMOKE_SLICE)
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep the run's checkpoints after validation (for benchmarks/position_loss.py)")
     ap.add_argument("--step-benchmark", action="store_true",
                     help="time both models' training step outside the host at the runs' shape (first)")
     args = ap.parse_args(argv)
@@ -693,6 +705,11 @@ def main(argv=None):
     for key in ("main_tokens", "ablation_tokens", "ablation_lr", "ablation_valid_every"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in s or isinstance(s[key], (tuple, bool)):
+            sys.exit(f"--set {item}: not a numeric setting; known: {', '.join(s)}")
+        s[key] = type(s[key])(float(value)) if isinstance(s[key], int) else float(value)
     suffix = "_smoke" if args.smoke else ""
     work = Path(args.work or REPO / "work_dirs" / f"quality{suffix}").resolve()
     # the smoke's results are no evidence: they stay in the ignored work dir
