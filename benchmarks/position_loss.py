@@ -65,10 +65,13 @@ def position_sums(model, criterion, samples, tokens_per_sample):
     of the split may be shorter (right-padded): its padding targets are left out, not counted as position losses."""
     total = torch.zeros(tokens_per_sample, dtype=torch.float64)
     count = torch.zeros(tokens_per_sample, dtype=torch.float64)
+    device = next(model.parameters()).device
     for sample in samples:
-        target = sample["target"]
+        from fairseq import utils
+        sample = utils.apply_to_sample(lambda t: t.to(device), sample)
+        target = sample["target"].cpu()
         loss, _, _ = criterion(model, sample, reduce=False)     # per token, flat, padding 0
-        loss = loss.reshape(target.shape).double()
+        loss = loss.reshape(target.shape).double().cpu()
         mask = target.ne(criterion.padding_idx)
         n = target.shape[1]
         total[:n] += (loss * mask).sum(0)
@@ -136,6 +139,9 @@ def main(argv=None):
                          "the split's last partial batch, and reproduces fairseq-validate's loss")
     ap.add_argument("--edges", help="comma list of bucket edges (default 0,16,64,256,... up to tokens-per-sample)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the models run (default: cuda when there is one). The checkpoint's own settings "
+                         "apply: the quality runs' --bf16-autocast on CUDA, as in their training and validation")
     ap.add_argument("--json", help="write the results (with the loss at every position) here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -146,6 +152,7 @@ def main(argv=None):
     results = {}
     for name, path in zip(names, paths):
         model, task, criterion = load(path, args.data, args.user_dir)
+        model.to(args.device)
         results[name] = dict(path=str(path), **position_losses(model, criterion, task, args.split, args.batch_size,
                                                                 args.max_batches, edges,
                                                                 args.required_batch_size_multiple))

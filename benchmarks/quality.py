@@ -395,6 +395,7 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
     if val.returncode != 0:
         print(f"[{name}] fairseq-validate failed; log: {log_path}\n" + val.stderr[-3000:], flush=True)
         return None
+    positions = position_loss(s, data, save_dir, rdir, env)
     tokens_per_update = s["batch"] * s["seq"]
     text = log_path.read_text()
     parsed = parse_log(text, tokens_per_update)
@@ -403,7 +404,7 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
                   params=params, vocab=dictionary_size(Path(data)), command=shlex.join(cmd),
                   validate_command=shlex.join(vcmd), last_call_wall_s=wall,
                   triton="kernels: Triton" in text, device=device_name(s, gpu), date=time.strftime("%Y-%m-%d"),
-                  runs_sharing_the_device=sharing,
+                  runs_sharing_the_device=sharing, position_loss=positions,
                   **parsed)
     done.write_text(json.dumps(record, indent=1))
     (out / f"{name}.json").write_text(done.read_text())
@@ -414,6 +415,21 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
     print(f"[{name}] valid {fin.get('valid', {}).get('loss')} test {fin.get('test', {}).get('loss')} bits, "
           f"{record['tokens_per_s'] or 0:,.0f} tokens/s, {wall:.0f} s", flush=True)
     return record
+
+
+def position_loss(s, data, save_dir, rdir, env):
+    """The final checkpoint's valid loss by position in the context (benchmarks/position_loss.py, the first
+    valid_batches x 2 batches): whether the model uses its context, and where a gap between the models lies. Taken
+    before the checkpoint is deleted; a diagnostic, so its failure is recorded rather than failing the run."""
+    path = rdir / "position_loss.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "position_loss.py"), "--path", str(save_dir / "checkpoint_last.pt"),
+           "--data", str(data), "--split", "valid", "--batch-size", str(s["batch"]),
+           "--max-batches", str(2 * s["valid_batches"]), "--json", str(path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if res.returncode != 0:
+        return {"error": res.stderr[-2000:]}
+    model = next(iter(json.loads(path.read_text())["models"].values()))
+    return {k: model[k] for k in ("edges", "buckets", "overall", "samples", "tokens")}
 
 
 def stop_leftover(pid_file: Path, save_dir: Path):
@@ -625,6 +641,22 @@ def host_overhead(results, out: Path):
     return lines
 
 
+def position_table(results):
+    """Lines of a table: each main run's valid loss (bits) by position in the context, where measured."""
+    runs = [r for r in results.values() if r["budget"] == "main" and "buckets" in (r.get("position_loss") or {})]
+    if not runs:
+        return []
+    first = runs[0]["position_loss"]
+    lines = ["", f"Valid loss by position in the context (`benchmarks/position_loss.py` on each run's last checkpoint, "
+                 f"first {first['samples']} valid samples, {first['tokens']:,} tokens):", "",
+             "| positions | " + " | ".join(r["name"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for i, (lo, hi, _, _) in enumerate(first["buckets"]):
+        lines.append(f"| {lo}-{hi - 1} | " + " | ".join(f"{r['position_loss']['buckets'][i][3]:.3f}" for r in runs)
+                     + " |")
+    lines.append("| all | " + " | ".join(f"{r['position_loss']['overall']:.3f}" for r in runs) + " |")
+    return lines
+
+
 def plot(results, plot_dir: Path):
     try:
         import matplotlib
@@ -723,7 +755,7 @@ def main(argv=None):
     if args.table or args.plot:
         results = load_results(out)
         if args.table:
-            print("\n".join([table(results), *host_overhead(results, out)]))
+            print("\n".join([table(results), *host_overhead(results, out), *position_table(results)]))
         if args.plot:
             plot(results, Path(args.plot_dir))
         return

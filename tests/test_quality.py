@@ -117,6 +117,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert r["curve"][-1][1] < r["curve"][0][1]             # it learns (counting sequences)
     assert set(r["final"]) == {"valid", "test"} and r["final"]["valid"]["loss"] < 6 and r["tokens_per_s"] > 0
     assert (out / "llama_lr3e-3.log").read_text().count("fairseq-validate") == 1
+    # the last checkpoint's loss by position, taken before the checkpoint is deleted: every position once
+    pos = r["position_loss"]
+    assert "error" not in pos, pos.get("error")
+    assert [(lo, hi) for lo, hi, _, _ in pos["buckets"]] == list(zip(pos["edges"], pos["edges"][1:]))
+    assert pos["edges"][0] == 0 and pos["edges"][-1] == 64 and sum(n for _, _, n, _ in pos["buckets"]) == pos["tokens"]
+    assert not list((tmp_path / "work" / "runs" / "llama_lr3e-3" / "ckpt").glob("*.pt"))
     # a finished run is not trained again; --table reads the result
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 0 and "done before" in again.stdout
@@ -131,6 +137,7 @@ def test_smoke_run_end_to_end(tmp_path):
                             "--table"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "| llama_lr3e-3 | LLaMA baseline (best lr) |" in table.stdout
     assert "Table 1 Transformer: 2.362 / 5.160" in table.stdout
+    assert "Valid loss by position in the context" in table.stdout and "| 0-15 |" in table.stdout
 
 
 def test_leftover_training_of_the_run_is_stopped(tmp_path):
