@@ -55,7 +55,7 @@ import lm_eval.models  # noqa: F401  (lm-eval's built-in models: registered lazi
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from .generation import (SamplingConfig, TextCodec, generate, info_field, left_pad, prompt_special_ids,
+from .generation import (SamplingConfig, TextCodec, generate, info_field, prefill, prompt_special_ids,
                          unwrap_model)
 from .model import DecodeState, TransNormerLLM
 
@@ -203,19 +203,8 @@ class TransNormerLMEval(LM):
     def _prefill(self, contexts: List[List[int]]) -> Tuple[torch.Tensor, DecodeState]:
         """Left-padded contexts through the model in windows -> (log-probs [B, vocab] of the token after each
         context, the state after each context, with per-row positions)."""
-        model = self.model
-        tokens, padding_mask, positions = left_pad(contexts, model.cfg.pad_id, self._device)
-        state = None
-        for w in self._window_slices(tokens.shape[1]):
-            mask = None if padding_mask is None else padding_mask[:, w]
-            if mask is not None and not bool(mask.any()):
-                mask = None
-            if state is None:
-                hidden, state = model(tokens[:, w], padding_mask=mask, use_cache=True, positions=positions,
-                                      return_hidden=True)
-            else:
-                hidden, state = model(tokens[:, w], state=state, padding_mask=mask, return_hidden=True)
-        return model.lm_head(hidden[:, -1]).float().log_softmax(-1), state
+        logits, state = prefill(self.model, contexts, window=self.max_length)
+        return logits.float().log_softmax(-1), state
 
     @torch.no_grad()
     def _score_from_state(self, conts: List[List[int]], state: DecodeState) -> List[Tuple[float, bool]]:
