@@ -118,6 +118,36 @@ def sampling_from_gen_kwargs(gen_kwargs: Dict, default_max_gen_toks: int):
     return until, max_gen, temperature, top_k, top_p
 
 
+def load_model_and_tokenizer(checkpoint: Optional[str], spm: Optional[str], dict_path: Optional[str],
+                             device: torch.device, dtype: Optional[str], model=None, tokenizer=None
+                             ) -> Tuple[TransNormerLLM, object, object]:
+    """-> (the TransNormerLLM in eval mode on ``device``, in ``dtype`` when given; the tokenizer; load_model's info,
+    None for an in-memory model). ``model`` and ``tokenizer`` are used as given (a fairseq model is unwrapped);
+    otherwise the model is read from ``checkpoint`` by tnllm_plugin.convert.load_model and the tokenizer is a
+    TextCodec of ``spm`` and ``dict_path``, else of the dict.txt load_model found beside the checkpoint."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = None if dtype is None else DTYPES[dtype]
+    info = None
+    if model is None:
+        if checkpoint is None or spm is None:
+            raise ValueError("transnormer_llm needs checkpoint=PATH and spm=SPM_MODEL (or model= and "
+                             "tokenizer= objects)")
+        from .convert import load_model
+        model, info = load_model(checkpoint, device=str(device), dtype=torch_dtype)
+    elif checkpoint is not None:
+        raise ValueError("give either checkpoint= or model=, not both")
+    if tokenizer is None:
+        if spm is None:
+            raise ValueError("transnormer_llm needs spm=SPM_MODEL (or a tokenizer= object)")
+        tokenizer = TextCodec(spm, dict_path or info_field(info, "dict_path"))
+    model = unwrap_model(model).to(device=device, dtype=torch_dtype).eval()
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} ids, the model's vocabulary only {model.cfg.vocab_size}")
+    return model, tokenizer, info
+
+
 class _AllStopped(Exception):
     """Raised from generate's on_token once every row of the batch has reached a stop string or eos."""
 
@@ -142,32 +172,10 @@ class TransNormerLMEval(LM):
         self.max_length = positive_int("max_length", max_length)
         self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
         self._device = torch.device(device or "cpu")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        info = None
-        if model is None:
-            if checkpoint is None or spm is None:
-                raise ValueError("transnormer_llm needs checkpoint=PATH and spm=SPM_MODEL (or model= and "
-                                 "tokenizer= objects)")
-            from .convert import load_model
-            model, info = load_model(checkpoint, device=str(self._device),
-                                     dtype=None if dtype is None else DTYPES[dtype])
-        elif checkpoint is not None:
-            raise ValueError("give either checkpoint= or model=, not both")
-        if tokenizer is None:
-            if spm is None:
-                raise ValueError("transnormer_llm needs spm=SPM_MODEL (or a tokenizer= object)")
-            tokenizer = TextCodec(spm, dict or info_field(info, "dict_path"))
-        self.model: TransNormerLLM = unwrap_model(model).to(self._device)
-        if dtype is not None:
-            self.model.to(DTYPES[dtype])
-        self.model.eval()
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer, info = load_model_and_tokenizer(
+            checkpoint, spm, dict, self._device, dtype, model=model, tokenizer=tokenizer)
         cfg = self.model.cfg
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab} ids, the model's vocabulary only {cfg.vocab_size}")
-        start_id, self.eos_id = prompt_special_ids(tokenizer, info, cfg)
+        start_id, self.eos_id = prompt_special_ids(self.tokenizer, info, cfg)
         self.prefix_id = start_id if prefix_token_id is None else int(prefix_token_id)
         if not 0 <= self.prefix_id < cfg.vocab_size:
             raise ValueError(f"prefix token id {self.prefix_id} is outside the vocabulary [0, {cfg.vocab_size})")
