@@ -119,6 +119,22 @@ def test_left_padding_leaves_the_state_exact_and_right_padding_would_not():
     assert max(rel(a, b) for a, b in zip(unmasked.kv, want.kv)) > 1e-2
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("window", [1, 3, 7, 100])
+def test_prefill_in_windows_equals_one_forward(window):
+    """prefill(window=w): left-padded prompts (padding spread over several windows, then windows without any)
+    in forwards of w positions that carry the state: the logits, states and positions of one forward."""
+    from tnllm_plugin.generation import prefill
+    model = tiny(lrpe_layers=(0, 2), block_size=8)
+    prompts = prompts_of([5, 17, 11], seed=5)
+    want_logits, want = prefill(model, prompts)
+    logits, state = prefill(model, prompts, window=window)
+    assert rel(logits, want_logits) < 1e-5
+    assert all(rel(a, b) < 1e-5 for a, b in zip(state.kv, want.kv))
+    assert state.positions.tolist() == want.positions.tolist() == [5, 17, 11]
+    assert state.offset == want.offset == 17
+
+
 def test_per_row_lrpe_positions_are_each_rows_own_offset():
     torch.manual_seed(0)
     lrpe = LRPE(n_heads=2, head_dim=8)

@@ -292,6 +292,19 @@ def test_constructor_checks(model, codec):
         make_lm(tiny_model(50), codec)
 
 
+
+def test_loading_checks_name_the_argument(model, codec):
+    """Bad loading arguments fail before anything is read or converted, with a message naming the argument."""
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        make_lm(model, codec, dtype="float8")
+    with pytest.raises(ValueError, match="either checkpoint= or model="):
+        make_lm(model, codec, checkpoint="no/such/checkpoint")
+    with pytest.raises(ValueError, match="spm="):
+        TransNormerLMEval(model=model)
+    with pytest.raises(ValueError, match="prefix token id"):
+        make_lm(model, codec, prefix_token_id=model.cfg.vocab_size)
+    assert next(model.parameters()).dtype == torch.float32
+
 # --- lm-eval itself -------------------------------------------------------------------------------------------
 
 def by_hand_metrics(model, codec, prefix):

@@ -171,13 +171,21 @@ def left_pad(prompts: List[List[int]], pad_id: int, device):
     return tokens.to(device), padding_mask, positions.to(device)
 
 
-def prefill(model: TransNormerLLM, prompts: List[List[int]]):
-    """One block-form forward over the left-padded prompts -> (logits [B, vocab] after each prompt's last token,
-    DecodeState with per-row positions)."""
+def prefill(model: TransNormerLLM, prompts: List[List[int]], window: Optional[int] = None):
+    """Block-form forwards over the left-padded prompts -> (logits [B, vocab] after each prompt's last token,
+    DecodeState with per-row positions). One forward, or with ``window`` one per ``window`` positions, each
+    continuing the state of the one before: the same result in memory that does not grow with the prompt."""
     device = model.lm_head.weight.device
     tokens, padding_mask, positions = left_pad(prompts, model.cfg.pad_id, device)
-    # the LM head on the last position only: the [B, P, vocab] logits of a long prompt would not fit
-    hidden, state = model(tokens, padding_mask=padding_mask, use_cache=True, positions=positions, return_hidden=True)
+    width = tokens.shape[1]
+    padded = width - min(len(p) for p in prompts)      # left padding fills the first `padded` columns only
+    window = window or width
+    state = DecodeState(positions=positions)           # no layer states yet: the model starts from zero
+    for start in range(0, width, window):
+        columns = slice(start, start + window)
+        mask = padding_mask[:, columns] if start < padded else None
+        # the LM head on the last position only: the [B, P, vocab] logits of a long prompt would not fit
+        hidden, state = model(tokens[:, columns], state=state, padding_mask=mask, return_hidden=True)
     return model.lm_head(hidden[:, -1]), state
 
 

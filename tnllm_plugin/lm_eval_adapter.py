@@ -55,7 +55,7 @@ import lm_eval.models  # noqa: F401  (lm-eval's built-in models: registered lazi
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from .generation import (SamplingConfig, TextCodec, generate, info_field, left_pad, prompt_special_ids,
+from .generation import (SamplingConfig, TextCodec, generate, info_field, prefill, prompt_special_ids,
                          unwrap_model)
 from .model import DecodeState, TransNormerLLM
 
@@ -118,6 +118,47 @@ def sampling_from_gen_kwargs(gen_kwargs: Dict, default_max_gen_toks: int):
     return until, max_gen, temperature, top_k, top_p
 
 
+def load_model_and_tokenizer(checkpoint: Optional[str], spm: Optional[str], dict_path: Optional[str],
+                             device: torch.device, dtype: Optional[str], model=None, tokenizer=None
+                             ) -> Tuple[TransNormerLLM, object, object]:
+    """-> (the TransNormerLLM in eval mode on ``device``, in ``dtype`` when given; the tokenizer; load_model's info,
+    None for an in-memory model). ``model`` and ``tokenizer`` are used as given (a fairseq model is unwrapped);
+    otherwise the model is read from ``checkpoint`` by tnllm_plugin.convert.load_model and the tokenizer is a
+    TextCodec of ``spm`` and ``dict_path``, else of the dict.txt load_model found beside the checkpoint."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = None if dtype is None else DTYPES[dtype]
+    info = None
+    if model is None:
+        if checkpoint is None or spm is None:
+            raise ValueError("transnormer_llm needs checkpoint=PATH and spm=SPM_MODEL (or model= and "
+                             "tokenizer= objects)")
+        from .convert import load_model
+        model, info = load_model(checkpoint, device=str(device), dtype=torch_dtype)
+    elif checkpoint is not None:
+        raise ValueError("give either checkpoint= or model=, not both")
+    if tokenizer is None:
+        if spm is None:
+            raise ValueError("transnormer_llm needs spm=SPM_MODEL (or a tokenizer= object)")
+        tokenizer = TextCodec(spm, dict_path or info_field(info, "dict_path"))
+    model = unwrap_model(model).to(device=device, dtype=torch_dtype).eval()
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} ids, the model's vocabulary only {model.cfg.vocab_size}")
+    return model, tokenizer, info
+
+
+def right_pad(rows: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> tokens [B, N] (each row followed by pad_id) and valid [B, N] (True at the rows' own tokens)."""
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        tokens[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        valid[r, :len(row)] = True
+    return tokens, valid
+
+
 class _AllStopped(Exception):
     """Raised from generate's on_token once every row of the batch has reached a stop string or eos."""
 
@@ -142,32 +183,10 @@ class TransNormerLMEval(LM):
         self.max_length = positive_int("max_length", max_length)
         self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
         self._device = torch.device(device or "cpu")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        info = None
-        if model is None:
-            if checkpoint is None or spm is None:
-                raise ValueError("transnormer_llm needs checkpoint=PATH and spm=SPM_MODEL (or model= and "
-                                 "tokenizer= objects)")
-            from .convert import load_model
-            model, info = load_model(checkpoint, device=str(self._device),
-                                     dtype=None if dtype is None else DTYPES[dtype])
-        elif checkpoint is not None:
-            raise ValueError("give either checkpoint= or model=, not both")
-        if tokenizer is None:
-            if spm is None:
-                raise ValueError("transnormer_llm needs spm=SPM_MODEL (or a tokenizer= object)")
-            tokenizer = TextCodec(spm, dict or info_field(info, "dict_path"))
-        self.model: TransNormerLLM = unwrap_model(model).to(self._device)
-        if dtype is not None:
-            self.model.to(DTYPES[dtype])
-        self.model.eval()
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer, info = load_model_and_tokenizer(
+            checkpoint, spm, dict, self._device, dtype, model=model, tokenizer=tokenizer)
         cfg = self.model.cfg
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab} ids, the model's vocabulary only {cfg.vocab_size}")
-        start_id, self.eos_id = prompt_special_ids(tokenizer, info, cfg)
+        start_id, self.eos_id = prompt_special_ids(self.tokenizer, info, cfg)
         self.prefix_id = start_id if prefix_token_id is None else int(prefix_token_id)
         if not 0 <= self.prefix_id < cfg.vocab_size:
             raise ValueError(f"prefix token id {self.prefix_id} is outside the vocabulary [0, {cfg.vocab_size})")
@@ -196,84 +215,59 @@ class TransNormerLMEval(LM):
     # ---------------------------------------------------------------------------------------------------------
     # Scoring on token ids
 
-    def _window_slices(self, n: int):
-        return [slice(s, min(s + self.max_length, n)) for s in range(0, n, self.max_length)]
-
     @torch.no_grad()
     def _prefill(self, contexts: List[List[int]]) -> Tuple[torch.Tensor, DecodeState]:
         """Left-padded contexts through the model in windows -> (log-probs [B, vocab] of the token after each
         context, the state after each context, with per-row positions)."""
-        model = self.model
-        tokens, padding_mask, positions = left_pad(contexts, model.cfg.pad_id, self._device)
-        state = None
-        for w in self._window_slices(tokens.shape[1]):
-            mask = None if padding_mask is None else padding_mask[:, w]
-            if mask is not None and not bool(mask.any()):
-                mask = None
-            if state is None:
-                hidden, state = model(tokens[:, w], padding_mask=mask, use_cache=True, positions=positions,
-                                      return_hidden=True)
-            else:
-                hidden, state = model(tokens[:, w], state=state, padding_mask=mask, return_hidden=True)
-        return model.lm_head(hidden[:, -1]).float().log_softmax(-1), state
+        logits, state = prefill(self.model, contexts, window=self.max_length)
+        return logits.float().log_softmax(-1), state
 
     @torch.no_grad()
-    def _score_from_state(self, conts: List[List[int]], state: DecodeState) -> List[Tuple[float, bool]]:
-        """Each row continues its state with cont[:-1] (right padded, in windows) and scores cont[1:] ->
-        (sum of log-probs, every target was the argmax), for the tokens after the first of each row."""
-        n = max(len(c) - 1 for c in conts)
-        if n <= 0:
-            return [(0.0, True)] * len(conts)
-        pad = self.model.cfg.pad_id
-        inputs = torch.full((len(conts), n), pad, dtype=torch.long)
-        targets = torch.full((len(conts), n), pad, dtype=torch.long)
-        valid = torch.zeros(len(conts), n, dtype=torch.bool)
-        for r, c in enumerate(conts):
-            m = len(c) - 1
-            inputs[r, :m] = torch.tensor(c[:-1])
-            targets[r, :m] = torch.tensor(c[1:])
-            valid[r, :m] = True
-        inputs, targets = inputs.to(self._device), targets.to(self._device)
-        logprobs, greedy = [], []
-        for w in self._window_slices(n):
-            logits, state = self.model(inputs[:, w], state=state)
+    def _score_continuations(self, first_logprobs: torch.Tensor, conts: List[List[int]], state: DecodeState
+                             ) -> List[Tuple[float, bool]]:
+        """From each row's log-probs [B, vocab] and state after its context -> (log P(cont | context), every
+        token of cont was the argmax). The first token is scored from first_logprobs, the others by running
+        cont[:-1] from the state in windows, RIGHT padded (module docstring)."""
+        targets, valid = right_pad(conts, self.model.cfg.pad_id)
+        targets = targets.to(self._device)
+        inputs = targets[:, :-1]       # a row's own last token in place of padding: it predicts only padding
+        logprobs = [first_logprobs.gather(-1, targets[:, :1])]
+        greedy = [first_logprobs.argmax(-1, keepdim=True) == targets[:, :1]]
+        for start in range(0, inputs.shape[1], self.max_length):
+            logits, state = self.model(inputs[:, start:start + self.max_length], state=state)
             logits = logits.float()
-            picked = logits.gather(-1, targets[:, w, None]).squeeze(-1) - logits.logsumexp(-1)
-            logprobs.append(picked)
-            greedy.append(logits.argmax(-1) == targets[:, w])
+            predicted = targets[:, start + 1:start + 1 + self.max_length]
+            logprobs.append(logits.gather(-1, predicted[..., None]).squeeze(-1) - logits.logsumexp(-1))
+            greedy.append(logits.argmax(-1) == predicted)
         logprobs = torch.cat(logprobs, 1).double().cpu()
         greedy = torch.cat(greedy, 1).cpu()
-        return [(float(logprobs[r][valid[r]].sum()), bool(greedy[r][valid[r]].all())) for r in range(len(conts))]
+        return [(float(lp[v].sum()), bool(g[v].all())) for lp, g, v in zip(logprobs, greedy, valid)]
 
     def _loglikelihood_tokens(self, pairs: List[Tuple[List[int], List[int]]], desc: str = "loglikelihood"
                               ) -> List[Tuple[float, bool]]:
         """(context ids including the prefix, continuation ids) -> (log P(continuation | context), greedy)."""
-        results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
-        groups: Dict[Tuple[int, ...], List[int]] = {}
+        if not all(ctx for ctx, _ in pairs):
+            raise ValueError("a context must hold at least the prefix token")
+        results: List[Optional[Tuple[float, bool]]] = [None if cont else (0.0, True) for _, cont in pairs]
+        requests_of: Dict[Tuple[int, ...], List[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
-            if not ctx:
-                raise ValueError("a context must hold at least the prefix token")
-            if not cont:
-                results[i] = (0.0, True)
-            else:
-                groups.setdefault(tuple(ctx), []).append(i)
-        contexts = sorted(groups, key=len, reverse=True)       # similar lengths together: less padding
+            if cont:
+                requests_of.setdefault(tuple(ctx), []).append(i)
+        contexts = sorted(requests_of, key=len, reverse=True)       # similar lengths together: less padding
         progress = tqdm(total=len(pairs), desc=desc, disable=self.rank != 0)
-        progress.update(len(pairs) - sum(len(g) for g in groups.values()))
+        progress.update(sum(not cont for _, cont in pairs))      # nothing to score: done already
         for c0 in range(0, len(contexts), self.batch_size):
             chunk = contexts[c0:c0 + self.batch_size]
-            first_lp, state = self._prefill([list(c) for c in chunk])
-            rows = [(g, i) for g, ctx in enumerate(chunk) for i in groups[ctx]]
+            first_logprobs, state = self._prefill([list(c) for c in chunk])
+            rows = [(g, i) for g, ctx in enumerate(chunk) for i in requests_of[ctx]]
             rows.sort(key=lambda gi: len(pairs[gi[1]][1]), reverse=True)
             for r0 in range(0, len(rows), self.batch_size):
                 batch = rows[r0:r0 + self.batch_size]
-                g_idx = torch.tensor([g for g, _ in batch], device=self._device)
-                conts = [pairs[i][1] for _, i in batch]
-                lp0 = first_lp[g_idx, torch.tensor([c[0] for c in conts], device=self._device)].double().cpu()
-                greedy0 = (first_lp[g_idx].argmax(-1).cpu() == torch.tensor([c[0] for c in conts]))
-                rest = self._score_from_state(conts, state.index_select(g_idx))
-                for k, (_, i) in enumerate(batch):
-                    results[i] = (float(lp0[k]) + rest[k][0], bool(greedy0[k]) and rest[k][1])
+                shared = torch.tensor([g for g, _ in batch], device=self._device)    # each row's context
+                scores = self._score_continuations(first_logprobs[shared], [pairs[i][1] for _, i in batch],
+                                                   state.index_select(shared))
+                for (_, i), score in zip(batch, scores):
+                    results[i] = score
                 progress.update(len(batch))
         progress.close()
         return results
