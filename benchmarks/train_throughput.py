@@ -358,10 +358,12 @@ def main():
         longest = longest_sequence(s, device)
     report = table(results, s, longest)
     curves = {}
-    for name in (n for n in names if n.startswith("transnormer_llm_385m")) if args.loss_steps else ():
-        log("loss curve", name)
-        curves[name] = loss_curve(name, s, device, args.loss_steps)
-    if curves:
+    if args.loss_steps:
+        for name in [n for n in names if n.startswith("transnormer_llm_385m")]:
+            log("loss curve", name)
+            curves[name] = loss_curve(name, s, device, args.loss_steps)
+            # rewritten after each curve, as the tables after each model: a run cut short keeps what it measured
+            write_report(report + "\n\n" + loss_table(curves), results, longest, curves)
         report += "\n\n" + loss_table(curves)
     if args.profile:
         report += "\n\n" + profile_step(s, device, args.profile)
