@@ -65,9 +65,9 @@ def position_sums(model, criterion, samples, tokens_per_sample):
     of the split may be shorter (right-padded): its padding targets are left out, not counted as position losses."""
     total = torch.zeros(tokens_per_sample, dtype=torch.float64)
     count = torch.zeros(tokens_per_sample, dtype=torch.float64)
+    from fairseq import utils
     device = next(model.parameters()).device
     for sample in samples:
-        from fairseq import utils
         sample = utils.apply_to_sample(lambda t: t.to(device), sample)
         target = sample["target"].cpu()
         loss, _, _ = criterion(model, sample, reduce=False)     # per token, flat, padding 0
