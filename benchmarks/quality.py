@@ -408,8 +408,8 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
                   **parsed)
     done.write_text(json.dumps(record, indent=1))
     (out / f"{name}.json").write_text(done.read_text())
-    for f in save_dir.glob("*.pt"):      # 1.7 GB each at the full size: the disk holds a few runs' worth only
-        if not args.keep_checkpoints:
+    if not args.keep_checkpoints:        # 1.7 GB each at the full size: the disk holds a few runs' worth only
+        for f in save_dir.glob("*.pt"):
             f.unlink()
     fin = record["final"]
     print(f"[{name}] valid {fin.get('valid', {}).get('loss')} test {fin.get('test', {}).get('loss')} bits, "
