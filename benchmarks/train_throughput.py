@@ -243,27 +243,73 @@ def longest_sequence(s, device):
     return dict(best or {}, search_cap_reached=reached_cap)
 
 
-def profile_step(s, device, seq, rows=30):
-    """Where one TransNormerLLM training step spends GPU time (torch.profiler, kernels by total time)."""
-    model, loss_fn = transnormer(s)
+# Kernel categories of the profile's summary, first match wins (names lower-cased). Our Triton kernels by their
+# function names (kernels/*/triton_*.py); cuBLAS/CUTLASS GEMMs by their families' name parts on Hopper.
+KERNEL_CATEGORIES = (
+    ("lightning attention (Triton)", ("_seg_local_kernel", "_seg_scan_kernel", "_walk_kernel")),
+    ("SRMSNorm, norm+gate (Triton)", ("_srms_",)),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer", ("multi_tensor_apply", "fused_adam", "adam")),
+    ("cross entropy", ("softmax", "cross_entropy", "nll_loss")),
+    ("reductions", ("reduce_kernel", "aten::sum", "aten::mean")),
+    ("copies, casts, fills", ("copy", "cast", "fill", "aten::to", "aten::_to_copy")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "aten::mul", "aten::add", "aten::silu", "aten::sigmoid")),
+)
+
+
+def kernel_category(name):
+    low = name.lower()
+    return next((cat for cat, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "other")
+
+
+def kernel_breakdown(kernels, wall_ms, steps):
+    """Markdown lines: device time per step by category from (kernel name, self time in us) pairs, and the share
+    of the step's wall time the device was busy (what is left is the host: launches, syncs, Python)."""
+    totals = {}
+    for name, us in kernels:
+        cat = kernel_category(name)
+        totals[cat] = totals.get(cat, 0.0) + us / 1e3 / steps
+    busy = sum(totals.values())
+    lines = [f"| category | ms per step | share of device time |", "|---|---|---|"]
+    for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {ms:.2f} | {ms / busy:.1%} |" if busy else f"| {cat} | {ms:.2f} | |")
+    per_step = wall_ms / steps
+    lines.append(f"device busy {busy:.2f} ms of a {per_step:.2f} ms step ({busy / per_step:.1%})")
+    return lines
+
+
+def profile_step(name, s, device, seq, rows=30, steps=2):
+    """Where one training step of our model variant ``name`` spends its time (torch.profiler): device time by
+    kernel category, the share of the step the device is busy, and the kernels by total time. On the CPU (--smoke)
+    the operators' own CPU time stands in for the kernels."""
+    model, loss_fn = MODELS[name](s)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch = max(1, s["tokens"] // seq)
     x = torch.randint(3, s["vocab"], (batch, seq), device=device)
     for _ in range(3):
         train_step(model, loss_fn, opt, x, x, device)
     sync(device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(steps):
             train_step(model, loss_fn, opt, x, x, device)
         sync(device)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    text = prof.key_averages().table(sort_by=key, row_limit=rows)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    averages = prof.key_averages()
+    if cuda:    # kernels only: their device time, each counted once
+        kernels = [(e.key, e.self_device_time_total) for e in averages
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:       # leaf operators' own time (aten ops nest: self time counts each microsecond once)
+        kernels = [(e.key, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    text = averages.table(sort_by=key, row_limit=rows)
     del model, opt
     free_memory(device)
-    return f"profile of 2 steps, seq {seq}, batch {batch}\n" + text
+    head = f"profile of {name}: {steps} steps, seq {seq}, batch {batch}" + ("" if cuda else " (CPU operators)")
+    return "\n".join([head, ""] + kernel_breakdown(kernels, wall_ms, steps) + ["", text])
 
 
 def table(results, s, longest):
@@ -317,7 +363,8 @@ def main():
                     help="comma-separated subset of " + ",".join(MODELS) + " ('' for the longest-sequence search only)")
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
     ap.add_argument("--profile", type=int, default=0, metavar="SEQ",
-                    help="also print a torch.profiler table of our training step at this sequence length")
+                    help="also profile our training step at this sequence length (each of our variants among "
+                         "--models): device time by kernel category, device busy share, kernels by time")
     ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10)")
     ap.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
     ap.add_argument("--loss-steps", type=int, default=0, metavar="N",
@@ -365,8 +412,11 @@ def main():
             # rewritten after each curve, as the tables after each model: a run cut short keeps what it measured
             write_report(report + "\n\n" + loss_table(curves), results, longest, curves)
         report += "\n\n" + loss_table(curves)
-    if args.profile:
-        report += "\n\n" + profile_step(s, device, args.profile)
+    if args.profile:    # each of our variants among --models (the default model when none is)
+        for name in [n for n in names if n.startswith("transnormer_llm_385m")] or ["transnormer_llm_385m"]:
+            log("profile", name)
+            report += "\n\n" + profile_step(name, s, device, args.profile)
+            write_report(report, results, longest, curves)
     print("\n" + report)
     write_report(report, results, longest, curves)
 

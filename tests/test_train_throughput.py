@@ -1,0 +1,49 @@
+"""benchmarks/train_throughput.py's step profile on CPU: the kernel categories name our Triton kernels, GEMMs and the
+optimizer by what they are; the breakdown's times and busy share are the sums it claims; the --smoke profile of a
+step variant runs and prints the breakdown."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import train_throughput as tt  # noqa: E402
+
+
+@pytest.mark.parametrize("name, category", [
+    ("_seg_local_kernel", "lightning attention (Triton)"),
+    ("_walk_kernel", "lightning attention (Triton)"),
+    ("_srms_bwd_kernel", "SRMSNorm, norm+gate (Triton)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "GEMM"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "cross entropy"),
+    ("void at::native::reduce_kernel<512, 1, ReduceOp<float, sum>>", "reductions"),
+    ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", "copies, casts, fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, silu_kernel>", "elementwise"),
+    ("aten::mm", "GEMM"),
+    ("ncclDevKernel_AllReduce", "other"),
+])
+def test_kernel_category(name, category):
+    assert tt.kernel_category(name) == category
+
+
+def test_kernel_breakdown_sums_per_step():
+    kernels = [("_walk_kernel", 3000.0), ("nvjet_gemm", 5000.0), ("cutlass_gemm", 1000.0), ("mystery", 1000.0)]
+    lines = tt.kernel_breakdown(kernels, wall_ms=20.0, steps=2)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert "| 3.00 | 60.0% |" in rows["GEMM"]            # (5000 + 1000) us / 2 steps; 6 of 10 ms busy
+    assert "| 1.50 | 30.0% |" in rows["lightning attention (Triton)"]
+    assert "| 0.50 | 10.0% |" in rows["other"]
+    assert lines[-1] == "device busy 5.00 ms of a 10.00 ms step (50.0%)"
+    assert lines.index(rows["GEMM"]) < lines.index(rows["other"])          # largest first
+
+
+def test_smoke_profile_of_a_step_variant():
+    torch.manual_seed(0)
+    text = tt.profile_step("transnormer_llm_385m_no_recompute", dict(tt.SMOKE), torch.device("cpu"), seq=32)
+    assert text.startswith("profile of transnormer_llm_385m_no_recompute: 2 steps, seq 32, batch 8")
+    assert "| GEMM |" in text and "device busy" in text
