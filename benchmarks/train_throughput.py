@@ -172,6 +172,14 @@ def run_model(name, s, device):
     return result
 
 
+def variant_with_optimizer(name, s, device, lr):
+    """One of our step variants (MODELS) on the device, fp32 master weights, with its loss function and an AdamW
+    (fused on CUDA): what the loss curves and the profile train."""
+    model, loss_fn = MODELS[name](s)
+    model.to(device)
+    return model, loss_fn, torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+
+
 def loss_curve(name, s, device, steps):
     """The loss of the first `steps` training steps of one of our step variants, from the same initial weights on
     the same batches: a change of the step that only saves memory or time must leave this curve where it was (up
@@ -179,9 +187,7 @@ def loss_curve(name, s, device, steps):
     falls from ln(vocab) towards ln(1024) within the steps) rather than uniform over the vocabulary, where every
     variant would sit at ln(vocab) and agree trivially."""
     torch.manual_seed(0)
-    model, loss_fn = MODELS[name](s)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    model, loss_fn, opt = variant_with_optimizer(name, s, device, lr=1e-3)
     seq = s["seqs"][0]
     batch = max(1, s["tokens"] // seq)
     losses = []
@@ -270,7 +276,7 @@ def kernel_breakdown(kernels, wall_ms, steps):
         cat = kernel_category(name)
         totals[cat] = totals.get(cat, 0.0) + us / 1e3 / steps
     busy = sum(totals.values())
-    lines = [f"| category | ms per step | share of device time |", "|---|---|---|"]
+    lines = ["| category | ms per step | share of device time |", "|---|---|---|"]
     for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {cat} | {ms:.2f} | {ms / busy:.1%} |" if busy else f"| {cat} | {ms:.2f} | |")
     per_step = wall_ms / steps
@@ -282,9 +288,7 @@ def profile_step(name, s, device, seq, rows=30, steps=2):
     """Where one training step of our model variant ``name`` spends its time (torch.profiler): device time by
     kernel category, the share of the step the device is busy, and the kernels by total time. On the CPU (--smoke)
     the operators' own CPU time stands in for the kernels."""
-    model, loss_fn = MODELS[name](s)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model, loss_fn, opt = variant_with_optimizer(name, s, device, lr=1e-4)
     batch = max(1, s["tokens"] // seq)
     x = torch.randint(3, s["vocab"], (batch, seq), device=device)
     for _ in range(3):
@@ -405,15 +409,16 @@ def main():
         longest = longest_sequence(s, device)
     report = table(results, s, longest)
     curves = {}
+    ours = [n for n in names if n.startswith("transnormer_llm_385m")]     # our step variants among --models
     if args.loss_steps:
-        for name in [n for n in names if n.startswith("transnormer_llm_385m")]:
+        for name in ours:
             log("loss curve", name)
             curves[name] = loss_curve(name, s, device, args.loss_steps)
             # rewritten after each curve, as the tables after each model: a run cut short keeps what it measured
             write_report(report + "\n\n" + loss_table(curves), results, longest, curves)
         report += "\n\n" + loss_table(curves)
     if args.profile:    # each of our variants among --models (the default model when none is)
-        for name in [n for n in names if n.startswith("transnormer_llm_385m")] or ["transnormer_llm_385m"]:
+        for name in ours or ["transnormer_llm_385m"]:
             log("profile", name)
             report += "\n\n" + profile_step(name, s, device, args.profile)
             write_report(report, results, longest, curves)
