@@ -741,7 +741,13 @@ def main(argv=None):
         key, _, value = item.partition("=")
         if key not in s or isinstance(s[key], (tuple, bool)):
             sys.exit(f"--set {item}: not a numeric setting; known: {', '.join(s)}")
-        s[key] = type(s[key])(float(value)) if isinstance(s[key], int) else float(value)
+        try:
+            number = float(value)       # also 3e6 for an integer setting
+        except ValueError:
+            sys.exit(f"--set {item}: {value!r} is not a number")
+        if isinstance(s[key], int) and not number.is_integer():
+            sys.exit(f"--set {item}: {key} takes an integer")
+        s[key] = int(number) if isinstance(s[key], int) else number
     suffix = "_smoke" if args.smoke else ""
     work = Path(args.work or REPO / "work_dirs" / f"quality{suffix}").resolve()
     # the smoke's results are no evidence: they stay in the ignored work dir

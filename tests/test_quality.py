@@ -64,6 +64,20 @@ def test_every_run_is_listed_with_its_flags(capsys):
     assert "60.0M tokens" in out and "10.0M tokens" in out
 
 
+@pytest.mark.parametrize("item, message", [("seq=2.5", "seq takes an integer"), ("seq=long", "'long' is not a number"),
+                                           ("colour=1", "not a numeric setting"), ("lrs=1e-3", "not a numeric setting")])
+def test_set_refuses_what_it_cannot_apply(item, message):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--list", "--set", item])
+    assert message in str(e.value)
+
+
+def test_set_applies_numbers(capsys):
+    quality.main(["--list", "--set", "main_tokens=3e7", "--set", "ablation_lr=2e-3"])
+    out = capsys.readouterr().out
+    assert "30.0M tokens" in out and "lr 2.0e-03" in out
+
+
 def test_block_form_refused_on_cuda_tensors():
     # on a GPU the benchmark installs this guard: attention that would take the PyTorch block form on CUDA stops
     import importlib
