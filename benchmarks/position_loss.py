@@ -148,6 +148,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     paths = [Path(p) for p in args.path.split(",")]
     names = args.names.split(",") if args.names else [run_name(p) for p in paths]
+    if len(names) != len(paths):
+        sys.exit(f"--names gives {len(names)} names for {len(paths)} --path checkpoints")
     edges = [int(e) for e in args.edges.split(",")] if args.edges else None
     results = {}
     for name, path in zip(names, paths):

@@ -253,6 +253,18 @@ def dictionary_size(data: Path) -> int:
     return len(Dictionary.load(str(data / "dict.txt")))
 
 
+def smoke_slice_sizes(text):
+    """--smoke-slice "train=3000000,valid=200000" -> tokens of each split (the others as SMOKE_SLICE)."""
+    sizes = dict(SMOKE_SLICE)
+    for part in filter(None, (text or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in SMOKE_SLICE or not value.isdigit() or int(value) <= 0:
+            sys.exit(f"--smoke-slice {text}: {part!r} is not SPLIT=TOKENS with SPLIT one of "
+                     f"{', '.join(SMOKE_SLICE)} and TOKENS a positive integer")
+        sizes[key] = int(value)
+    return sizes
+
+
 def prepare_data(args, s, work: Path) -> Path:
     """A data-bin directory: --data as given; the smoke settings' slice of it (or of work_dirs/corpus/data-bin);
     else the pack unpacked into WORK/data (once: kept while the machine is)."""
@@ -260,8 +272,7 @@ def prepare_data(args, s, work: Path) -> Path:
     import prepare_corpus
     if args.smoke:
         src = Path(args.data) if args.data else DEFAULT_DATA_BIN
-        sizes = dict(SMOKE_SLICE, **{k: int(v) for k, v in (p.split("=") for p in (args.smoke_slice or "").split(",")
-                                                             if p)})
+        sizes = args.smoke_slice
         # another slice, another directory (the slice is made once per directory)
         dest = work / ("data-smoke" if sizes == SMOKE_SLICE else
                        "data-smoke-" + "-".join(str(sizes[k]) for k in ("train", "valid", "test"))) / "data-bin"
@@ -730,6 +741,7 @@ def main(argv=None):
     ap.add_argument("--step-benchmark", action="store_true",
                     help="time both models' training step outside the host at the runs' shape (first)")
     args = ap.parse_args(argv)
+    args.smoke_slice = smoke_slice_sizes(args.smoke_slice)     # refused here, before anything is unpacked or run
     deadline = time.time() + args.time_limit * 60 if args.time_limit else None    # from the start: unpacking counts
     s = dict(SMOKE if args.smoke else FULL)
     if args.lrs:

@@ -95,3 +95,8 @@ def test_position_p_is_the_loss_with_p_plus_one_tokens_of_context(trained, name)
             logits = model(source[:, :p + 1], src_lengths=torch.tensor([p + 1]))[0][0, -1].float()
             alone = F.cross_entropy(logits, target[0, p]).item() / math.log(2)
             assert per_sample[p].item() == pytest.approx(alone, rel=1e-4, abs=1e-5), p
+
+
+def test_names_must_match_the_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="--names gives 1 names for 2 --path checkpoints"):
+        position_loss.main(["--path", "a.pt,b.pt", "--names", "only", "--data", str(tmp_path)])

@@ -72,6 +72,17 @@ def test_set_refuses_what_it_cannot_apply(item, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("text", ["trian=3000", "train=3e6", "valid=0", "train"])
+def test_smoke_slice_refuses_what_it_cannot_apply(text):
+    with pytest.raises(SystemExit, match="is not SPLIT=TOKENS"):
+        quality.main(["--list", "--smoke", "--smoke-slice", text])
+
+
+def test_smoke_slice_sizes():
+    assert quality.smoke_slice_sizes(None) == quality.SMOKE_SLICE
+    assert quality.smoke_slice_sizes("train=3000000,test=50") == dict(quality.SMOKE_SLICE, train=3_000_000, test=50)
+
+
 def test_set_applies_numbers(capsys):
     quality.main(["--list", "--set", "main_tokens=3e7", "--set", "ablation_lr=2e-3"])
     out = capsys.readouterr().out
