@@ -24,7 +24,6 @@ one: one chunk's fp32 logits and their bf16 gradient in the forward).
 """
 import argparse
 import collections
-import contextlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from tnllm_kernels.lightning_attention import lightning_attention_chunk  # noqa:
 from tnllm_kernels.srmsnorm import srms_norm_reference  # noqa: E402
 from tnllm_plugin import model as model_module  # noqa: E402
 from tnllm_plugin.presets import preset_config  # noqa: E402
-from tnllm_plugin.recompute import plain_composition  # noqa: E402
+from tnllm_plugin.recompute import keep_linear_inputs  # noqa: E402
 
 MB = 1e6
 
@@ -223,7 +222,7 @@ def main():
     ap.add_argument("--sms", type=int, default=132, help="GPU multiprocessors, for the attention's segment states "
                                                        "(132: H100/H200)")
     ap.add_argument("--no-recompute", action="store_true",
-                    help="linear layers keep their inputs (tnllm_plugin.recompute.plain_composition)")
+                    help="linear layers keep their inputs (tnllm_plugin.recompute.keep_linear_inputs)")
     ap.add_argument("--json", help="write the records and totals here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -231,7 +230,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         stand_in_gpu_kernels(args.sms)
-    model = model_module.TransNormerLLM(cfg).to(device)
+    model = keep_linear_inputs(model_module.TransNormerLLM(cfg).to(device), args.no_recompute)
     seq = args.seq
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(3, args.vocab, (args.batch, seq), generator=g).to(device)
@@ -243,8 +242,7 @@ def main():
     out, texts = {}, []
     for kind in (("plain", "fused") if args.loss == "both" else (args.loss,)):
         t0 = time.perf_counter()
-        with plain_composition() if args.no_recompute else contextlib.nullcontext():
-            records, loss = saved_tensors(model, tokens, target, kind, args.chunk)
+        records, loss = saved_tensors(model, tokens, target, kind, args.chunk)
         text, totals = report(records, s, kind)
         texts.append(text + f"(loss {loss.item():.4f}; {time.perf_counter() - t0:.0f} s on {device.type})\n")
         out[kind] = dict(totals, loss=loss.item(), records=[{k: (sorted(v) if isinstance(v, set) else v)

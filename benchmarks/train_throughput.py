@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmark_common import free_memory as release, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
-from tnllm_plugin.recompute import plain_composition  # noqa: E402
+from tnllm_plugin.recompute import keep_linear_inputs  # noqa: E402
 
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, tokens=16384, seqs=(2048, 8192, 32768),
             warmup=3, steps=10, longest_start=32768, longest_max=1 << 22, loss_chunk=4096, smoke=False)
@@ -46,12 +46,7 @@ def transnormer(s):
 def transnormer_no_recompute(s):
     """The step before issue 14's memory work: every linear layer keeps its input for backward (no recomputed
     norms, gate or SGLU product) and the plain loss."""
-    plain = plain_loss(lambda m, x: m(x)[0])
-
-    def loss_fn(model, x, y):
-        with plain_composition():
-            return plain(model, x, y)
-    return transnormer_model(s, full=not s["smoke"]), loss_fn
+    return keep_linear_inputs(transnormer_model(s, full=not s["smoke"])), plain_loss(lambda m, x: m(x)[0])
 
 
 def transnormer_fused_loss(s):

@@ -105,6 +105,25 @@ def test_checkpoint_activations_recomputes_each_block_with_the_same_result():
         assert torch.equal(g_c[k], g_p[k]), k
 
 
+def test_keep_linear_inputs_reaches_every_mixer():
+    """--keep-linear-inputs: every token and channel mixer keeps its linear layers' inputs (the plain composition),
+    so a forward keeps more for backward, with the same outputs as the default build (which recomputes them)."""
+    default, d = build()
+    kept, _ = build(keep_linear_inputs=True)
+    mixers = lambda m: [x for b in m.decoder.transnormer.layers for x in (b.token_mixer, b.channel_mixer)]  # noqa
+    assert all(x.recompute_linear_inputs for x in mixers(default))
+    assert not any(x.recompute_linear_inputs for x in mixers(kept))
+    tokens = torch.randint(d.nspecial, len(d), (2, 13), generator=torch.Generator().manual_seed(4))
+    outs, saved = [], []
+    for model in (default, kept):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            outs.append(model(tokens)[0])
+        saved.append(sum(sizes))
+    assert torch.equal(outs[0], outs[1])
+    assert saved[1] > saved[0]
+
+
 def test_criterion_ignores_padding():
     model, d = build()
     tokens = torch.randint(d.nspecial, len(d), (2, 10), generator=torch.Generator().manual_seed(2))

@@ -66,7 +66,7 @@ def test_cuda_recomputed_inputs_and_chunked_loss_match_the_plain_step():
     with the chunked LM head + loss on top. The same loss, and gradients as close to the old step's as bf16 rounding
     puts the old step from its fp32 run (on CPU autocast: at most 0.8x of that, LRPE's theta 1.0x). (Written on a
     CPU-only machine: not yet run on a GPU.)"""
-    from tnllm_plugin.recompute import plain_composition
+    from tnllm_plugin.recompute import keep_linear_inputs
     model = build().cuda()
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 512, (2, 300), generator=g).cuda()
@@ -84,8 +84,9 @@ def test_cuda_recomputed_inputs_and_chunked_loss_match_the_plain_step():
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    with plain_composition():
-        before, fp32 = run(False), run(False, autocast=False)
+    keep_linear_inputs(model)
+    before, fp32 = run(False), run(False, autocast=False)
+    keep_linear_inputs(model, False)
     for after in (run(False), run(True)):
         assert rel(after[0], before[0]) < 1e-3
         for name in before[1]:

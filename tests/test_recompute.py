@@ -11,7 +11,7 @@ from torch import nn
 
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
 from tnllm_plugin.parallel import apply_activation_checkpointing
-from tnllm_plugin.recompute import linears_after, plain_composition
+from tnllm_plugin.recompute import keep_linear_inputs, linears_after
 
 
 def tiny(**kw):
@@ -37,9 +37,8 @@ def rel(a, b):
 def fp32_noise(kw, tokens):
     """Per parameter, how far the plain composition's fp32 gradients are from its float64 ones: the rounding of the
     computation itself, within which another order of the same additions may move them."""
-    with plain_composition():
-        fp32 = step(tiny(**kw), tokens, False)[1]
-        fp64 = step(tiny(**kw).double(), tokens, False)[1]
+    fp32 = step(keep_linear_inputs(tiny(**kw)), tokens, False)[1]
+    fp64 = step(keep_linear_inputs(tiny(**kw).double()), tokens, False)[1]
     return {name: rel(fp32[name], fp64[name]) for name in fp32}
 
 
@@ -60,23 +59,20 @@ def assert_same(a, b, noise):
 def test_model_outputs_and_gradients_equal_the_plain_composition(kw, autocast):
     model = tiny(**kw)
     tokens = torch.randint(0, 97, (3, 21), generator=torch.Generator().manual_seed(1))
-    with plain_composition():
-        plain = step(model, tokens, autocast)
-    assert_same(step(model, tokens, autocast), plain, fp32_noise(kw, tokens))
+    plain = step(keep_linear_inputs(model), tokens, autocast)
+    assert_same(step(keep_linear_inputs(model, False), tokens, autocast), plain, fp32_noise(kw, tokens))
 
 
 def test_with_activation_checkpointing_and_frozen_weights():
     model = tiny()
     tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(2))
     noise = fp32_noise({}, tokens)
-    with plain_composition():
-        plain = step(model, tokens, False)
-    assert_same(step(apply_activation_checkpointing(model), tokens, False), plain, noise)
+    plain = step(keep_linear_inputs(model), tokens, False)
+    assert_same(step(apply_activation_checkpointing(keep_linear_inputs(model, False)), tokens, False), plain, noise)
     for name, p in model.named_parameters():     # only the embedding learns: the inputs' gradients alone
         p.requires_grad_(name == "embed_tokens.weight")
-    with plain_composition():
-        plain = step(model, tokens, True)
-    assert_same(step(model, tokens, True), plain, noise)
+    plain = step(keep_linear_inputs(model), tokens, True)
+    assert_same(step(keep_linear_inputs(model, False), tokens, True), plain, noise)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -95,20 +91,19 @@ def test_several_linears_with_biases_and_an_unused_output(autocast):
         made.append(weakref.ref(y))
         return y
 
-    def run():
+    def run(recompute):
         leaves = [x, u, *(p for m in linears for p in m.parameters())]
         for t in leaves:
             t.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            outs = linears_after(prefix, [x, u], linears)
+            outs = linears_after(prefix, [x, u], linears, recompute)
         gc.collect()
         alive = made[0]() is not None
         made.clear()
         (outs[0].float().sum() + (outs[2].float() * 3).sum()).backward()    # outs[1] unused
         return outs, [t.grad for t in leaves], alive
-    with plain_composition():
-        want_outs, want_grads, _ = run()
-    outs, grads, alive = run()
+    want_outs, want_grads, _ = run(recompute=False)
+    outs, grads, alive = run(recompute=True)
     assert not alive
     assert all(torch.equal(a, b) for a, b in zip(outs, want_outs))
     assert [g is None for g in grads] == [g is None for g in want_grads]
@@ -138,9 +133,8 @@ def test_fewer_bytes_are_kept(autocast):
     model = tiny(glu_dim=56)
     b, n, cfg = 2, 17, model.cfg
     tokens = torch.randint(0, 97, (b, n), generator=torch.Generator().manual_seed(4))
-    with plain_composition():
-        plain = saved_storages(model, tokens, autocast)
-    ours = saved_storages(model, tokens, autocast)
+    plain = saved_storages(keep_linear_inputs(model), tokens, autocast)
+    ours = saved_storages(keep_linear_inputs(model, False), tokens, autocast)
     products = lambda saved: sum(1 for shape, _ in saved if shape[-1] == cfg.glu_dim and  # noqa: E731
                                  shape[0] * (shape[1] if len(shape) == 3 else 1) == b * n)
     assert products(plain) == 3 * cfg.n_layers and products(ours) == 2 * cfg.n_layers   # W3's input is gone

@@ -30,6 +30,10 @@ def add_model_args(parser):
     parser.add_argument("--init-std", type=float)
     parser.add_argument("--checkpoint-activations", action="store_true",
                         help="recompute each block's activations in the backward pass")
+    parser.add_argument("--keep-linear-inputs", action="store_true",
+                        help="keep the linear layers' inputs for backward instead of recomputing the norms, output "
+                             "gate and SGLU product there: faster, more memory (385M at 16384 tokens on one H200: "
+                             "12-20%% faster, 7 GB more)")
 
 
 def base_architecture(args):
@@ -75,13 +79,17 @@ def build_transnormer(args, dictionary, fsdp_wrap: Callable[..., nn.Module]) -> 
     host's FSDP context it makes each block an FSDP unit, elsewhere it returns the block as it is. With
     --model-parallel-size N each rank builds only its shard (over fairscale's model-parallel group, which the
     host has initialised); otherwise the blocks are made one at a time, each wrapped (and so sharded under FSDP)
-    before the next exists. --checkpoint-activations recomputes each block inside its FSDP unit."""
+    before the next exists. --checkpoint-activations recomputes each block inside its FSDP unit;
+    --keep-linear-inputs turns the blocks' recomputed linear inputs off (recompute.keep_linear_inputs)."""
     from .parallel import build_block_by_block, build_tensor_parallel, checkpoint_block, wrap_blocks
+    from .recompute import keep_linear_inputs
     base_architecture(args)
     cfg = config_from_args(args, dictionary)
     checkpointing = getattr(args, "checkpoint_activations", False)
+    keep = getattr(args, "keep_linear_inputs", False)
 
     def prepare_block(block):
+        block = keep_linear_inputs(block, keep)
         return fsdp_wrap(checkpoint_block(block) if checkpointing else block, min_num_params=0)
 
     if (getattr(args, "model_parallel_size", None) or 1) > 1:

@@ -136,14 +136,14 @@ def make_norm(cfg: TransNormerConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
-def norm_then_linears(norm: Optional[nn.Module], x, linears):
-    """[linear(norm(x)) for linear in linears]. The parameter-free SRMSNorm is recomputed in backward instead of
-    its output (and autocast's bf16 copy of it) being kept: x is kept anyway, as the norm's own backward needs it
-    (recompute.linears_after). Without a norm, the linears of x."""
+def norm_then_linears(norm: Optional[nn.Module], x, linears, recompute: bool):
+    """[linear(norm(x)) for linear in linears]. With ``recompute``, the parameter-free SRMSNorm is recomputed in
+    backward instead of its output (and autocast's bf16 copy of it) being kept: x is kept anyway, as the norm's own
+    backward needs it (recompute.linears_after). Without a norm, the linears of x."""
     if norm is None:
         return [m(x) for m in linears]
     if type(norm) is SRMSNorm:
-        return linears_after(norm, [x], linears)
+        return linears_after(norm, [x], linears, recompute)
     y = norm(x)
     return [m(y) for m in linears]
 
@@ -203,6 +203,7 @@ class GatedLinearAttention(nn.Module):
         self.qk_act = cfg.qk_act
         self.block_size = cfg.block_size
         self.register_buffer("slope", slope.float(), persistent=False)   # [H]
+        self.recompute_linear_inputs = True     # recompute.keep_linear_inputs turns it off: faster, more memory
 
     def _apply(self, fn, recurse=True):
         # the decay rates are constants of the architecture: a cast of the module (fairseq's --bf16 does
@@ -217,7 +218,7 @@ class GatedLinearAttention(nn.Module):
         """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply.
         ``state_in_place``: a one-token step may write the new state into ``state`` (decode_step_ owns it)."""
         b, n, _ = x.shape
-        qkvu, = norm_then_linears(norm, x, [self.qkvu_proj])
+        qkvu, = norm_then_linears(norm, x, [self.qkvu_proj], self.recompute_linear_inputs)
         if n == 1 and state is not None and padding_mask is None and self._fused_step_applies(qkvu, state, offset):
             return self._fused_step(qkvu, state, offset, state_in_place)
         q, k, v, u = qkvu.chunk(4, dim=-1)
@@ -237,7 +238,8 @@ class GatedLinearAttention(nn.Module):
         if type(self.out_norm) is SRMSNorm:
             # norm and gate in one kernel on CUDA (same values as below), recomputed in backward: W_o's input is
             # not kept (o is, and u is part of the QKVU output that the activation keeps)
-            out, = linears_after(functools.partial(srms_norm_gate, eps=self.out_norm.eps), [o, u], [self.out_proj])
+            out, = linears_after(functools.partial(srms_norm_gate, eps=self.out_norm.eps), [o, u], [self.out_proj],
+                                 self.recompute_linear_inputs)
             return out, state
         return self.out_proj(self.out_norm(o) * u), state
 
@@ -275,13 +277,14 @@ class SGLU(nn.Module):
         self.l1 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
         self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
         self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
+        self.recompute_linear_inputs = True     # recompute.keep_linear_inputs turns it off: faster, more memory
 
     def forward(self, x, norm: Optional[nn.Module] = None):
         """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's channel norm) to apply.
         The product is recomputed in backward (its factors are kept, as its own backward needs them), so W3's
         input is not kept."""
-        a, b = norm_then_linears(norm, x, [self.l1, self.l2])
-        return linears_after(torch.mul, [a, b], [self.l3])[0]
+        a, b = norm_then_linears(norm, x, [self.l1, self.l2], self.recompute_linear_inputs)
+        return linears_after(torch.mul, [a, b], [self.l3], self.recompute_linear_inputs)[0]
 
 
 class TransNormerBlock(nn.Module):

@@ -11,8 +11,11 @@ Outputs are those of the plain composition bit for bit (the same ops in the same
 explicitly) and so are the products of the backward; a residual's gradient is the same sum, but added up in
 another order (fp32 rounding). Only for plain ``nn.Linear`` layers and a deterministic prefix without parameters
 (the caller's choice); tensor-parallel layers and evaluation take the plain composition.
+
+It trades speed for memory (on one H200, the 385M step at 16384 tokens: 7 GB less, 12-20% slower; see
+benchmarks/RESULTS.md). ``keep_linear_inputs(model)`` switches a model back to the plain composition, from outside,
+as activation checkpointing is applied (the hosts' ``--keep-linear-inputs``).
 """
-import contextlib
 from typing import Callable, List, Sequence
 
 import torch
@@ -77,26 +80,22 @@ class _LinearsAfter(torch.autograd.Function):
         return (None, None, *[input_grads.get(id(x)) for x in detached], *grads)
 
 
-_enabled = True
-
-
-@contextlib.contextmanager
-def plain_composition():
-    """Inside, linears_after computes the plain composition (and saves what it saves): the reference to compare
-    against, and the previous behaviour for measurements."""
-    global _enabled
-    before, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = before
+def keep_linear_inputs(model: nn.Module, keep: bool = True) -> nn.Module:
+    """Every module of ``model`` that calls linears_after (those with a ``recompute_linear_inputs`` attribute)
+    computes the plain composition (``keep``), keeping its linear layers' inputs for backward, or recomputes them
+    (``keep=False``, the model's default). Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "recompute_linear_inputs"):
+            module.recompute_linear_inputs = not keep
+    return model
 
 
 def linears_after(prefix: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
-                  linears: Sequence[nn.Module]) -> List[torch.Tensor]:
+                  linears: Sequence[nn.Module], recompute: bool = True) -> List[torch.Tensor]:
     """``[linear(prefix(*inputs)) for linear in linears]`` keeping ``inputs`` for backward instead of the prefix's
-    output (recomputed there). ``prefix`` must be deterministic and hold no parameters."""
-    plain = (not _enabled or not torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears)
+    output (recomputed there); with ``recompute=False`` the plain composition. ``prefix`` must be deterministic and
+    hold no parameters."""
+    plain = (not recompute or not torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears)
              or not (any(x.requires_grad for x in inputs) or any(p.requires_grad for m in linears
                                                                    for p in m.parameters())))
     if plain:
