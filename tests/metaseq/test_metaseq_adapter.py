@@ -210,6 +210,20 @@ def test_checkpoint_activations_option():
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_keep_linear_inputs_option():
+    """--keep-linear-inputs parses as Metaseq's argparse models' options do and reaches every mixer."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    metaseq_adapter.TransNormerLanguageModel.add_args(parser)
+    assert parser.parse_args(["--keep-linear-inputs"]).keep_linear_inputs
+    assert not parser.parse_args([]).keep_linear_inputs
+    default, _, _ = build()
+    kept, _, _ = build(keep_linear_inputs=True)
+    mixers = lambda m: [x for b in m.decoder.transnormer.layers for x in (b.token_mixer, b.channel_mixer)]  # noqa
+    assert all(x.recompute_linear_inputs for x in mixers(default))
+    assert not any(x.recompute_linear_inputs for x in mixers(kept))
+
+
 @torch.no_grad()
 def test_sequence_generator_greedy_matches_full_forward():
     # metaseq's own generator: prefill through the model, then the whole prefix to the decoder each step
