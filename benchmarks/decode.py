@@ -518,6 +518,47 @@ def run_model(name, s, device, dtype, args, deadline, emit):
     return res
 
 
+def profile_graph_decoder(s, device, dtype, batch, steps=20, rows=25):
+    """Markdown: the kernels one CUDA-graph decode step of our model runs at ``batch`` (torch.profiler over
+    ``steps`` replays after a prefill of the first prompt length): calls and device microseconds per token by
+    kernel, and how much of the step's wall time the device is busy (the rest is gaps between kernels)."""
+    graph, label = graph_decoder(device)
+    if graph is None:
+        return f"profile of the graph decoder at batch {batch}: skipped ({label})"
+    cuda = device.type == "cuda"       # on the CPU (--smoke) the eager stand-in's operators, to check the code
+    runner = Ours(s, device, dtype)
+    with torch.no_grad():
+        state, logits = runner.prefill(make_prompt(s, batch, s["prompts"][0], device))
+        decoder = graph(runner.model, with_positions(state, device))
+        tok = logits.argmax(-1)
+        for _ in range(5):
+            tok = decoder(tok).argmax(-1)
+        sync(device)
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = decoder(tok).argmax(-1)
+            sync(device)
+            wall_us = (time.perf_counter() - t0) * 1e6 / steps
+    if cuda:
+        kernels = [(e.key, e.count / steps, e.self_device_time_total / steps) for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        kernels = [(e.key, e.count / steps, e.self_cpu_time_total / steps) for e in prof.key_averages()
+                   if e.key.startswith("aten::")]
+    busy = sum(us for _, _, us in kernels)
+    lines = [f"**{label} at batch {batch}, prompt {s['prompts'][0]}**: {sum(c for _, c, _ in kernels):.0f} "
+             f"kernels per token, device busy {busy:.0f} us of {wall_us:.0f} us per token (wall, with the argmax "
+             f"and the host's replay call)", "", "| kernel | calls per token | us per token | us per call |",
+             "|---|---|---|---|"]
+    for name, calls, us in sorted(kernels, key=lambda k: -k[2])[:rows]:
+        lines.append(f"| {name[:90]} | {calls:.0f} | {us:.1f} | {us / max(calls, 1):.2f} |")
+    del runner, decoder, state
+    free_memory(device)
+    return "\n".join(lines)
+
+
 def header(device, args):
     parts = [f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
              f"torch {torch.__version__}"]
@@ -551,6 +592,8 @@ def main():
     ap.add_argument("--no-fused-step", action="store_true",
                     help="our one-token step as the PyTorch composition instead of the fused decode kernels "
                          "(tnllm_kernels.gla_decode): the A/B of that change, same weights and tokens")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile our CUDA-graph decode step (kernels per token) at each --batches size")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="where decode.md/json go (default $OUT)")
     args = ap.parse_args()
     s = dict(SMOKE if args.smoke else FULL)
@@ -579,6 +622,14 @@ def main():
     device, dtype = torch.device("cpu" if args.smoke else "cuda"), torch.bfloat16
     deadline = time.perf_counter() + (args.budget_s if args.budget_s is not None else s["budget_s"])
     torch.manual_seed(0)
+    if args.profile:
+        text = "\n\n".join(profile_graph_decoder(s, device, dtype, b) for b in s["batches"])
+        print(text, flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "decode_profile.md"), "w") as fh:
+                fh.write(text + "\n")
+        return
     meta = dict(header=header(device, args), dtype=str(dtype), settings=dict(s), args=vars(args))
     print(meta["header"], flush=True)
     if args.out:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Here (a machine with PyPI): put into .whl/ the wheels the GPU machine lacks (it has torch, triton, transformers
-# but no network): fairseq and its pins, fairscale, flash-linear-attention; for Metaseq, what its image lacks of
+# but no network): fairseq and its pins, fairscale, flash-linear-attention, lightning-attn (the paper authors'
+# kernel, the anchor of benchmarks/lightning_attention.py); for Metaseq, what its image lacks of
 # scripts/metaseq_requirements.txt and Metaseq's source archive (from ../shared/vendor). ~41 MB, under the
 # 64 MiB carry limit. On the GPU machine:
 #   source benchmarks/device_env.sh                       (fairseq and the plugin, into /tmp/site)
@@ -13,7 +14,7 @@ mkdir -p .whl
 platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d .whl fairseq-fixed==0.12.3.1 hydra-core==1.3.2 omegaconf==2.3.0 bitarray==3.12.3 \
-    flash-linear-attention==0.6.0 fla-core==0.6.0
+    flash-linear-attention==0.6.0 fla-core==0.6.0 lightning-attn==0.0.5
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d .whl more-itertools==10.8.0 fire==0.7.1 termcolor==3.1.0 flask==3.1.2 itsdangerous==2.2.0 blinker==1.9.0 \
     boto3==1.40.49 botocore==1.40.49 s3transfer==0.14.0 jmespath==1.0.1

@@ -2,14 +2,20 @@
 32768 tokens per batch (B = 32768 / N):
 
 * correctness at a benchmark shape: ours, fla ``chunk_simple_gla`` (g form and g_gamma form) against a float64
-  reference (relative error of o, final state and every input gradient);
+  reference (relative error of o, final state and every input gradient); the paper authors' Lightning Attention-2
+  (PyPI ``lightning-attn``, ``lightning_attn2``: no initial or final state) and ours again without states, against
+  a float64 reference without states;
 * forward+backward and forward-only median time (triton.testing.do_bench) and peak memory of: ours; the PyTorch
   naive left product (the paper's baseline; out of memory is reported as such); fla 0.6.0 ``chunk_simple_gla``
   with the same per-head decay (g = -slope per token, the form the issue names; and g_gamma = -slope, fla's
-  constant-decay form); softmax causal attention through torch SDPA;
+  constant-decay form); the paper authors' ``lightning_attn2`` (lightning-attn 0.0.5, the same decay as a [H, 1, 1]
+  slope tensor); softmax causal attention through torch SDPA;
+* the memory floor of each shape (q, k, v read and o written once for the forward; q, k, v, do read and o, dq, dk,
+  dv written once for forward+backward, at --hbm-tbs TB/s) and each method's time as a multiple of it;
 * SRMSNorm (and the fused norm * gate) forward+backward at d = 4096 against eager PyTorch.
 
-Prints markdown tables (and writes them to --out). Needs CUDA; fla is optional (columns say "n/a" without it).
+Prints markdown tables (and writes them to --out). Needs CUDA; fla and lightning-attn are optional (their
+columns are left out without them).
 
     python benchmarks/lightning_attention.py [--ns 1024,2048,...] [--variants] [--out FILE]
 """
@@ -64,7 +70,16 @@ except Exception as e:  # noqa: BLE001
     FLA_G_GUARDED = False
     FLA_VERSION = f"not importable ({type(e).__name__}: {e})"
 
+try:
+    from lightning_attn.ops import lightning_attn2
+    import importlib.metadata
+    LIGHTNING_VERSION = importlib.metadata.version("lightning-attn")
+except Exception as e:  # noqa: BLE001
+    lightning_attn2 = None
+    LIGHTNING_VERSION = f"not importable ({type(e).__name__}: {e})"
+
 OOM = "OOM"
+LIGHTNING = "lightning_attn2 (paper authors)"
 FLA_G = "fla simple_gla g" + (" (guard lifted)" if FLA_G_GUARDED else "")
 FLA_GG = "fla simple_gla g_gamma"
 
@@ -109,6 +124,9 @@ def make_methods(B, N, H, D, slope, variants):
     if chunk_simple_gla is not None:
         m[FLA_G] = ("bnhd", lambda q, k, v: chunk_simple_gla(q, k, v, g=g, scale=1.0)[0])
         m[FLA_GG] = ("bnhd", lambda q, k, v: chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0])
+    if lightning_attn2 is not None:
+        s = slope.reshape(H, 1, 1).contiguous()
+        m[LIGHTNING] = ("bhnd", lambda q, k, v: lightning_attn2(q, k, v, s))
     m["SDPA softmax"] = ("bhnd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     return m
 
@@ -216,6 +234,14 @@ def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True):
         results[FLA_GG] = run(lambda l, s: chunk_simple_gla(*l, g_gamma=-slope, scale=1.0, initial_state=s,
                                                                    output_final_state=True), lambda t: t)
     names = ["o", "final state", "dq", "dk", "dv", "d initial state"]
+    # without states (what lightning_attn2 computes): o and the input gradients against a stateless reference
+    ref0 = run0(lambda l: lightning_attention_chunk(*l, slope.double(), None)[0], lambda t: t.double(), q, k, v, do)
+    stateless = {"ours": run0(lambda l: lightning_attention_triton(*l, slope, None, output_final_state=False)[0],
+                              lambda t: t, q, k, v, do)}
+    if lightning_attn2 is not None:
+        s = slope.reshape(H, 1, 1).contiguous()
+        stateless[LIGHTNING] = run0(lambda l: lightning_attn2(*l, s).transpose(1, 2),
+                                    lambda t: t.transpose(1, 2).contiguous(), q, k, v, do)
     lines = [f"**Accuracy**: B={B}, N={N}, H={H}, D={D}, {str(dtype).replace('torch.', '')} inputs, ALiBi slopes with "
              f"head 0 at slope 0, initial state given; relative error ||x - ref|| / ||ref|| against a float64 "
              f"reference (PyTorch block form on float64 copies of the same inputs)", "",
@@ -223,7 +249,41 @@ def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True):
     for nm, res in results.items():
         cells = [("-" if (a is None or b is None) else f"{rel(a, b):.2e}") for a, b in zip(res, ref)]
         lines.append(f"| {nm} | " + " | ".join(cells) + " |")
+    for nm, res in stateless.items():      # no states: o, dq, dk, dv only
+        cells = [f"{rel(a, b):.2e}" for a, b in zip(res, ref0)]
+        lines.append(f"| {nm}, no states | {cells[0]} | - | " + " | ".join(cells[1:]) + " | - |")
     return "\n".join(lines)
+
+
+def run0(fn, cast, q, k, v, do):
+    """o and dq, dk, dv of fn(leaves) (no states) in [B, N, H, D], the loss sum(o * do) in float64. ``cast`` maps
+    a [B, N, H, D] input to what fn takes."""
+    leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+    o = fn(leaves)
+    (o.double() * do.double()).sum().backward()
+    back = (lambda t: t.transpose(1, 2)) if leaves[0].shape != q.shape else (lambda t: t)
+    return [o] + [back(t.grad) for t in leaves]
+
+
+# ------------------------------------------------------------------------------------------------- floor
+def floor_lines(rows, H, D, tbs):
+    """Each shape's memory floor (bf16 tensors of B*N*H*D moved once) and every method's time over it."""
+    ns = sorted({r["N"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["N"], r["method"]): r for r in rows}
+    out = [f"**Over the memory floor** (fwd+bwd: q, k, v, do read and o, dq, dk, dv written once, 8 tensors; "
+           f"fwd: 4 tensors; bf16 at {tbs} TB/s): floor ms, then each method's fwd+bwd time / floor", "",
+           "| N | B | floor fwd+bwd ms | floor fwd ms | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for N in ns:
+        B = by[(N, names[0])]["B"]
+        tensor_bytes = B * N * H * D * 2
+        floor_fb, floor_f = 8 * tensor_bytes / (tbs * 1e9), 4 * tensor_bytes / (tbs * 1e9)     # ms
+        cells = []
+        for nm in names:
+            t = by.get((N, nm), {}).get("fb_ms")
+            cells.append(f"{t / floor_fb:.1f}x" if isinstance(t, float) else (t or "-"))
+        out.append(f"| {N} | {B} | {floor_fb:.3f} | {floor_f:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------- SRMSNorm
@@ -277,7 +337,8 @@ def device_info():
         smi = "nvidia-smi n/a"
     import triton
     return (f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2 ** 30:.0f} GiB (nvidia-smi: {smi}); "
-            f"torch {torch.__version__}, triton {triton.__version__}, fla {FLA_VERSION}; "
+            f"torch {torch.__version__}, triton {triton.__version__}, fla {FLA_VERSION}, lightning-attn "
+            f"{LIGHTNING_VERSION}; "
             f"date {datetime.date.today().isoformat()}")
 
 
@@ -287,6 +348,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--hbm-tbs", type=float, default=4.3,
+                    help="memory bandwidth of the floor, TB/s (4.3: what an H200 reaches of its 4.8 peak)")
     ap.add_argument("--variants", action="store_true", help="also time our kernel with other chunk/segment knobs")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention,srms")
     ap.add_argument("--out", default=None, help="write the markdown here too")
@@ -316,6 +379,7 @@ def main():
         parts.append(markdown(rows, "f_ms", "ms", f"Forward only, median ms, {shape}"))
         parts.append(markdown(rows, "fb_mem", "GiB", "Peak memory during forward+backward, GiB (inputs q, k, v, do included)"))
         parts.append(markdown(rows, "f_mem", "GiB", "Peak memory during forward only, GiB (inputs included)"))
+        parts.append(floor_lines(rows, args.heads, args.dim, args.hbm_tbs))
         # acceptance check against both fla forms
         if chunk_simple_gla is not None:
             by = {(r["N"], r["method"]): r for r in rows}
