@@ -84,8 +84,11 @@ FLA_G = "fla simple_gla g" + (" (guard lifted)" if FLA_G_GUARDED else "")
 FLA_GG = "fla simple_gla g_gamma"
 
 
+T0 = time.time()
+
+
 def log(*a):
-    print(*a, flush=True)
+    print(f"[{time.time() - T0:6.0f} s]", *a, flush=True)
 
 
 def bench(fn, grad_to_none=None):
@@ -111,8 +114,9 @@ def rel(a, b):
 
 
 # ------------------------------------------------------------------------------------------------- methods
-def make_methods(B, N, H, D, slope, variants):
-    """name -> (layout, fwd(q, k, v) -> o). layout 'bnhd' or 'bhnd' (SDPA)."""
+def make_methods(B, N, H, D, slope, variants, only=None):
+    """name -> (layout, fwd(q, k, v) -> o). layout 'bnhd' or 'bhnd' (SDPA, lightning_attn2). ``only``: the names
+    to keep (None: all)."""
     dev = slope.device
     g = (-slope)[None, None, :].expand(B, N, H).contiguous()
     g_gamma = (-slope).contiguous()
@@ -128,10 +132,14 @@ def make_methods(B, N, H, D, slope, variants):
         s = slope.reshape(H, 1, 1).contiguous()
         m[LIGHTNING] = ("bhnd", lambda q, k, v: lightning_attn2(q, k, v, s))
     m["SDPA softmax"] = ("bhnd", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    return m
+    return m if only is None else {name: m[name] for name in m if name in only}
 
 
-def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16):
+METHOD_NAMES = {"ours": "ours", "naive": "naive (paper)", "fla_g": FLA_G, "fla_g_gamma": FLA_GG,
+                "lightning_attn2": LIGHTNING, "sdpa": "SDPA softmax"}
+
+
+def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16, only=None):
     rows = []
     dev = "cuda"
     slope = alibi_slopes(H).to(dev)
@@ -143,7 +151,7 @@ def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16):
                 P = _plan(B, N, H, D, D, 64, torch.device(dev))
                 kw = dict(num_segments=min(P["NC"], 2 * P["NSEG"]))
             var.append((name, kw))
-        methods = make_methods(B, N, H, D, slope, var)
+        methods = make_methods(B, N, H, D, slope, var, None if only is None else only | {n for n, _ in var})
         for name, (layout, fwd) in methods.items():
             torch.cuda.empty_cache()
             shape = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
@@ -206,7 +214,7 @@ def markdown(rows, key, unit, title):
 
 
 # ------------------------------------------------------------------------------------------------- accuracy
-def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True):
+def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True, only=None):
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     slope = alibi_slopes(H).to(dev)
@@ -227,10 +235,12 @@ def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True):
 
     ref = run(lambda l, s: lightning_attention_chunk(*l, slope.double(), s), lambda t: t.double())
     results = {"ours": run(lambda l, s: lightning_attention_triton(*l, slope, s), lambda t: t)}
-    if chunk_simple_gla is not None:
+    keep = (lambda name: True) if only is None else (lambda name: name in only)
+    if chunk_simple_gla is not None and keep(FLA_G):
         g = (-slope)[None, None, :].expand(B, N, H).contiguous()
         results[FLA_G] = run(lambda l, s: chunk_simple_gla(*l, g=g, scale=1.0, initial_state=s,
                                                              output_final_state=True), lambda t: t)
+    if chunk_simple_gla is not None and keep(FLA_GG):
         results[FLA_GG] = run(lambda l, s: chunk_simple_gla(*l, g_gamma=-slope, scale=1.0, initial_state=s,
                                                                    output_final_state=True), lambda t: t)
     names = ["o", "final state", "dq", "dk", "dv", "d initial state"]
@@ -238,7 +248,7 @@ def accuracy(B=2, N=4096, H=16, D=128, dtype=torch.bfloat16, with_s0=True):
     ref0 = run0(lambda l: lightning_attention_chunk(*l, slope.double(), None)[0], lambda t: t.double(), q, k, v, do)
     stateless = {"ours": run0(lambda l: lightning_attention_triton(*l, slope, None, output_final_state=False)[0],
                               lambda t: t, q, k, v, do)}
-    if lightning_attn2 is not None:
+    if lightning_attn2 is not None and keep(LIGHTNING):
         s = slope.reshape(H, 1, 1).contiguous()
         stateless[LIGHTNING] = run0(lambda l: lightning_attn2(*l, s).transpose(1, 2),
                                     lambda t: t.transpose(1, 2).contiguous(), q, k, v, do)
@@ -351,29 +361,35 @@ def main():
     ap.add_argument("--hbm-tbs", type=float, default=4.3,
                     help="memory bandwidth of the floor, TB/s (4.3: what an H200 reaches of its 4.8 peak)")
     ap.add_argument("--variants", action="store_true", help="also time our kernel with other chunk/segment knobs")
+    ap.add_argument("--methods", default=None,
+                    help="comma list of the methods to run (default all): " + ",".join(METHOD_NAMES))
     ap.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,attention,srms")
     ap.add_argument("--out", default=None, help="write the markdown here too")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/lightning_attention.py needs a CUDA GPU")
     skip = set(filter(None, args.skip.split(",")))
+    only = None
+    if args.methods is not None:
+        picked = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in picked if m not in METHOD_NAMES]
+        if unknown or "ours" not in picked:
+            sys.exit(f"--methods: unknown {unknown} or 'ours' missing; known: {','.join(METHOD_NAMES)}")
+        only = {METHOD_NAMES[m] for m in picked}
     parts = [f"Device: {device_info()}", f"Command: python {' '.join(sys.argv)}"]
+
+    def save():     # after each part: a run cut short keeps what it measured
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n\n".join(parts) + "\n")
     log(parts[0])
     t0 = time.time()
-    if "accuracy" not in skip:
-        try:
-            acc = accuracy()
-        except Exception:  # noqa: BLE001  (report and go on to the timings)
-            import traceback
-            acc = "accuracy check failed:\n" + traceback.format_exc()
-        log(acc)
-        parts.append(acc)
     if "attention" not in skip:
         variants = []
         if args.variants:
             variants = [("ours 2x segments", "auto2")]
         ns = [int(n) for n in args.ns.split(",")]
-        rows = run_table(ns, args.heads, args.dim, args.tokens, variants)
+        rows = run_table(ns, args.heads, args.dim, args.tokens, variants, only=only)
         shape = f"bf16, H={args.heads}, D={args.dim}, {args.tokens} tokens per batch (B = {args.tokens}/N)"
         parts.append(markdown(rows, "fb_ms", "ms", f"Forward+backward, median ms, {shape}"))
         parts.append(markdown(rows, "f_ms", "ms", f"Forward only, median ms, {shape}"))
@@ -387,6 +403,8 @@ def main():
             for N in ns:
                 o = by[(N, "ours")]
                 for nm in (FLA_G, FLA_GG):
+                    if (N, nm) not in by:
+                        continue
                     f = by[(N, nm)]
                     ok_t = isinstance(o["fb_ms"], float) and (isinstance(f["fb_ms"], str) or o["fb_ms"] <= f["fb_ms"])
                     ok_m = isinstance(o["fb_mem"], float) and (isinstance(f["fb_mem"], str) or o["fb_mem"] <= f["fb_mem"])
@@ -396,6 +414,16 @@ def main():
                                    f"{fmt(f['fb_ms'])} ms, fla/ours {ratio}), "
                                    f"memory {'OK' if ok_m else 'HIGHER'} ({fmt(o['fb_mem'], 2)} vs {fmt(f['fb_mem'], 2)} GiB)")
             parts.append("Ours vs fla chunk_simple_gla, fwd+bwd:\n" + "\n".join("- " + v for v in verdict))
+        save()
+    if "accuracy" not in skip:
+        try:
+            acc = accuracy(only=only)
+        except Exception:  # noqa: BLE001  (report and go on)
+            import traceback
+            acc = "accuracy check failed:\n" + traceback.format_exc()
+        log(acc)
+        parts.append(acc)    # after the timings: fla autotunes its own shapes first
+        save()
     if "srms" not in skip:
         s = srms_table()
         log(s)
