@@ -592,6 +592,9 @@ def main():
     ap.add_argument("--no-fused-step", action="store_true",
                     help="our one-token step as the PyTorch composition instead of the fused decode kernels "
                          "(tnllm_kernels.gla_decode): the A/B of that change, same weights and tokens")
+    ap.add_argument("--no-fused-linears", action="store_true",
+                    help="our block's linear layers as cuBLAS GEMVs beside separate norm, gate, product and add "
+                         "kernels instead of tnllm_kernels.decode_linear's fused GEMVs (the A/B of that change)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile our CUDA-graph decode step (kernels per token) at each --batches size")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="where decode.md/json go (default $OUT)")
@@ -608,6 +611,9 @@ def main():
         # the composition it had before the kernels existed
         import tnllm_plugin.model
         tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
+    if args.no_fused_linears or args.no_fused_step:     # the fused block builds on the fused step
+        import tnllm_plugin.model
+        tnllm_plugin.model.decode_linear_applies = lambda *a, **k: False
     if args.fake_oom is None:
         args.fake_oom = s["fake_oom"]
     if args.smoke:

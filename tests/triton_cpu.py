@@ -20,3 +20,25 @@ def import_kernel_module(name: str):
     if not CUDA and name in sys.modules:        # imported earlier without the interpreter: decorate again
         return importlib.reload(sys.modules[name])
     return importlib.import_module(name)
+
+
+def compile_for_sm90(kernel_module: str, kernel: str, cases):
+    """Compile ``kernel`` of ``kernel_module`` for an H100/H200 (sm_90) through Triton's NVIDIA compiler down to
+    ptxas, which Triton's wheel ships, without a GPU: the GPU path the interpreter cannot check (libdevice, tl.dot,
+    the layouts). ``cases``: (signature, constexprs) pairs, as triton.compile's ASTSource takes them. In a subprocess,
+    as this process's kernels are interpreted. Skips where a GPU runs the kernels anyway, or without ptxas."""
+    import subprocess
+    from pathlib import Path
+    if CUDA:
+        pytest.skip("on a GPU the kernel is compiled and run by the other tests")
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    script = (f"import importlib, triton\nfrom triton.backends.compiler import GPUTarget\n"
+              f"from triton.compiler import ASTSource\nfn = getattr(importlib.import_module({kernel_module!r}), {kernel!r})\n"
+              f"for sig, consts, warps in {list(cases)!r}:\n"
+              f"    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), "
+              f"options=dict(num_warps=warps))\nprint('compiled')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

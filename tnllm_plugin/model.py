@@ -22,6 +22,7 @@ from torch import nn
 
 from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
                            linear_cross_entropy, srms_norm, srms_norm_gate)
+from tnllm_kernels.decode_linear import decode_linear, decode_linear_applies
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
 from .recompute import linears_after
@@ -217,8 +218,12 @@ class GatedLinearAttention(nn.Module):
                 state_in_place: bool = False):
         """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply.
         ``state_in_place``: a one-token step may write the new state into ``state`` (decode_step_ owns it)."""
-        b, n, _ = x.shape
         qkvu, = norm_then_linears(norm, x, [self.qkvu_proj], self.recompute_linear_inputs)
+        return self.mix(qkvu, state, offset, padding_mask, state_in_place)
+
+    def mix(self, qkvu, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
+        """From the QKVU projection [B, N, 4 * hidden] on: (W_o's output [B, N, d_model], the new state)."""
+        b, n, _ = qkvu.shape
         if n == 1 and state is not None and padding_mask is None and self._fused_step_applies(qkvu, state, offset):
             return self._fused_step(qkvu, state, offset, state_in_place)
         q, k, v, u = qkvu.chunk(4, dim=-1)
@@ -256,14 +261,18 @@ class GatedLinearAttention(nn.Module):
         """The one-token step in two Triton kernels (tnllm_kernels.gla_decode) instead of ~15 small ones: under
         a CUDA graph a decode step at batch 1 costs mostly launches, and the state is read and written once."""
         b = qkvu.shape[0]
-        theta = None if self.lrpe is None else self.lrpe.theta
         srms = type(self.out_norm) is SRMSNorm
-        y, state = gla_decode_step(qkvu[:, 0], state, self.slope, offset, theta, self.qk_act,
-                                   self.out_norm.eps if srms else None, in_place=in_place)
+        y, state = self.state_step(qkvu[:, 0], state, offset, in_place, self.out_norm.eps if srms else None)
         y = y.view(b, 1, -1)
         if not srms:
             y = self.out_norm(y) * qkvu.chunk(4, dim=-1)[3]
         return self.out_proj(y), state
+
+    def state_step(self, qkvu, state, offset, in_place, norm_eps=None):
+        """The fused step's state update from qkvu [B, 4 * hidden]: (o [B, hidden], or srms_norm(o) * u with
+        ``norm_eps``; the new state)."""
+        theta = None if self.lrpe is None else self.lrpe.theta
+        return gla_decode_step(qkvu, state, self.slope, offset, theta, self.qk_act, norm_eps, in_place=in_place)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,6 +306,8 @@ class TransNormerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
+        if state is not None and x.shape[1] == 1 and padding_mask is None and self._fused_decode_applies(x, state):
+            return self._fused_decode(x, state, offset, state_in_place)
         # each norm runs inside its mixer, as the first step of the mixer's input projections (recomputed there
         # in backward rather than kept)
         mixed, state = self.token_mixer(x, state, offset, padding_mask, norm=self.token_norm,
@@ -304,6 +315,40 @@ class TransNormerBlock(nn.Module):
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.channel_mixer(x, norm=self.channel_norm))
         return x, state
+
+    def _fused_decode_applies(self, x, state) -> bool:
+        # decoding only, on the layer the released models have (SRMSNorm everywhere, plain linear layers without
+        # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs
+        mixer, glu = self.token_mixer, self.channel_mixer
+        if torch.is_grad_enabled() and (x.requires_grad or state.requires_grad):
+            return False
+        if self.training and self.dropout.p > 0:
+            return False
+        linears = (mixer.qkvu_proj, mixer.out_proj, glu.l1, glu.l2, glu.l3)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return False
+        if any(type(n) is not SRMSNorm for n in (self.token_norm, mixer.out_norm, self.channel_norm)):
+            return False
+        return decode_linear_applies(x[:, 0], mixer.qkvu_proj.weight, self.token_norm.eps)
+
+    def _fused_decode(self, x, state, offset, state_in_place):
+        """The block for one token in five or six kernels (tnllm_kernels.decode_linear, gla_decode) instead of ~13:
+        each linear layer is one GEMV with the norm, gate, SGLU product or residual add beside it folded in. Under
+        a CUDA graph a decode step at small batch costs launches and gaps between kernels more than bandwidth."""
+        mixer, glu = self.token_mixer, self.channel_mixer
+        h = x[:, 0]
+        qkvu = decode_linear(h, mixer.qkvu_proj.weight, norm_eps=self.token_norm.eps)
+        if mixer._fused_step_applies(qkvu[:, None], state, offset):
+            o, state = mixer.state_step(qkvu, state, offset, state_in_place)
+            hidden = o.shape[-1]
+            h = decode_linear(o, mixer.out_proj.weight, norm_eps=mixer.out_norm.eps, gate=qkvu[:, 3 * hidden:],
+                              residual=h)
+        else:       # the step's kernels do not take these inputs: its composition, from the same QKVU
+            mixed, state = mixer.mix(qkvu[:, None], state, offset, None, state_in_place)
+            h = h + mixed[:, 0]
+        product = decode_linear(h, glu.l1.weight, norm_eps=self.channel_norm.eps, weight2=glu.l2.weight)
+        h = decode_linear(product, glu.l3.weight, residual=h)
+        return h[:, None], state
 
 
 # ---------------------------------------------------------------------------------------------------------

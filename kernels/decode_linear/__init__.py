@@ -1,0 +1,47 @@
+"""The linear layers of a one-token decoding step with their neighbours fused in (the block's norm before QKVU,
+GLA's output norm and gate before W_o, SGLU's pair and product, the residual adds after W_o and W_3): PyTorch
+reference, and one Triton GEMV kernel on CUDA (triton_gemv.py)."""
+import importlib.util
+
+import torch
+
+from .reference import decode_linear_reference
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROWS = 16           # decoding batches; larger ones are GEMMs, where cuBLAS is the better tool
+
+# Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
+# the interpreter; otherwise CPU tensors always take the reference.
+interpret_on_cpu = False
+
+
+def decode_linear_applies(x, weight, norm_eps=None, gate=None, weight2=None, residual=None) -> bool:
+    """Whether decode_linear would run the Triton kernel: CUDA, at most MAX_ROWS rows, one float dtype for every
+    tensor (fp32, bf16, fp16), contiguous rows, shapes that fit, autocast off (under autocast the composition's
+    matmuls would run in another dtype than its tensors)."""
+    if not _HAS_TRITON or not (x.is_cuda or (interpret_on_cpu and x.device.type == "cpu")):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    tensors = [t for t in (x, weight, gate, weight2, residual) if t is not None]
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype or t.device != x.device or t.dim() != 2 or t.stride(-1) != 1
+                                     for t in tensors):
+        return False
+    (b, k), n = x.shape, weight.shape[0]
+    return (0 < b <= MAX_ROWS and weight.shape[1] == k
+            and (gate is None or gate.shape == x.shape)
+            and (weight2 is None or weight2.shape == weight.shape)
+            and (residual is None or residual.shape == (b, n)))
+
+
+def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=None):
+    """decode_linear_reference's value (see there), in one Triton kernel where decode_linear_applies, else the
+    reference. Not differentiable (decoding only)."""
+    if decode_linear_applies(x, weight, norm_eps, gate, weight2, residual):
+        from .triton_gemv import decode_linear_triton      # a real import error here is a bug: let it surface
+        return decode_linear_triton(x, weight, norm_eps, gate, weight2, residual)
+    return decode_linear_reference(x, weight, norm_eps, gate, weight2, residual)
+
+
+__all__ = ["MAX_ROWS", "decode_linear", "decode_linear_applies", "decode_linear_reference"]

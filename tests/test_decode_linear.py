@@ -1,0 +1,183 @@
+"""tnllm_kernels.decode_linear (a decoding layer's GEMVs with the norm, gate, SGLU product and residual add folded
+in, one Triton kernel each) against the PyTorch composition the model runs, and in the model's decode step.
+
+Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernel module is
+imported) at small shapes; with CUDA the same tests run on the GPU, plus those marked ``gpu`` (the 385M shapes).
+Two references: the composition in the kernel's dtype, whose roundings the kernel follows (so in fp32 they differ by
+the order of fp32 sums only; in bf16 that order may flip a rounding now and then: at most a few steps of bf16 in a
+few elements), and the composition in float64, against which the kernel may be off by no more than the composition
+itself (x 1.5, plus fp32 summation order).
+"""
+import pytest
+import torch
+
+from triton_cpu import CUDA, DEV, compile_for_sm90, import_kernel_module
+
+import_kernel_module("tnllm_kernels.gla_decode.triton_step")
+import_kernel_module("tnllm_kernels.decode_linear.triton_gemv")
+import tnllm_kernels.decode_linear as decode_linear_pkg  # noqa: E402
+from tnllm_kernels.decode_linear import decode_linear, decode_linear_applies, decode_linear_reference  # noqa: E402
+from tnllm_kernels.decode_linear.triton_gemv import _blocks, decode_linear_triton  # noqa: E402
+
+EPS = 1e-6
+ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7}
+# (norm, gate, glu, residual): the four uses in a block (QKVU; W_o; SGLU's pair; W_3) and the bare GEMV
+VARIANTS = {"plain": (False, False, False, False), "qkvu": (True, False, False, False),
+            "out_proj": (True, True, False, True), "sglu_pair": (True, False, True, False),
+            "l3": (False, False, False, True)}
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make(variant, m, n, k, dtype, seed):
+    norm, gate, glu, residual = VARIANTS[variant]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (3.0 if norm else 0.5)
+    args = dict(x=x, weight=torch.randn(n, k, generator=g) * k ** -0.5)
+    if norm:
+        args["norm_eps"] = EPS
+    if gate:
+        args["gate"] = torch.randn(m, k, generator=g)
+    if glu:
+        args["weight2"] = torch.randn(n, k, generator=g) * k ** -0.5
+    if residual:
+        args["residual"] = torch.randn(m, n, generator=g)
+    cast = {key: (v.to(DEV, dtype) if torch.is_tensor(v) else v) for key, v in args.items()}
+    wide = {key: (v.to(DEV, torch.float64) if torch.is_tensor(v) else v) for key, v in cast.items()}
+    return cast, wide
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """Let decode_linear dispatch to the (interpreted) kernel on CPU tensors."""
+    if not CUDA:
+        monkeypatch.setattr(decode_linear_pkg, "interpret_on_cpu", True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_composition(variant, m, dtype, kernel_on_cpu):
+    """Odd K (not a multiple of the K tile) and N (not a multiple of the column tile); 1, 3 (padded rows) and 16 rows
+    (bf16: the tl.dot path)."""
+    args, wide = make(variant, m, 37, 150, dtype, seed=m)
+    assert decode_linear_applies(**args)
+    y = decode_linear_triton(**args)
+    same = decode_linear_reference(**args)
+    y64 = decode_linear_reference(**wide)
+    assert y.dtype == dtype and y.shape == (m, 37) and torch.isfinite(y).all()
+    if dtype == torch.float32:
+        assert rel(y, same) < 2e-6
+    else:
+        off = (y.double() - same.double()).abs()
+        step = ULP[dtype] * same.double().abs().clamp_min(1e-3)
+        assert (off <= 4 * step).all(), off.max().item()
+        assert (off > 0).double().mean().item() <= 0.05      # order-of-sums flips are rare, a wrong op changes most
+    assert rel(y, y64) <= 1.5 * rel(same, y64) + 1e-6
+
+
+def test_every_operand_matters(kernel_on_cpu):
+    """Each fused operand changes the result (a kernel that ignored the norm, gate, second matrix or residual would
+    pass nothing above by accident: here each one is perturbed and the output must follow the reference)."""
+    args, _ = make("out_proj", 2, 24, 40, torch.float32, seed=5)
+    args2, _ = make("sglu_pair", 2, 24, 40, torch.float32, seed=6)
+    for a in (args, args2):
+        base = decode_linear_triton(**a)
+        for key in [k for k in a if torch.is_tensor(a[k])]:
+            bumped = dict(a, **{key: a[key] * 1.5 + 0.1})
+            got = decode_linear_triton(**bumped)
+            assert rel(got, base) > 1e-3, key
+            assert rel(got, decode_linear_reference(**bumped)) < 2e-6, key
+        no_norm = dict(a, norm_eps=None)
+        assert rel(decode_linear_triton(**no_norm), decode_linear_reference(**no_norm)) < 2e-6
+
+
+def test_dispatch_and_what_the_kernel_refuses(kernel_on_cpu):
+    """Shapes or dtypes the kernel does not take go to the reference (same values), never to a wrong kernel call."""
+    args, _ = make("l3", 3, 8, 16, torch.float32, seed=1)
+    assert decode_linear_applies(**args)
+    assert not decode_linear_applies(**dict(args, x=args["x"].repeat(6, 1), residual=args["residual"].repeat(6, 1)))
+    assert not decode_linear_applies(**dict(args, weight=args["weight"].double()))
+    assert not decode_linear_applies(**dict(args, residual=args["residual"][:, :4]))
+    assert not decode_linear_applies(**dict(args, x=args["x"].t().contiguous().t()))      # rows not contiguous
+    big = dict(args, x=args["x"].repeat(6, 1), residual=args["residual"].repeat(6, 1))  # 18 rows: the reference
+    assert torch.equal(decode_linear(**big), decode_linear_reference(**big))
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        assert not decode_linear_applies(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("variant,n,k", [("qkvu", 4096, 1024), ("out_proj", 1024, 1024), ("sglu_pair", 2816, 1024),
+                                         ("l3", 1024, 2816)])
+@pytest.mark.parametrize("m", [1, 16])
+def test_385m_shapes_in_bf16(variant, n, k, m):
+    """The 385M model's four GEMVs of a block, bf16, batch 1 and 16, against the same-dtype composition and fp64."""
+    args, wide = make(variant, m, n, k, torch.bfloat16, seed=n + k + m)
+    y = decode_linear_triton(**args)
+    same = decode_linear_reference(**args)
+    y64 = decode_linear_reference(**wide)
+    off = (y.double() - same.double()).abs()
+    assert (off <= 4 * ULP[torch.bfloat16] * same.double().abs().clamp_min(1e-3)).all()
+    assert (off > 0).double().mean().item() <= 0.05
+    assert rel(y, y64) <= 1.5 * rel(same, y64) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_model_decode_with_the_fused_block_equals_the_composition(dtype, kernel_on_cpu, monkeypatch):
+    """The model's one-token step with every block fused (four GEMV kernels and the GLA step per layer) against the
+    same model's composition, from one prefill, 5 greedy steps at batch 3: logits and states to the dtype's
+    rounding, the same tokens; the GEMVs ran four times per layer and step."""
+    import tnllm_kernels.decode_linear.triton_gemv as gemv
+    import tnllm_kernels.gla_decode as gla_decode
+    from tnllm_plugin import model as model_module
+    from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+    if not CUDA:
+        monkeypatch.setattr(gla_decode, "interpret_on_cpu", True)
+    torch.manual_seed(0)
+    cfg = TransNormerConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=3, glu_dim=80, lrpe_layers=(0,))
+    model = TransNormerLLM(cfg).to(DEV, dtype).eval()
+    calls = []
+    real = gemv.decode_linear_triton
+    monkeypatch.setattr(gemv, "decode_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = torch.randint(3, 97, (3, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
+    _, state = model(prompt, use_cache=True)
+    fused_state = composed_state = state
+    tok = prompt[:, -1:]
+    # fp32: the order of sums (seen: 2e-7); bf16: a rounding flipped now and then, carried through the layers and
+    # steps (seen: 0 for the first steps, then 2e-3), where a wrong operand is off by O(1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for _ in range(5):
+        got, fused_state = model(tok, fused_state)
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "decode_linear_applies", lambda *a, **k: False)
+            want, composed_state = model(tok, composed_state)
+        assert rel(got, want) < tol
+        assert all(rel(a, b) < tol for a, b in zip(fused_state.kv, composed_state.kv))
+        tok = want[:, -1:].argmax(-1)
+    assert len(calls) == 4 * 3 * 5
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    """The GPU variants the 385M model's decode runs (batch 1 and 3: broadcast products; batch 16 in bf16: tl.dot),
+    compiled for sm_90: what the CPU interpreter cannot check."""
+    cases = []
+    for m, dt, (norm, gate, glu, residual) in [(1, "bf16", VARIANTS["out_proj"]), (3, "bf16", VARIANTS["sglu_pair"]),
+                                               (16, "bf16", VARIANTS["out_proj"]), (16, "bf16", VARIANTS["sglu_pair"]),
+                                               (16, "fp32", VARIANTS["qkvu"]), (1, "fp16", VARIANTS["l3"])]:
+        torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dt]
+        block_m, block_n, block_k, _ = _blocks(m, 1024, 2816, torch_dt)
+        sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", K="i32",
+                   stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
+                   eps="fp32", **{n: "constexpr" for n in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "USE_DOT",
+                                                           "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+        # the dot path as the GPU picks it (the interpreter's _blocks never does)
+        use_dot = block_m >= 16 and dt != "fp32"
+        consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, USE_DOT=use_dot,
+                      BLOCK_M=block_m, BLOCK_N=16 if use_dot else block_n, BLOCK_K=128 if use_dot else block_k)
+        cases.append((sig, consts, 4))
+    compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases)
