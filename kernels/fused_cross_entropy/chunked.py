@@ -9,11 +9,25 @@ logits. A summed loss's backward only scales those gradients by the incoming one
 Per-token losses ("none") get a gradient per row, which cannot be applied to W's gradient after the sum over
 rows: their backward recomputes each chunk's logits instead (one more pass of the head's matmul), from the
 saved hidden and W.
+
+On CUDA (fp32/bf16/fp16 matmuls) the per-chunk softmax, losses and gradient are one Triton kernel over the matmul's
+output itself (triton_softmax_grad.py: two reads and one write of the chunk, no fp32 copy of it); elsewhere, and in
+float64, the PyTorch form below.
 """
+import importlib.util
+
 import torch
 from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK = 4096
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tests set this (with TRITON_INTERPRET=1 before triton_softmax_grad is imported) to run the kernel on CPU tensors
+# in Triton's interpreter; otherwise CPU tensors always take the PyTorch form.
+interpret_on_cpu = False
+# False sends CUDA tensors through the PyTorch form too (to compare the two, or to rule the kernel out).
+use_kernel = True
 
 
 def _compute_dtype(hidden, weight):
@@ -24,9 +38,25 @@ def _compute_dtype(hidden, weight):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _kernel_applies(h, w) -> bool:
+    """Whether _chunk_pass runs the Triton kernel on this chunk: CUDA (or CPU under ``interpret_on_cpu``), a
+    matmul in fp32/bf16/fp16."""
+    return (use_kernel and _HAS_TRITON and h.dtype in _KERNEL_DTYPES and w.dtype == h.dtype
+            and (h.is_cuda or (interpret_on_cpu and h.device.type == "cpu")))
+
+
 def _chunk_pass(h, w, target, ignore_index, acc, want_grad, row_scale=None):
     """One chunk: losses [rows] in ``acc`` (0 at ignored targets) and, with ``want_grad``, the gradient of their
     sum (rows scaled by ``row_scale`` if given) w.r.t. the logits, in the matmul's dtype (0 at ignored rows)."""
+    if _kernel_applies(h, w):
+        from .triton_softmax_grad import softmax_cross_entropy_grad_   # a real import error is a bug: let it surface
+        z = h @ w.T             # the kernel reads it in its dtype and, with want_grad, writes the gradient over it
+        return softmax_cross_entropy_grad_(z, target, ignore_index, want_grad, row_scale), (z if want_grad else None)
+    return _chunk_pass_torch(h, w, target, ignore_index, acc, want_grad, row_scale)
+
+
+def _chunk_pass_torch(h, w, target, ignore_index, acc, want_grad, row_scale=None):
+    """_chunk_pass in PyTorch ops (any device and dtype, float64 included)."""
     z = (h @ w.T).to(acc)       # a bf16 product is upcast into a new tensor and freed; an fp32 one is z itself
     ignored = target == ignore_index
     safe = target.masked_fill(ignored, 0)
