@@ -3,13 +3,17 @@ and flash-linear-attention's RetNet, in one run, with the same training step for
 
     bf16 autocast, fp32 master weights, forward, cross entropy in fp32, backward, fused AdamW step
 
+(the rows ending in ``_bf16`` hold the weights in bf16 and fp32 master copies in the optimizer instead, fairseq's
+--bf16: MasterWeightsAdamW)
+
 16384 tokens per step (batch = 16384 // seq_len, at least 1), sequence lengths 2048, 8192, 32768;
 tokens/s is the median over the timed steps after warm-up; peak memory is torch.cuda.max_memory_allocated
 over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs three times, so that the table shows what each
 change of the step is worth: as it was (``_no_recompute``: every linear layer keeps its input), with the norms,
 GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
-loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); the
-same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
+loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); then
+that step with bf16 weights (``_bf16``), and with bf16 weights keeping every linear layer's input
+(``_bf16_keep_inputs``); the same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
 with per-block activation checkpointing and the chunked LM head + loss (doubling search; an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
@@ -56,8 +60,27 @@ def transnormer_fused_loss(s):
     return transnormer_model(s, full=not s["smoke"]), loss_fn
 
 
+def transnormer_bf16(s):
+    """The chunked loss, with the model's weights in bf16 and fp32 master copies in the optimizer
+    (MasterWeightsAdamW: fairseq's --bf16): no autocast casts, bf16 activations and residual stream."""
+    model, loss_fn = transnormer_fused_loss(s)
+    return model.to(torch.bfloat16), loss_fn
+
+
+def transnormer_bf16_keep_inputs(s):
+    """transnormer_bf16 with every linear layer keeping its input (no recomputation in backward)."""
+    model, loss_fn = transnormer_bf16(s)
+    return keep_linear_inputs(model), loss_fn
+
+
 def llama_sdpa(s):
     return llama_model(s, max(s["seqs"])), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
+
+
+def llama_sdpa_bf16(s):
+    """LLaMA in the same bf16-weights regime as transnormer_bf16 (fp32 master copies, fp32 loss)."""
+    model, loss_fn = llama_sdpa(s)
+    return model.to(torch.bfloat16), loss_fn
 
 
 def retnet_model(s):
@@ -84,8 +107,42 @@ def fla_retnet_fused_loss(s):
 
 
 MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recompute": transnormer_no_recompute,
-          "transnormer_llm_385m_fused_loss": transnormer_fused_loss,
-          "llama_385m_sdpa": llama_sdpa, "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
+          "transnormer_llm_385m_fused_loss": transnormer_fused_loss, "transnormer_llm_385m_bf16": transnormer_bf16,
+          "transnormer_llm_385m_bf16_keep_inputs": transnormer_bf16_keep_inputs,
+          "llama_385m_sdpa": llama_sdpa, "llama_385m_sdpa_bf16": llama_sdpa_bf16,
+          "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
+
+
+class MasterWeightsAdamW:
+    """AdamW over fp32 master copies of a bf16 model's parameters, as fairseq's --bf16 trains: forward and backward
+    run in bf16 end to end (no casts of weights or activations), the update in fp32; after it the new weights are
+    cast into the model. The gradients are copied into fp32 buffers kept for the run (one batched copy)."""
+
+    def __init__(self, params, lr, fused):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float() for p in self.params]
+        for m in self.master:
+            m.grad = torch.zeros_like(m)
+        self.opt = torch.optim.AdamW(self.master, lr=lr, fused=fused)
+
+    @torch.no_grad()
+    def step(self):
+        pairs = [(m, p) for m, p in zip(self.master, self.params) if p.grad is not None]
+        torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
+        self.opt.step()
+        torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def make_optimizer(model, lr, device):
+    """AdamW (fused on CUDA) over the model's fp32 weights, or MasterWeightsAdamW for a bf16 model."""
+    fused = device.type == "cuda"
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return MasterWeightsAdamW(model.parameters(), lr, fused)
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,9 +206,9 @@ def run_model(name, s, device):
         model, loss_fn = MODELS[name](s)
     except Exception as e:      # a baseline's package missing or broken: the others still run, the table says why
         return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    model.to(device)            # fp32 master weights; bf16 only inside autocast
+    model.to(device)            # fp32 weights with bf16 inside autocast, or bf16 weights with fp32 master copies
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = make_optimizer(model, 1e-4, device)
     result = {"params": n_params, "seqs": {}}
     for seq in s["seqs"]:
         try:
@@ -168,11 +225,11 @@ def run_model(name, s, device):
 
 
 def variant_with_optimizer(name, s, device, lr):
-    """One of our step variants (MODELS) on the device, fp32 master weights, with its loss function and an AdamW
-    (fused on CUDA): what the loss curves and the profile train."""
+    """One of our step variants (MODELS) on the device with its loss function and optimizer (make_optimizer):
+    what the loss curves and the profile train."""
     model, loss_fn = MODELS[name](s)
     model.to(device)
-    return model, loss_fn, torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    return model, loss_fn, make_optimizer(model, lr, device)
 
 
 def loss_curve(name, s, device, steps):
@@ -217,7 +274,7 @@ def longest_sequence(s, device):
     """Doubling search for the longest sequence TransNormerLLM trains at batch 1 (one full step)."""
     model, loss_fn = transnormer_fused_loss(s)      # the [seq, vocab] logits never exist: attention bounds seq
     model = apply_activation_checkpointing(model.to(device))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = make_optimizer(model, 1e-4, device)
     seq, best = s["longest_start"], None
     while seq <= s["longest_max"]:
         x = torch.randint(3, s["vocab"], (1, seq), device=device)
@@ -345,6 +402,16 @@ def table(results, s, longest):
     lever("linear layers' inputs recomputed", "transnormer_llm_385m_no_recompute", "transnormer_llm_385m")
     lever(f"chunked LM head + loss, {s['loss_chunk']} tokens a chunk", "transnormer_llm_385m",
           "transnormer_llm_385m_fused_loss")
+    lever("bf16 weights, fp32 master copies", "transnormer_llm_385m_fused_loss", "transnormer_llm_385m_bf16")
+    lever("linear layers' inputs kept (bf16 weights)", "transnormer_llm_385m_bf16",
+          "transnormer_llm_385m_bf16_keep_inputs")
+    for mine, other in (("transnormer_llm_385m_bf16", "llama_385m_sdpa_bf16"),
+                        ("transnormer_llm_385m_bf16_keep_inputs", "llama_385m_sdpa_bf16")):
+        a, b = (results.get(n, {}).get("seqs", {}) for n in (mine, other))
+        both = [n for n in seqs if "tokens_per_s" in a.get(n, {}) and "tokens_per_s" in b.get(n, {})]
+        if both:
+            lines.append(f"{mine} / {other}: " + ", ".join(
+                f"seq {n}: {a[n]['tokens_per_s'] / b[n]['tokens_per_s']:.2f}x" for n in both))
     if all("tokens_per_s" in ours.get(n, {}) for n in (seqs[0], seqs[-1])):
         lines.append(f"ours seq {seqs[-1]} / seq {seqs[0]}: "
                      f"{ours[seqs[-1]]['tokens_per_s'] / ours[seqs[0]]['tokens_per_s']:.2f}")

@@ -47,3 +47,41 @@ def test_smoke_profile_of_a_step_variant():
     text = tt.profile_step("transnormer_llm_385m_no_recompute", dict(tt.SMOKE), torch.device("cpu"), seq=32)
     assert text.startswith("profile of transnormer_llm_385m_no_recompute: 2 steps, seq 32, batch 8")
     assert "| GEMM |" in text and "device busy" in text
+
+
+def test_master_weights_adamw_is_adamw_on_fp32_copies():
+    """A bf16 model's step through MasterWeightsAdamW: the fp32 masters take exactly the step torch's AdamW takes on
+    fp32 weights with the same gradients, and the model's bf16 weights become the masters rounded to bf16."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(16, 8)
+    ref.weight.data, ref.bias.data = ref.weight.data.bfloat16().float(), ref.bias.data.bfloat16().float()
+    low = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    low.load_state_dict({k: v.bfloat16() for k, v in ref.state_dict().items()})
+    start = low.weight.detach().clone()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt_low = tt.MasterWeightsAdamW(low.parameters(), lr=1e-2, fused=False)
+    for step in range(3):
+        grads = [torch.randn_like(p).bfloat16() for p in ref.parameters()]
+        for p, q, g in zip(ref.parameters(), low.parameters(), grads):
+            p.grad, q.grad = g.float(), g.clone()
+        opt_ref.step()
+        opt_low.step()
+        opt_low.zero_grad()
+        assert all(q.grad is None for q in low.parameters())
+        for p, m, q in zip(ref.parameters(), opt_low.master, low.parameters()):
+            assert m.dtype == torch.float32 and torch.equal(m, p.detach())
+            assert q.dtype == torch.bfloat16 and torch.equal(q.detach(), p.detach().bfloat16())
+    assert not torch.equal(low.weight.detach(), start)        # the steps moved the model's weights
+
+
+def test_smoke_bf16_variants_train():
+    """The bf16-weights rows at smoke sizes on CPU: they run, their weights stay bf16, and 4 steps of the loss
+    curve bring the loss down."""
+    s = dict(tt.SMOKE)
+    for name in ("transnormer_llm_385m_bf16", "transnormer_llm_385m_bf16_keep_inputs"):
+        torch.manual_seed(0)
+        model, loss_fn, opt = tt.variant_with_optimizer(name, s, torch.device("cpu"), lr=1e-2)
+        assert isinstance(opt, tt.MasterWeightsAdamW)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        curve = tt.loss_curve(name, s, torch.device("cpu"), 4)
+        assert all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
