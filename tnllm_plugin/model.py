@@ -318,7 +318,8 @@ class TransNormerBlock(nn.Module):
 
     def _fused_decode_applies(self, x, state) -> bool:
         # decoding only, on the layer the released models have (SRMSNorm everywhere, plain linear layers without
-        # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs
+        # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs (CUDA,
+        # at most 8 rows: at batch 16 a fused form measured slower than cuBLAS)
         mixer, glu = self.token_mixer, self.channel_mixer
         if torch.is_grad_enabled() and (x.requires_grad or state.requires_grad):
             return False
@@ -332,7 +333,7 @@ class TransNormerBlock(nn.Module):
         return decode_linear_applies(x[:, 0], mixer.qkvu_proj.weight, self.token_norm.eps)
 
     def _fused_decode(self, x, state, offset, state_in_place):
-        """The block for one token in five or six kernels (tnllm_kernels.decode_linear, gla_decode) instead of ~13:
+        """The block for one token in five kernels (tnllm_kernels.decode_linear, gla_decode) instead of 13:
         each linear layer is one GEMV with the norm, gate, SGLU product or residual add beside it folded in. Under
         a CUDA graph a decode step at small batch costs launches and gaps between kernels more than bandwidth."""
         mixer, glu = self.token_mixer, self.channel_mixer

@@ -9,7 +9,9 @@ from .reference import decode_linear_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_ROWS = 16           # decoding batches; larger ones are GEMMs, where cuBLAS is the better tool
+# decoding batches; larger ones keep cuBLAS (on an H200 the 385M decode step at batch 16 was slower with the fused
+# GEMVs than with cuBLAS and separate kernels around it; at batch 1 faster: benchmarks/RESULTS.md)
+MAX_ROWS = 8
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
 # the interpreter; otherwise CPU tensors always take the reference.

@@ -1,4 +1,4 @@
-"""decode_linear in one Triton kernel: a GEMV for 1 to 16 rows with the layer's neighbours folded in.
+"""decode_linear in one Triton kernel: a GEMV for 1 to 8 rows with the layer's neighbours folded in.
 
 Why: a CUDA-graph decode step of the 385M model at batch 1 ran 320 kernels per token, 13 per layer; its linear
 layers were cuBLAS GEMVs reaching ~1.8 TB/s on 2-8 MB weights, and between them sat a norm kernel, a gate kernel,
@@ -13,8 +13,9 @@ what the model does right before or after it:
 One program per BLOCK_N output columns, all rows at once (the weight tile is read once for every row): the
 weights are read from memory once per token, which is the floor of the step. Roundings follow the model's
 composition (each op's result rounded to the dtype), so the kernel differs from it only by the order of the fp32
-sums. Rows: 9 to 16 with bf16/fp16 go through tl.dot on the GPU; fewer rows, or fp32 (whose sums must stay fp32, not tf32), through
-broadcast products summed in fp32. Nothing allocates by value or reads back to the host: CUDA graphs capture it.
+sums. Up to 8 rows, as broadcast products summed in fp32 (a tl.dot form for 16 rows was slower on an H200 than
+cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by value or reads back to the
+host: CUDA graphs capture it.
 """
 import os
 
@@ -32,8 +33,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, stride_w2, stride_r, stride_y, eps,
                  NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 RNE: tl.constexpr, USE_DOT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     DT = Y.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     rm = rows < M
@@ -63,16 +63,10 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
             h = _round(h * g.to(tl.float32), DT, RNE)
         wm = cm[:, None] & km[None, :]
         w1 = tl.load(w1_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
-        if USE_DOT:
-            acc1 += tl.dot(h.to(DT), tl.trans(w1))
-        else:
-            acc1 += tl.sum(h[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+        acc1 += tl.sum(h[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
         if GLU:
             w2 = tl.load(w2_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
-            if USE_DOT:
-                acc2 += tl.dot(h.to(DT), tl.trans(w2))
-            else:
-                acc2 += tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
+            acc2 += tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
     y = _round(acc1, DT, RNE)
     if GLU:
         y = _round(y * _round(acc2, DT, RNE), DT, RNE)
@@ -83,21 +77,15 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(DT), mask=om)
 
 
-def _blocks(m: int, n: int, k: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, use_dot). Columns per program: 16, or 8 when that still leaves fewer than ~128
-    programs (W_o and W_3 have 1024 outputs at the 385M shape: 64 programs of 16 would leave half the SMs idle). The
+def _blocks(m: int, n: int, k: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K). Columns per program: 16, or 8 when that still leaves fewer than ~128 programs
+    (W_o and W_3 have 1024 outputs at the 385M shape: 64 programs of 16 would leave half the SMs idle). The
     broadcast product [BLOCK_M, BLOCK_N, BLOCK_K] is kept to 8192 fp32 values (64 registers a thread at 4 warps).
-    Not tuned on a GPU yet."""
+    Not tuned on a GPU: on an H200 at batch 1 the 96 GEMVs of a 385M token took 6.3 us each on average (~1.1 TB/s)."""
     block_m = max(1, triton.next_power_of_2(m))
-    # the CPU interpreter's tl.dot does not take bf16 (it reads the bits as integers): there the broadcast path runs
-    # at every row count, and the dot path is covered by the GPU tests
-    use_dot = block_m >= 16 and dtype in (torch.bfloat16, torch.float16) and not _interpreting()
-    block_n = 16 if use_dot or triton.cdiv(n, 16) >= 128 else 8
-    if use_dot:
-        block_k = 128
-    else:
-        block_k = max(16, min(triton.next_power_of_2(k), 8192 // (block_m * block_n)))
-    return block_m, block_n, block_k, use_dot
+    block_n = 16 if triton.cdiv(n, 16) >= 128 else 8
+    block_k = max(16, min(triton.next_power_of_2(k), 8192 // (block_m * block_n)))
+    return block_m, block_n, block_k
 
 
 def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None):
@@ -107,7 +95,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
     if norm_eps is not None and not float(norm_eps) >= 0:
         raise ValueError(f"decode_linear: norm_eps must be >= 0, got {norm_eps}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, use_dot = _blocks(m, n, k, x.dtype)
+    block_m, block_n, block_k = _blocks(m, n, k)
     any_ = x            # any pointer for the operands a variant does not read
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
@@ -116,8 +104,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
-        RNE=_interpreting() and x.dtype == torch.bfloat16, USE_DOT=use_dot,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        RNE=_interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return y
 
 
