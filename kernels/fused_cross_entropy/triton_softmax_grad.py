@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..gla_decode.triton_step import _exp
+
 # Columns per tile (fewer when the vocab is smaller), with 4 warps. On an H200 at 4096 x 64000 bf16 this pair was
 # the fastest of BLOCK_V 2048/4096/8192 x 4/8/16 warps: 0.43 ms with the gradient (3.7 TB/s over 2 reads and
 # 1 write), 0.17 ms for the losses alone; the PyTorch form took 4.4 ms of the chunk pass (5.1 ms with its matmul).
@@ -27,17 +29,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# On the GPU libdevice's exp and log, the accurate ones torch's kernels use (tl.exp is the approximate ex2 scaled: on
-# an H200 it gave the same error against float64 here, 2e-8 in fp32, and a 7% faster kernel; kept out of caution).
-# The interpreter has no libdevice, and its tl.exp/tl.log are numpy's, accurate already.
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
+# On the GPU libdevice's exp (gla_decode's _exp) and log, the accurate ones torch's kernels use (tl.exp is the
+# approximate ex2 scaled: on an H200 it gave the same error against float64 here, 2e-8 in fp32, and a 7% faster
+# kernel; kept out of caution). The interpreter has no libdevice, and its tl.exp/tl.log are numpy's, accurate already.
 @triton.jit
 def _log(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
