@@ -82,6 +82,10 @@ CASES = [
     (1, 37, 2, 200, 72, 16, 2, torch.float32, [0.0, 0.1], True),          # Dk > 128 (LRPE-doubled): Dv tiles
     (1, 20, 1, 16, 16, 16, None, torch.float16, [0.2], True),
     (1, 1, 1, 16, 16, 16, None, torch.float32, [0.7], True),              # a single token
+    # the model's default chunk (64) over heads of 16 (32 with LRPE) and 3 heads, shorter than one chunk: the
+    # shapes of the tiny model whose first CUDA forward died with an illegal memory access on an H200 (2026-11-29)
+    (3, 11, 3, 32, 16, 64, None, torch.float32, [0.0, 0.1, 0.5], False),
+    (3, 11, 3, 16, 16, 64, None, torch.bfloat16, [0.0, 0.1, 0.5], False),
 ]
 
 
