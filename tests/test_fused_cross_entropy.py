@@ -367,3 +367,15 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         consts = dict(WANT_GRAD=grad, HAS_SCALE=scale, LIBDEVICE=True, RNE_BY_HAND=False, BLOCK_V=BLOCK_V)
         cases.append((sig, consts, 4))
     compile_for_sm90("tnllm_kernels.fused_cross_entropy.triton_softmax_grad", "_softmax_ce_kernel", cases)
+
+
+@pytest.mark.parametrize("bad", [53, 1000, -1])
+def test_target_outside_the_vocabulary_is_named(bad):
+    """A target id outside [0, vocab) that is not ignore_index fails before any work, naming the id."""
+    h, w, target = inputs(vocab=53)[:3]
+    target = target.clone()
+    target[5] = bad
+    with pytest.raises(ValueError, match=f"target id {bad} is outside the vocabulary \\[0, 53\\)"):
+        linear_cross_entropy_chunked(h, w, target)
+    target[5] = -100            # ignore_index: fine
+    linear_cross_entropy_chunked(h, w, target)

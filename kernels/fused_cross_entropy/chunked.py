@@ -146,6 +146,12 @@ def linear_cross_entropy_chunked(hidden, weight, target, ignore_index: int = -10
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match target {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class ids, got {target.dtype}")
+    # one small reduction and a host sync per call: an id outside the vocabulary would otherwise be a device-side
+    # assert (PyTorch form) or a NaN loss (the kernel), neither naming the cause
+    outside = (target >= weight.shape[0]) | ((target < 0) & (target != ignore_index))
+    if bool(outside.any()):
+        raise ValueError(f"target id {int(target[outside][0])} is outside the vocabulary [0, {weight.shape[0]}) and "
+                         f"is not ignore_index={ignore_index}")
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     out = LinearCrossEntropyFunction.apply(hidden.reshape(-1, d), weight, target.reshape(-1), int(ignore_index),
                                            "none" if reduction == "none" else "sum", int(chunk_size),
