@@ -3,12 +3,12 @@ and flash-linear-attention's RetNet, in one run, with the same training step for
 
     bf16 autocast, fp32 master weights, forward, cross entropy in fp32, backward, fused AdamW step
 
-(the rows ending in ``_bf16`` hold the weights in bf16 and fp32 master copies in the optimizer instead, fairseq's
---bf16: MasterWeightsAdamW)
+(the rows ending in ``_bf16`` hold the weights in bf16 and fp32 master copies in the optimizer instead, as
+Metaseq's --bf16 does: MasterWeightsAdamW)
 
 16384 tokens per step (batch = 16384 // seq_len, at least 1), sequence lengths 2048, 8192, 32768;
 tokens/s is the median over the timed steps after warm-up; peak memory is torch.cuda.max_memory_allocated
-over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs three times, so that the table shows what each
+over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs several times, so that the table shows what each
 change of the step is worth: as it was (``_no_recompute``: every linear layer keeps its input), with the norms,
 GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
 loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); then
@@ -62,7 +62,7 @@ def transnormer_fused_loss(s):
 
 def transnormer_bf16(s):
     """The chunked loss, with the model's weights in bf16 and fp32 master copies in the optimizer
-    (MasterWeightsAdamW: fairseq's --bf16): no autocast casts, bf16 activations and residual stream."""
+    (MasterWeightsAdamW, as Metaseq's --bf16): no autocast casts, bf16 activations and residual stream."""
     model, loss_fn = transnormer_fused_loss(s)
     return model.to(torch.bfloat16), loss_fn
 
@@ -114,9 +114,9 @@ MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recomput
 
 
 class MasterWeightsAdamW:
-    """AdamW over fp32 master copies of a bf16 model's parameters, as fairseq's --bf16 trains: forward and backward
-    run in bf16 end to end (no casts of weights or activations), the update in fp32; after it the new weights are
-    cast into the model. The gradients are copied into fp32 buffers kept for the run (one batched copy)."""
+    """AdamW over fp32 master copies of a bf16 model's parameters, as Metaseq's --bf16 trains (fairseq 0.12's
+    --bf16 is its TPU mode): forward and backward run in bf16 end to end (no casts of weights or activations), the
+    update in fp32; after it the new weights are cast into the model. The gradients are copied into fp32 buffers kept for the run (one batched copy)."""
 
     def __init__(self, params, lr, fused):
         self.params = [p for p in params if p.requires_grad]
