@@ -1,0 +1,32 @@
+"""benchmarks/lightning_attention.py's report on CPU: the memory floor and the multiples of it it prints, and the
+--methods names it takes (the timings themselves need a GPU)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+pytest.importorskip("triton")
+
+import lightning_attention as la  # noqa: E402
+
+
+def test_floor_and_multiples():
+    """8 bf16 tensors of 32768 x 16 x 128 at 4.3 TB/s: 0.250 ms forward+backward (the issue's floor), 0.125 forward;
+    each method's time over it, and an out-of-memory cell passed through as such."""
+    rows = [dict(N=1024, B=32, method="ours", fb_ms=1.0), dict(N=1024, B=32, method="SDPA softmax", fb_ms="OOM"),
+            dict(N=2048, B=16, method="ours", fb_ms=0.5), dict(N=2048, B=16, method="SDPA softmax", fb_ms=2.5)]
+    lines = la.floor_lines(rows, H=16, D=128, tbs=4.3).splitlines()
+    assert lines[-2] == "| 1024 | 32 | 0.250 | 0.125 | 4.0x | OOM |"
+    assert lines[-1] == "| 2048 | 16 | 0.250 | 0.125 | 2.0x | 10.0x |"
+
+
+def test_methods_flag_refuses_unknown_names_and_needs_ours():
+    """Checked before anything else (no GPU needed to be told)."""
+    for bad, named in (("ours,flash", "['flash']"), ("sdpa", "'ours' must be among them")):
+        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lightning_attention.py"), "--methods", bad],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and out.stderr.startswith("--methods:") and named in out.stderr, out.stderr
+    assert set(la.METHOD_NAMES) == {"ours", "naive", "fla_g", "fla_g_gamma", "lightning_attn2", "sdpa"}
