@@ -39,3 +39,13 @@ def free_memory(device):
 def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def profiled_kernels(averages, cuda: bool):
+    """(name, calls, self microseconds) of what a torch.profiler run spent its time in, from its key_averages():
+    on CUDA the kernels (device time, each counted once); on the CPU the aten operators' own time (they nest: self
+    time counts each microsecond once)."""
+    if cuda:
+        return [(e.key, e.count, e.self_device_time_total) for e in averages
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [(e.key, e.count, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]

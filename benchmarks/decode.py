@@ -45,7 +45,7 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmark_common import free_memory, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
+from benchmark_common import free_memory, llama_model, profiled_kernels, reset_peak, sync, transnormer_model  # noqa: E402
 
 OURS, LLAMA = "transnormer_llm_385m", "llama_385m_sdpa"
 FULL = dict(vocab=64000, layers=24, dim=1024, heads=8, ffn=2816, batches=(1, 16),
@@ -541,12 +541,7 @@ def profile_graph_decoder(s, device, dtype, batch, steps=20, rows=25):
                 tok = decoder(tok).argmax(-1)
             sync(device)
             wall_us = (time.perf_counter() - t0) * 1e6 / steps
-    if cuda:
-        kernels = [(e.key, e.count / steps, e.self_device_time_total / steps) for e in prof.key_averages()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
-    else:
-        kernels = [(e.key, e.count / steps, e.self_cpu_time_total / steps) for e in prof.key_averages()
-                   if e.key.startswith("aten::")]
+    kernels = [(name, calls / steps, us / steps) for name, calls, us in profiled_kernels(prof.key_averages(), cuda)]
     busy = sum(us for _, _, us in kernels)
     lines = [f"**{label} at batch {batch}, prompt {s['prompts'][0]}**: {sum(c for _, c, _ in kernels):.0f} "
              f"kernels per token, device busy {busy:.0f} us of {wall_us:.0f} us per token (wall, with the argmax "
@@ -606,14 +601,13 @@ def main():
                 s[key] = tuple(int(v) for v in getattr(args, key).split(","))
             except ValueError:
                 sys.exit(f"--{key} takes comma-separated integers, got {getattr(args, key)!r}")
-    if args.no_fused_step:
-        # the model asks this function whether the fused step takes a call; answering no keeps every step on
-        # the composition it had before the kernels existed
-        import tnllm_plugin.model
-        tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
-    if args.no_fused_linears or args.no_fused_step:     # the fused block builds on the fused step
+    if args.no_fused_linears or args.no_fused_step:
+        # the model asks these functions whether its fused kernels take a call; answering no keeps every step on
+        # the composition it had before those kernels existed (the fused block builds on the fused step)
         import tnllm_plugin.model
         tnllm_plugin.model.decode_linear_applies = lambda *a, **k: False
+        if args.no_fused_step:
+            tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
     if args.fake_oom is None:
         args.fake_oom = s["fake_oom"]
     if args.smoke:

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmark_common import free_memory as release, llama_model, reset_peak, sync, transnormer_model  # noqa: E402
+from benchmark_common import (free_memory as release, llama_model, profiled_kernels, reset_peak, sync,  # noqa: E402
+                              transnormer_model)
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
 from tnllm_plugin.recompute import keep_linear_inputs  # noqa: E402
 
@@ -355,11 +356,7 @@ def profile_step(name, s, device, seq, rows=30, steps=2):
         sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
     averages = prof.key_averages()
-    if cuda:    # kernels only: their device time, each counted once
-        kernels = [(e.key, e.self_device_time_total) for e in averages
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
-    else:       # leaf operators' own time (aten ops nest: self time counts each microsecond once)
-        kernels = [(e.key, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]
+    kernels = [(name, us) for name, _, us in profiled_kernels(averages, cuda)]
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     text = averages.table(sort_by=key, row_limit=rows)
     del model, opt

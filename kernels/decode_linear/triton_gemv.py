@@ -17,17 +17,11 @@ sums. Up to 8 rows, as broadcast products summed in fp32 (a tl.dot form for 16 r
 cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by value or reads back to the
 host: CUDA graphs capture it.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..gla_decode.triton_step import _round
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..gla_decode.triton_step import _interpreting, _round
 
 
 @triton.jit

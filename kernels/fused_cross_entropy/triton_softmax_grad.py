@@ -9,24 +9,18 @@ writes it once, in the logits' dtype, in place.
 The math is fp32 whatever the logits' dtype, as after the PyTorch form's upcast, and the gradient is rounded once
 to the logits' dtype as its final ``.to(h.dtype)`` does: the same numbers up to the order of the fp32 sums.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..gla_decode.triton_step import _exp
+from ..gla_decode.triton_step import _exp, _interpreting
 
 # Columns per tile (fewer when the vocab is smaller), with 4 warps. On an H200 at 4096 x 64000 bf16 this pair was
 # the fastest of BLOCK_V 2048/4096/8192 x 4/8/16 warps: 0.43 ms with the gradient (3.7 TB/s over 2 reads and
 # 1 write), 0.17 ms for the losses alone; the PyTorch form took 4.4 ms of the chunk pass (5.1 ms with its matmul).
 BLOCK_V = 4096
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # On the GPU libdevice's exp (gla_decode's _exp) and log, the accurate ones torch's kernels use (tl.exp is the
