@@ -86,6 +86,7 @@ CASES = [
     # shapes of the tiny model whose first CUDA forward died with an illegal memory access on an H200 (2026-11-29)
     (3, 11, 3, 32, 16, 64, None, torch.float32, [0.0, 0.1, 0.5], False),
     (3, 11, 3, 16, 16, 64, None, torch.bfloat16, [0.0, 0.1, 0.5], False),
+    (3, 11, 3, 16, 16, 64, None, torch.float32, [0.0, 0.1, 0.5], True),    # the crash: 16 x 16 fp32 at 8 warps
 ]
 
 
@@ -234,6 +235,19 @@ def test_gpu_large_vs_reference_and_fla(B, N, H, DK, DV, dtype, with_s0, with_fl
     # ours must be no worse than fla's (10% slack for rounding noise between two bf16 computations)
     worse = {n: (errs[n], fla_errs[n]) for n in errs if errs[n] > 1.1 * fla_errs[n] + 1e-6}
     assert not worse, f"our error exceeds fla's: {worse}"
+
+
+def test_narrow_tiles_are_never_tuned_at_8_warps():
+    """The autotuners' pruning: tiles narrower than 32 (heads of 16) take each config at 4 warps (8 crashed, see
+    _warps_for_tiles), without duplicates; wide tiles keep the whole space."""
+    import triton
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    space = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 1), (8, 2))]
+    for kern, (a, b) in ((tc._walk_kernel, ("BX", "BZ")), (tc._seg_local_kernel, ("BK", "BV"))):
+        for narrow in ({a: 16, b: 16}, {a: 32, b: 16}, {a: 16, b: 128}):
+            kept = kern.early_config_prune(space, {}, **narrow)
+            assert [(c.num_warps, c.num_stages) for c in kept] == [(4, 2), (4, 1)], narrow
+        assert kern.early_config_prune(space, {}, **{a: 32, b: 32}) == space
 
 
 @pytest.mark.gpu

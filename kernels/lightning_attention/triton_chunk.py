@@ -57,6 +57,23 @@ def _configs(extra=None):
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 1), (8, 2))]
 
 
+def _warps_for_tiles(width_a, width_b):
+    """An early_config_prune for autotune: 8 warps only where both tile widths (the walk's BX, BZ; the pre-pass's
+    BK, BV) are at least 32; a narrower tile takes the same config at 4 warps. Why: with Triton 3.6 on an H200 the
+    fp32 forward walk with 16 x 16 tiles (heads of 16, chunk 64) made an illegal memory access at 8 warps and ran
+    right at 4 (2026-11-29; benchmarks/RESULTS.md); such narrow heads gain nothing from 8 warps anyway."""
+    def prune(configs, named_args, **kwargs):
+        if min(kwargs[width_a], kwargs[width_b]) >= 32:
+            return configs
+        kept = []
+        for c in configs:
+            c4 = c if c.num_warps <= 4 else triton.Config(dict(c.kwargs), num_warps=4, num_stages=c.num_stages)
+            if all((k.num_warps, k.num_stages) != (c4.num_warps, c4.num_stages) for k in kept):
+                kept.append(c4)
+        return kept
+    return {"early_config_prune": prune}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------------------
@@ -140,7 +157,8 @@ def _state_ptrs(P, rows, cols, DV, STATE_T: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 # segment pre-pass: each segment's own contribution to the state at its end (forward) or start (backward)
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "REVERSE"], **_AUTOTUNE_KW)
+@triton.autotune(configs=_configs(), key=["BK", "BV", "C", "REVERSE"], prune_configs_by=_warps_for_tiles("BK", "BV"),
+                 **_AUTOTUNE_KW)
 @triton.jit
 def _seg_local_kernel(
     A, Bm, SLOPE, BUF,
@@ -233,7 +251,8 @@ def _seg_scan_kernel(BUF, SLOPE, H, N, NSEG, SEGLEN, DKDV, REVERSE: tl.constexpr
 # Every transposed product is formed from loaded tiles: no matrix-unit result is transposed in registers and
 # fed to another product (the pattern Triton 3.4 to 3.7.0 miscompiles on Hopper, fla issue #640).
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["BX", "BZ", "C", "REVERSE", "STATE_T", "HAS_T0", "STORE_T"], **_AUTOTUNE_KW)
+@triton.autotune(configs=_configs(), key=["BX", "BZ", "C", "REVERSE", "STATE_T", "HAS_T0", "STORE_T"],
+                 prune_configs_by=_warps_for_tiles("BX", "BZ"), **_AUTOTUNE_KW)
 @triton.jit
 def _walk_kernel(
     X, Y, Z, OUT, SLOPE, T0, TOUT,
