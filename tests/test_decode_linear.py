@@ -16,8 +16,9 @@ from triton_cpu import CUDA, DEV, compile_for_sm90, import_kernel_module
 import_kernel_module("tnllm_kernels.gla_decode.triton_step")
 import_kernel_module("tnllm_kernels.decode_linear.triton_gemv")
 import tnllm_kernels.decode_linear as decode_linear_pkg  # noqa: E402
-from tnllm_kernels.decode_linear import decode_linear, decode_linear_applies, decode_linear_reference  # noqa: E402
-from tnllm_kernels.decode_linear.triton_gemv import _blocks, decode_linear_triton  # noqa: E402
+from tnllm_kernels.decode_linear import (MAX_ROWS, decode_linear, decode_linear_applies,  # noqa: E402
+                                        decode_linear_reference)
+from tnllm_kernels.decode_linear.triton_gemv import _tiles, decode_linear_triton  # noqa: E402
 
 EPS = 1e-6
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7}
@@ -62,9 +63,9 @@ def kernel_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_the_composition(variant, m, dtype, kernel_on_cpu):
     """Odd K (not a multiple of the K tile) and N (not a multiple of the column tile); 1, 3 (padded rows) and 8
-    rows (the most the kernel takes)."""
+    rows (more than the model hands it, MAX_ROWS: the kernel itself takes any)."""
     args, wide = make(variant, m, 37, 150, dtype, seed=m)
-    assert decode_linear_applies(**args)
+    assert decode_linear_applies(**args) == (m <= MAX_ROWS)
     y = decode_linear_triton(**args)
     same = decode_linear_reference(**args)
     y64 = decode_linear_reference(**wide)
@@ -163,18 +164,18 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, kernel_
 
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """The GPU variants the 385M model's decode runs (1, 3 and 8 rows; bf16, fp16, fp32) compiled for sm_90: what the
+    """The GPU variants the kernel takes (1, 3 and 8 rows; bf16, fp16, fp32) compiled for sm_90: what the
     CPU interpreter cannot check."""
     cases = []
     for m, dt, (norm, gate, glu, residual) in [(1, "bf16", VARIANTS["out_proj"]), (3, "bf16", VARIANTS["sglu_pair"]),
                                                (8, "bf16", VARIANTS["out_proj"]), (8, "bf16", VARIANTS["sglu_pair"]),
                                                (8, "fp32", VARIANTS["qkvu"]), (1, "fp16", VARIANTS["l3"])]:
-        block_m, block_n, block_k = _blocks(m, 1024, 2816)
+        block_m, block_n, block_k, warps = _tiles(m, 1024, 2816, glu)
         sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", K="i32",
                    stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
                    eps="fp32", **{n: "constexpr" for n in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
                                                            "BLOCK_N", "BLOCK_K")})
         consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_K=block_k)
-        cases.append((sig, consts, 4))
+        cases.append((sig, consts, warps))
     compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases)

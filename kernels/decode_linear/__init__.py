@@ -9,9 +9,11 @@ from .reference import decode_linear_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# decoding batches; larger ones keep cuBLAS (on an H200 the 385M decode step at batch 16 was slower with the fused
-# GEMVs than with cuBLAS and separate kernels around it; at batch 1 faster: benchmarks/RESULTS.md)
-MAX_ROWS = 8
+# decoding batches; larger ones keep cuBLAS. The kernel's broadcast products grow with the rows: on an H200 the 385M
+# decode step (CUDA graph) took 0.637 ms at batch 1 with it and 1.074 without, but 1.590 against 1.066 at batch 8
+# (one block's four layers: 15.2 us at 1 row, 19.7 at 2, 27.5 at 4, 53.9 at 8; break-even with the composition near
+# 33 us); benchmarks/RESULTS.md
+MAX_ROWS = 4
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
 # the interpreter; otherwise CPU tensors always take the reference.

@@ -1,4 +1,4 @@
-"""decode_linear in one Triton kernel: a GEMV for 1 to 8 rows with the layer's neighbours folded in.
+"""decode_linear in one Triton kernel: a GEMV for a few rows with the layer's neighbours folded in.
 
 Why: a CUDA-graph decode step of the 385M model at batch 1 ran 320 kernels per token, 13 per layer; its linear
 layers were cuBLAS GEMVs reaching ~1.8 TB/s on 2-8 MB weights, and between them sat a norm kernel, a gate kernel,
@@ -13,8 +13,8 @@ what the model does right before or after it:
 One program per BLOCK_N output columns, all rows at once (the weight tile is read once for every row): the
 weights are read from memory once per token, which is the floor of the step. Roundings follow the model's
 composition (each op's result rounded to the dtype), so the kernel differs from it only by the order of the fp32
-sums. Up to 8 rows, as broadcast products summed in fp32 (a tl.dot form for 16 rows was slower on an H200 than
-cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by value or reads back to the
+sums. A few rows (decode_linear.MAX_ROWS), as broadcast products summed in fp32 (a tl.dot form for 16 rows was
+slower on an H200 than cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by value or reads back to the
 host: CUDA graphs capture it.
 """
 import torch
@@ -71,25 +71,36 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(DT), mask=om)
 
 
-def _blocks(m: int, n: int, k: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K). Columns per program: 16, or 8 when that still leaves fewer than ~128 programs
-    (W_o and W_3 have 1024 outputs at the 385M shape: 64 programs of 16 would leave half the SMs idle). The
-    broadcast product [BLOCK_M, BLOCK_N, BLOCK_K] is kept to 8192 fp32 values (64 registers a thread at 4 warps).
-    Not tuned on a GPU: on an H200 at batch 1 the 96 GEMVs of a 385M token took 6.3 us each on average (~1.1 TB/s)."""
+def _tiles(m: int, n: int, k: int, glu: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), from two sweeps of benchmarks/decode_linear_tiles.py on an H200 (385M
+    shapes, bf16, 2026-11-29; benchmarks/RESULTS.md): few columns per program and K read in wide tiles, with as many
+    warps as give each thread 64 (one row) or 128 products of a tile. Within 5% of the sweeps' best for each of a
+    block's four layers at 1, 2, 4 and 8 rows; the tiles before it (16 columns, 64-512 of K, 4 warps) took a block
+    30% longer at one row and 3.2x at eight."""
     block_m = max(1, triton.next_power_of_2(m))
-    block_n = 16 if triton.cdiv(n, 16) >= 128 else 8
-    block_k = max(16, min(triton.next_power_of_2(k), 8192 // (block_m * block_n)))
-    return block_m, block_n, block_k
+    two = 2 if glu else 1       # SGLU's pair: two weight tiles per step of K
+    if block_m == 1:
+        block_n, block_k, per_thread = 4 // two, 2048 // two, 64
+    elif block_m <= 4:
+        block_n, block_k, per_thread = 4 // two, 1024, 128
+    else:
+        block_n, block_k, per_thread = 2, 1024 // two, 128
+    block_k = max(16, min(triton.next_power_of_2(k), block_k))
+    num_warps = max(2, min(8, block_m * block_n * block_k * two // (32 * per_thread)))
+    return block_m, block_n, block_k, triton.next_power_of_2(num_warps)
 
 
-def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None):
-    """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's)."""
+def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None):
+    """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's).
+    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) instead of _tiles's choice (benchmarks sweep them)."""
     m, k = x.shape
     n = weight.shape[0]
     if norm_eps is not None and not float(norm_eps) >= 0:
         raise ValueError(f"decode_linear: norm_eps must be >= 0, got {norm_eps}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = _blocks(m, n, k)
+    block_m, block_n, block_k, num_warps = tiles or _tiles(m, n, k, weight2 is not None)
+    if block_m < m:
+        raise ValueError(f"decode_linear: BLOCK_M {block_m} < {m} rows")
     any_ = x            # any pointer for the operands a variant does not read
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
@@ -98,7 +109,8 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
-        RNE=_interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        RNE=_interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4 if _interpreting() else num_warps)
     return y
 
 
