@@ -11,7 +11,7 @@ from torch import nn
 
 from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
 from tnllm_plugin.parallel import apply_activation_checkpointing
-from tnllm_plugin.recompute import keep_linear_inputs, linears_after
+from tnllm_plugin.recompute import Product, keep_linear_inputs, linears_after
 
 
 def tiny(**kw):
@@ -109,6 +109,30 @@ def test_several_linears_with_biases_and_an_unused_output(autocast):
     assert [g is None for g in grads] == [g is None for g in want_grads]
     assert all(a is None or torch.equal(a, b) for a, b in zip(grads, want_grads))
     assert linears[1].weight.grad is None and linears[0].bias.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_prefix_with_a_vjp_takes_no_autograd_pass(autocast, monkeypatch):
+    """SGLU's product through its vjp: no nested torch.autograd.grad in the backward (a host cost of the training
+    step), the plain composition's outputs and gradients bit for bit; only the inputs that need a gradient get one."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(6, 4)
+    a, b = torch.randn(2, 3, 6, generator=g, requires_grad=True), torch.randn(2, 3, 6, generator=g)
+
+    def run(recompute):
+        for t in (a, *lin.parameters()):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, = linears_after(Product(), [a, b], [lin], recompute)
+        out.float().square().sum().backward()
+        return out, [t.grad for t in (a, *lin.parameters())]
+    want = run(False)
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *x, **k: pytest.fail("a nested autograd pass ran"))
+    got = run(True)
+    monkeypatch.setattr(torch.autograd, "grad", real_grad)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(x, y) for x, y in zip(got[1], want[1]))
+    assert b.grad is None
 
 
 def saved_storages(model, tokens, autocast):

@@ -12,7 +12,8 @@ from triton_cpu import CUDA, DEV, import_kernel_module
 import_kernel_module("tnllm_kernels.srmsnorm.triton_srmsnorm")
 from tnllm_kernels.srmsnorm import srms_norm, srms_norm_gate  # noqa: E402
 from tnllm_kernels.srmsnorm.reference import srms_norm_reference  # noqa: E402
-from tnllm_kernels.srmsnorm.triton_srmsnorm import srms_norm_gate_triton, srms_norm_triton  # noqa: E402
+from tnllm_kernels.srmsnorm.triton_srmsnorm import (srms_norm_gate_triton, srms_norm_triton,  # noqa: E402
+                                                    srms_norm_vjp_triton)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
@@ -48,6 +49,23 @@ def _check(shape, dtype, seed, gate):
 @pytest.mark.parametrize("gate", [False, True])
 def test_matches_float64_reference(shape, dtype, gate):
     _check(shape, dtype, seed=sum(shape), gate=gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", [False, True])
+def test_vjp_equals_the_autograd_function_bit_for_bit(dtype, gate):
+    """srms_norm_vjp_triton (recompute.py's prefixes call it inside a backward): the kernels' autograd function's
+    output and gradients, bit for bit, from a non-contiguous gate and an fp32 output gradient."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 5, 40, generator=g) * 3).to(DEV, dtype).requires_grad_()
+    u = torch.randn(3, 5, 80, generator=g).to(DEV, dtype)[..., ::2].requires_grad_() if gate else None
+    dz = torch.randn(3, 5, 40, generator=g).to(DEV)
+    z = srms_norm_gate_triton(x, u) if gate else srms_norm_triton(x)
+    z.backward(dz)
+    y, backward = srms_norm_vjp_triton(x.detach(), u.detach() if gate else None)
+    dx, du = backward(dz)
+    assert torch.equal(y, z) and torch.equal(dx, x.grad)
+    assert torch.equal(du, u.grad) if gate else du is None
 
 
 def test_dispatch_and_non_contiguous_input():

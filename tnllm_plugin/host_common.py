@@ -33,7 +33,7 @@ def add_model_args(parser):
     parser.add_argument("--keep-linear-inputs", action="store_true",
                         help="keep the linear layers' inputs for backward instead of recomputing the norms, output "
                              "gate and SGLU product there: faster, more memory (385M at 16384 tokens on one H200: "
-                             "12-20%% faster, 7 GB more)")
+                             "4-25%% faster, 5-7 GB more; benchmarks/RESULTS.md)")
 
 
 def base_architecture(args):

@@ -22,10 +22,11 @@ from torch import nn
 
 from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
                            linear_cross_entropy, srms_norm, srms_norm_gate)
+from tnllm_kernels.srmsnorm import srms_norm_vjp
 from tnllm_kernels.decode_linear import decode_linear, decode_linear_applies
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
-from .recompute import linears_after
+from .recompute import Product, linears_after
 
 DECAY_SCHEDULES = ("released", "paper", "no-temperature")
 QK_ACTIVATIONS = ("silu", "1+elu", "none")
@@ -127,6 +128,23 @@ class SRMSNorm(nn.Module):
 
     def forward(self, x):
         return srms_norm(x, self.eps)
+
+    def vjp(self, x):
+        """(forward(x), its backward without autograd) where the Triton kernel runs, else None (recompute.py)."""
+        return srms_norm_vjp(x, None, self.eps)
+
+
+class SRMSNormGate:
+    """srms_norm(o) * u (GLA's output norm and gate) as a recompute prefix, with the kernel's vjp."""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def __call__(self, o, u):
+        return srms_norm_gate(o, u, self.eps)
+
+    def vjp(self, o, u):
+        return srms_norm_vjp(o, u, self.eps)
 
 
 def make_norm(cfg: TransNormerConfig, dim: int) -> nn.Module:
@@ -243,7 +261,7 @@ class GatedLinearAttention(nn.Module):
         if type(self.out_norm) is SRMSNorm:
             # norm and gate in one kernel on CUDA (same values as below), recomputed in backward: W_o's input is
             # not kept (o is, and u is part of the QKVU output that the activation keeps)
-            out, = linears_after(functools.partial(srms_norm_gate, eps=self.out_norm.eps), [o, u], [self.out_proj],
+            out, = linears_after(SRMSNormGate(self.out_norm.eps), [o, u], [self.out_proj],
                                  self.recompute_linear_inputs)
             return out, state
         return self.out_proj(self.out_norm(o) * u), state
@@ -293,7 +311,7 @@ class SGLU(nn.Module):
         The product is recomputed in backward (its factors are kept, as its own backward needs them), so W3's
         input is not kept."""
         a, b = norm_then_linears(norm, x, [self.l1, self.l2], self.recompute_linear_inputs)
-        return linears_after(torch.mul, [a, b], [self.l3], self.recompute_linear_inputs)[0]
+        return linears_after(Product(), [a, b], [self.l3], self.recompute_linear_inputs)[0]
 
 
 class TransNormerBlock(nn.Module):
@@ -319,7 +337,7 @@ class TransNormerBlock(nn.Module):
     def _fused_decode_applies(self, x, state) -> bool:
         # decoding only, on the layer the released models have (SRMSNorm everywhere, plain linear layers without
         # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs (CUDA,
-        # at most 8 rows: at batch 16 a fused form measured slower than cuBLAS)
+        # at most decode_linear.MAX_ROWS rows: at batch 8 and 16 the fused forms measured slower than cuBLAS)
         mixer, glu = self.token_mixer, self.channel_mixer
         if torch.is_grad_enabled() and (x.requires_grad or state.requires_grad):
             return False
@@ -457,7 +475,7 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"empty input: tokens of shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()   # one host sync for both bounds, every forward
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = hi if hi >= self.cfg.vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")

@@ -29,4 +29,13 @@ def srms_norm_gate(x, u, eps: float = 1e-6):
     return srms_norm_reference(x, eps) * u
 
 
-__all__ = ["srms_norm", "srms_norm_gate", "srms_norm_reference"]
+def srms_norm_vjp(x, u=None, eps: float = 1e-6):
+    """Where the Triton kernels run (see srms_norm_gate): (srms_norm(x) [* u], backward(dz) -> (dx, du or None)),
+    the gradients of the kernels' autograd functions without an autograd pass; None elsewhere (use autograd)."""
+    if _use_triton(x) and (u is None or (u.is_cuda and u.dtype == x.dtype and u.shape == x.shape)):
+        from .triton_srmsnorm import srms_norm_vjp_triton
+        return srms_norm_vjp_triton(x, u, eps)
+    return None
+
+
+__all__ = ["srms_norm", "srms_norm_gate", "srms_norm_reference", "srms_norm_vjp"]

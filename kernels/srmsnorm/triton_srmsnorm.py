@@ -10,6 +10,8 @@ One program normalises BLOCK_R rows of up to BLOCK_D columns; rows wider than th
 """
 import os
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -131,40 +133,63 @@ def _check(x, u, eps):
         raise ValueError(f"srms_norm_triton: eps must be >= 0, got {eps}")
 
 
+def _forward(x, u, eps):
+    """(srms_norm(x) [* u], x and u as [rows, D] contiguous, rstd [rows] fp32): what the backward needs."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    u2 = u.reshape(-1, D).contiguous() if u is not None else None
+    R = x2.shape[0]
+    y = torch.empty_like(x2)
+    rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+    br, bd, one, nw = _launch_params(D)
+    if R > 0:
+        _srms_fwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, y, rstd, R, D, float(eps),
+                                               HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
+                                               num_warps=nw)
+    return y.reshape(x.shape), x2, u2, rstd
+
+
+def _backward(x2, u2, rstd, dz):
+    """(dx, du or None) as [rows, D], from _forward's x2, u2, rstd and the output's gradient dz."""
+    D = x2.shape[-1]
+    R = x2.shape[0]
+    dz2 = dz.reshape(-1, D).to(x2.dtype).contiguous()
+    dx = torch.empty_like(x2)
+    du = torch.empty_like(x2) if u2 is not None else None
+    br, bd, one, nw = _launch_params(D)
+    if R > 0:
+        _srms_bwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, dz2, rstd, dx,
+                                               du if du is not None else dx, R, D,
+                                               HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
+                                               num_warps=nw)
+    return dx, du
+
+
 class _SRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, u, eps):
-        shape = x.shape
-        D = shape[-1]
-        x2 = x.reshape(-1, D).contiguous()
-        u2 = u.reshape(-1, D).contiguous() if u is not None else None
-        R = x2.shape[0]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-        br, bd, one, nw = _launch_params(D)
-        if R > 0:
-            _srms_fwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, y, rstd, R, D, float(eps),
-                                                   HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
-                                                   num_warps=nw)
+        y, x2, u2, rstd = _forward(x, u, eps)
         ctx.save_for_backward(x2, u2, rstd)
-        ctx.shape = shape
-        return y.reshape(shape)
+        ctx.shape = x.shape
+        return y
 
     @staticmethod
     def backward(ctx, dz):
-        x2, u2, rstd = ctx.saved_tensors
-        D = x2.shape[-1]
-        R = x2.shape[0]
-        dz2 = dz.reshape(-1, D).to(x2.dtype).contiguous()
-        dx = torch.empty_like(x2)
-        du = torch.empty_like(x2) if u2 is not None else None
-        br, bd, one, nw = _launch_params(D)
-        if R > 0:
-            _srms_bwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, dz2, rstd, dx,
-                                                   du if du is not None else dx, R, D,
-                                                   HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
-                                                   num_warps=nw)
+        dx, du = _backward(*ctx.saved_tensors, dz)
         return dx.reshape(ctx.shape), (du.reshape(ctx.shape) if du is not None else None), None
+
+
+def srms_norm_vjp_triton(x: torch.Tensor, u: Optional[torch.Tensor] = None, eps: float = 1e-6):
+    """(srms_norm(x) [* u], backward): backward(dz) -> (dx, du or None), the gradients autograd would compute
+    through srms_norm_triton / srms_norm_gate_triton, bit for bit, without autograd (recompute.linears_after calls
+    it inside a backward, where a nested autograd pass costs host time)."""
+    _check(x, u, eps)
+    y, x2, u2, rstd = _forward(x, u, eps)
+
+    def backward(dz):
+        dx, du = _backward(x2, u2, rstd, dz)
+        return dx.reshape(x.shape), (du.reshape(x.shape) if du is not None else None)
+    return y, backward
 
 
 def srms_norm_triton(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -180,4 +205,4 @@ def srms_norm_gate_triton(x: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -
     return _SRMSNormFunction.apply(x, u, eps)
 
 
-__all__ = ["srms_norm_triton", "srms_norm_gate_triton"]
+__all__ = ["srms_norm_triton", "srms_norm_gate_triton", "srms_norm_vjp_triton"]
