@@ -359,6 +359,8 @@ def profile_step(name, s, device, seq, rows=30, steps=2):
     kernels = [(name, us) for name, _, us in profiled_kernels(averages, cuda)]
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     text = averages.table(sort_by=key, row_limit=rows)
+    if cuda:    # the host's side: where the Python and autograd time of the step goes
+        text += "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=rows // 2)
     del model, opt
     free_memory(device)
     head = f"profile of {name}: {steps} steps, seq {seq}, batch {batch}" + ("" if cuda else " (CPU operators)")
@@ -425,8 +427,8 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS),
                     help="comma-separated subset of " + ",".join(MODELS) + " ('' for the longest-sequence search only)")
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
-    ap.add_argument("--profile", type=int, default=0, metavar="SEQ",
-                    help="also profile our training step at this sequence length (each of our variants among "
+    ap.add_argument("--profile", default="", metavar="SEQ[,SEQ]",
+                    help="also profile our training step at these sequence lengths (each of our variants among "
                          "--models): device time by kernel category, device busy share, kernels by time")
     ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10)")
     ap.add_argument("--warmup", type=int, help="untimed steps before them (default 3)")
@@ -439,6 +441,10 @@ def main():
     s.update({k: getattr(args, k) for k in ("steps", "warmup", "loss_chunk") if getattr(args, k) is not None})
     if s["steps"] < 1:
         sys.exit("--steps must be at least 1")
+    try:
+        profile_seqs = [int(x) for x in args.profile.split(",") if x]
+    except ValueError:
+        sys.exit(f"--profile takes sequence lengths such as 2048,32768, got {args.profile!r}")
     if args.smoke:
         # the CPU dev venv's torchaudio does not match its torch and fails to load; transformers imports it
         # (for audio helpers this script never uses) whenever it is installed, so hide it
@@ -459,27 +465,28 @@ def main():
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         sys.exit(f"unknown models {unknown}; known: {list(MODELS)}")
-    results, longest = {}, {}
-    for name in names:          # the report is rewritten after each model: a run cut short still leaves its tables
+    results, longest, curves = {}, {}, {}
+    ours = [n for n in names if n.startswith("transnormer_llm_385m")]     # our step variants among --models
+
+    def current_report():
+        return table(results, s, longest) + ("\n\n" + loss_table(curves) if curves else "")
+    # the loss curves first (a run cut short, e.g. by a slow autotuning model last, still has them); the report is
+    # rewritten after each curve and each model, so a cut run keeps what it measured
+    for name in ours if args.loss_steps else []:
+        log("loss curve", name)
+        curves[name] = loss_curve(name, s, device, args.loss_steps)
+        write_report(current_report(), results, longest, curves)
+    for name in names:
         log("start", name)
         results[name] = run_model(name, s, device)
-        write_report(table(results, s, longest), results, longest)
+        write_report(current_report(), results, longest, curves)
     if not args.no_longest:
         longest = longest_sequence(s, device)
-    report = table(results, s, longest)
-    curves = {}
-    ours = [n for n in names if n.startswith("transnormer_llm_385m")]     # our step variants among --models
-    if args.loss_steps:
-        for name in ours:
-            log("loss curve", name)
-            curves[name] = loss_curve(name, s, device, args.loss_steps)
-            # rewritten after each curve, as the tables after each model: a run cut short keeps what it measured
-            write_report(report + "\n\n" + loss_table(curves), results, longest, curves)
-        report += "\n\n" + loss_table(curves)
-    if args.profile:    # each of our variants among --models (the default model when none is)
+    report = current_report()
+    for seq in profile_seqs:    # each of our variants among --models (or the default model when none is)
         for name in ours or ["transnormer_llm_385m"]:
-            log("profile", name)
-            report += "\n\n" + profile_step(name, s, device, args.profile)
+            log("profile", name, seq)
+            report += "\n\n" + profile_step(name, s, device, seq)
             write_report(report, results, longest, curves)
     print("\n" + report)
     write_report(report, results, longest, curves)
