@@ -68,6 +68,25 @@ def test_vjp_equals_the_autograd_function_bit_for_bit(dtype, gate):
     assert torch.equal(du, u.grad) if gate else du is None
 
 
+@pytest.mark.parametrize("dim", [40, 9000])        # one pass and two
+def test_a_gate_sliced_from_a_wider_tensor_is_read_in_place(dim):
+    """GLA's gate u is the last quarter of QKVU's output: its rows are strided. The kernels read it where it is (the
+    forward keeps a view of it for backward, not a contiguous copy) and compute what they compute from a copy."""
+    from tnllm_kernels.srmsnorm import triton_srmsnorm as ts
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, dim, generator=g).to(DEV, torch.bfloat16)
+    qkvu = torch.randn(2, 3, 4 * dim, generator=g).to(DEV, torch.bfloat16)
+    u = qkvu.chunk(4, dim=-1)[3]
+    dz = torch.randn(2, 3, dim, generator=g).to(DEV)
+    y, x2, u2, rstd = ts._forward(x, u, 1e-6)
+    assert u2.untyped_storage().data_ptr() == qkvu.untyped_storage().data_ptr()
+    want_y, backward = srms_norm_vjp_triton(x, u.contiguous())
+    assert torch.equal(y, want_y)
+    want_dx, want_du = backward(dz)
+    dx, du = ts._backward(x2, u2, rstd, dz)
+    assert torch.equal(dx.reshape(x.shape), want_dx) and torch.equal(du.reshape(x.shape), want_du)
+
+
 def test_dispatch_and_non_contiguous_input():
     x = torch.randn(4, 6, 32, device=DEV).transpose(0, 1)        # non-contiguous
     u = torch.randn(6, 4, 32, device=DEV)

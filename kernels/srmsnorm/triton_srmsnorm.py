@@ -25,12 +25,13 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _srms_fwd_kernel(X, U, Y, RSTD, R, D, eps,
+def _srms_fwd_kernel(X, U, Y, RSTD, R, D, SU, eps,
                      HAS_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     base = rows.to(tl.int64)[:, None] * D
+    ubase = rows.to(tl.int64)[:, None] * SU       # u's rows may be strided (GLA's gate: a slice of QKVU's output)
     cols = tl.arange(0, BLOCK_D)
     if ONE_PASS:
         m = rmask[:, None] & (cols[None, :] < D)
@@ -38,7 +39,7 @@ def _srms_fwd_kernel(X, U, Y, RSTD, R, D, eps,
         r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         y = x * r[:, None]
         if HAS_U:
-            y = y.to(Y.dtype.element_ty).to(tl.float32) * tl.load(U + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            y = y.to(Y.dtype.element_ty).to(tl.float32) * tl.load(U + ubase + cols[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(Y + base + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -52,18 +53,19 @@ def _srms_fwd_kernel(X, U, Y, RSTD, R, D, eps,
             x = tl.load(X + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             y = x * r[:, None]
             if HAS_U:
-                y = y.to(Y.dtype.element_ty).to(tl.float32) * tl.load(U + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                y = y.to(Y.dtype.element_ty).to(tl.float32) * tl.load(U + ubase + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             tl.store(Y + base + d0 + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
     tl.store(RSTD + rows, r, mask=rmask)
 
 
 @triton.jit
-def _srms_bwd_kernel(X, U, DZ, RSTD, DX, DU, R, D,
+def _srms_bwd_kernel(X, U, DZ, RSTD, DX, DU, R, D, SU,
                      HAS_U: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     base = rows.to(tl.int64)[:, None] * D
+    ubase = rows.to(tl.int64)[:, None] * SU
     cols = tl.arange(0, BLOCK_D)
     r = tl.load(RSTD + rows, mask=rmask, other=0.0)
     if ONE_PASS:
@@ -71,7 +73,7 @@ def _srms_bwd_kernel(X, U, DZ, RSTD, DX, DU, R, D,
         x = tl.load(X + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
         g = tl.load(DZ + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_U:
-            u = tl.load(U + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            u = tl.load(U + ubase + cols[None, :], mask=m, other=0.0).to(tl.float32)
             y = (x * r[:, None]).to(DU.dtype.element_ty).to(tl.float32)
             tl.store(DU + base + cols[None, :], (g * y).to(DU.dtype.element_ty), mask=m)
             g = g * u
@@ -85,7 +87,7 @@ def _srms_bwd_kernel(X, U, DZ, RSTD, DX, DU, R, D,
             x = tl.load(X + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             g = tl.load(DZ + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_U:
-                g = g * tl.load(U + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                g = g * tl.load(U + ubase + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             acc += g * x
         c = tl.sum(acc, axis=1) / D * r * r * r
         for d0 in range(0, D, BLOCK_D):
@@ -93,7 +95,7 @@ def _srms_bwd_kernel(X, U, DZ, RSTD, DX, DU, R, D,
             x = tl.load(X + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             g = tl.load(DZ + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_U:
-                u = tl.load(U + base + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                u = tl.load(U + ubase + d0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 y = (x * r[:, None]).to(DU.dtype.element_ty).to(tl.float32)
                 tl.store(DU + base + d0 + cols[None, :], (g * y).to(DU.dtype.element_ty), mask=m)
                 g = g * u
@@ -133,17 +135,27 @@ def _check(x, u, eps):
         raise ValueError(f"srms_norm_triton: eps must be >= 0, got {eps}")
 
 
+def _rows(t, D):
+    """t as [rows, D] with unit column stride and one row stride, a view where t allows it: the gate GLA passes is a
+    slice of QKVU's output, which the backward keeps anyway; a contiguous copy of it would be kept besides."""
+    t2 = t.reshape(-1, D)
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < D):
+        t2 = t2.contiguous()
+    return t2
+
+
 def _forward(x, u, eps):
     """(srms_norm(x) [* u], x and u as [rows, D] contiguous, rstd [rows] fp32): what the backward needs."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
-    u2 = u.reshape(-1, D).contiguous() if u is not None else None
+    u2 = _rows(u, D) if u is not None else None
     R = x2.shape[0]
     y = torch.empty_like(x2)
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
     br, bd, one, nw = _launch_params(D)
     if R > 0:
-        _srms_fwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, y, rstd, R, D, float(eps),
+        _srms_fwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, y, rstd, R, D,
+                                               u2.stride(0) if u2 is not None else D, float(eps),
                                                HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
                                                num_warps=nw)
     return y.reshape(x.shape), x2, u2, rstd
@@ -160,6 +172,7 @@ def _backward(x2, u2, rstd, dz):
     if R > 0:
         _srms_bwd_kernel[(triton.cdiv(R, br),)](x2, u2 if u2 is not None else x2, dz2, rstd, dx,
                                                du if du is not None else dx, R, D,
+                                               u2.stride(0) if u2 is not None else D,
                                                HAS_U=u2 is not None, BLOCK_R=br, BLOCK_D=bd, ONE_PASS=one,
                                                num_warps=nw)
     return dx, du
