@@ -12,8 +12,8 @@ over the whole measurement (GB = 1e9 bytes). TransNormerLLM runs several times, 
 change of the step is worth: as it was (``_no_recompute``: every linear layer keeps its input), with the norms,
 GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
 loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); then
-that step with bf16 weights (``_bf16``), and with bf16 weights keeping every linear layer's input
-(``_bf16_keep_inputs``); the same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
+that step with bf16 weights (``_bf16``), with bf16 weights keeping every linear layer's input
+(``_bf16_keep_inputs``) and keeping all but SGLU's product (``_bf16_recompute_product``); the same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
 with per-block activation checkpointing and the chunked LM head + loss (doubling search; an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
@@ -74,6 +74,13 @@ def transnormer_bf16_keep_inputs(s):
     return keep_linear_inputs(model), loss_fn
 
 
+def transnormer_bf16_recompute_product(s):
+    """transnormer_bf16 keeping every linear layer's input but W3's (SGLU's product, the widest, recomputed): one
+    recomputing layer per block instead of four."""
+    model, loss_fn = transnormer_bf16(s)
+    return keep_linear_inputs(model, ["token_norm", "out_gate", "channel_norm"]), loss_fn
+
+
 def llama_sdpa(s):
     return llama_model(s, max(s["seqs"])), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
 
@@ -110,6 +117,7 @@ def fla_retnet_fused_loss(s):
 MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recompute": transnormer_no_recompute,
           "transnormer_llm_385m_fused_loss": transnormer_fused_loss, "transnormer_llm_385m_bf16": transnormer_bf16,
           "transnormer_llm_385m_bf16_keep_inputs": transnormer_bf16_keep_inputs,
+          "transnormer_llm_385m_bf16_recompute_product": transnormer_bf16_recompute_product,
           "llama_385m_sdpa": llama_sdpa, "llama_385m_sdpa_bf16": llama_sdpa_bf16,
           "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
 
@@ -404,8 +412,11 @@ def table(results, s, longest):
     lever("bf16 weights, fp32 master copies", "transnormer_llm_385m_fused_loss", "transnormer_llm_385m_bf16")
     lever("linear layers' inputs kept (bf16 weights)", "transnormer_llm_385m_bf16",
           "transnormer_llm_385m_bf16_keep_inputs")
-    for mine, other in (("transnormer_llm_385m_bf16", "llama_385m_sdpa_bf16"),
-                        ("transnormer_llm_385m_bf16_keep_inputs", "llama_385m_sdpa_bf16")):
+    lever("all kept but SGLU's product (bf16 weights)", "transnormer_llm_385m_bf16",
+          "transnormer_llm_385m_bf16_recompute_product")
+    for mine, other in ((m, "llama_385m_sdpa_bf16") for m in ("transnormer_llm_385m_bf16",
+                                                              "transnormer_llm_385m_bf16_keep_inputs",
+                                                              "transnormer_llm_385m_bf16_recompute_product")):
         a, b = (results.get(n, {}).get("seqs", {}) for n in (mine, other))
         both = [n for n in seqs if "tokens_per_s" in a.get(n, {}) and "tokens_per_s" in b.get(n, {})]
         if both:

@@ -165,3 +165,22 @@ def test_fewer_bytes_are_kept(autocast):
     width = 2 if autocast else 4
     gone = cfg.n_layers * b * n * width * (cfg.d_model + cfg.hidden_dim + cfg.d_model + cfg.glu_dim)
     assert sum(nbytes for _, nbytes in plain) - sum(nbytes for _, nbytes in ours) >= gone
+
+
+def test_some_inputs_kept_others_recomputed():
+    """keep_linear_inputs with names: those linear inputs are kept, the rest recomputed. Keeping all but SGLU's
+    product keeps what the plain composition keeps less W3's input (one [tokens, glu_dim] activation a layer), with
+    the plain composition's outputs; a name it does not know is refused, naming the known ones."""
+    model = tiny(glu_dim=56)
+    b, n, cfg = 2, 17, model.cfg
+    tokens = torch.randint(0, 97, (b, n), generator=torch.Generator().manual_seed(4))
+    plain = saved_storages(keep_linear_inputs(model), tokens, False)
+    want = model(tokens)[0]
+    keep_linear_inputs(model, ["token_norm", "out_gate", "channel_norm"])
+    assert {m.recompute_linear_inputs for m in model.modules() if hasattr(m, "recompute_linear_inputs")} == \
+        {frozenset(), frozenset({"sglu_product"})}
+    some = saved_storages(model, tokens, False)
+    assert torch.equal(model(tokens)[0], want)
+    assert sum(nb for _, nb in plain) - sum(nb for _, nb in some) == cfg.n_layers * b * n * 4 * cfg.glu_dim
+    with pytest.raises(ValueError, match="unknown \\['sglu'\\].*sglu_product"):
+        keep_linear_inputs(model, ["sglu"])

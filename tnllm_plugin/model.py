@@ -210,6 +210,7 @@ def qk_activation(name: str):
 
 class GatedLinearAttention(nn.Module):
     """O = norm(causal decayed linear attention(phi(Q), phi(K), V)) * U, then W_o."""
+    RECOMPUTES = ("token_norm", "out_gate")     # the linear inputs it may recompute (recompute.RECOMPUTABLE)
 
     def __init__(self, cfg: TransNormerConfig, layer_idx: int, slope: torch.Tensor):
         super().__init__()
@@ -222,7 +223,8 @@ class GatedLinearAttention(nn.Module):
         self.qk_act = cfg.qk_act
         self.block_size = cfg.block_size
         self.register_buffer("slope", slope.float(), persistent=False)   # [H]
-        self.recompute_linear_inputs = True     # recompute.keep_linear_inputs turns it off: faster, more memory
+        # recompute.keep_linear_inputs keeps some or all instead: faster, more memory
+        self.recompute_linear_inputs = frozenset(self.RECOMPUTES)
 
     def _apply(self, fn, recurse=True):
         # the decay rates are constants of the architecture: a cast of the module (fairseq's --bf16 does
@@ -236,7 +238,7 @@ class GatedLinearAttention(nn.Module):
                 state_in_place: bool = False):
         """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's token norm) to apply.
         ``state_in_place``: a one-token step may write the new state into ``state`` (decode_step_ owns it)."""
-        qkvu, = norm_then_linears(norm, x, [self.qkvu_proj], self.recompute_linear_inputs)
+        qkvu, = norm_then_linears(norm, x, [self.qkvu_proj], "token_norm" in self.recompute_linear_inputs)
         return self.mix(qkvu, state, offset, padding_mask, state_in_place)
 
     def mix(self, qkvu, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
@@ -262,7 +264,7 @@ class GatedLinearAttention(nn.Module):
             # norm and gate in one kernel on CUDA (same values as below), recomputed in backward: W_o's input is
             # not kept (o is, and u is part of the QKVU output that the activation keeps)
             out, = linears_after(SRMSNormGate(self.out_norm.eps), [o, u], [self.out_proj],
-                                 self.recompute_linear_inputs)
+                                 "out_gate" in self.recompute_linear_inputs)
             return out, state
         return self.out_proj(self.out_norm(o) * u), state
 
@@ -298,20 +300,21 @@ class GatedLinearAttention(nn.Module):
 
 class SGLU(nn.Module):
     """((X W1) * (X W2)) W3: a GLU without activation."""
+    RECOMPUTES = ("channel_norm", "sglu_product")
 
     def __init__(self, cfg: TransNormerConfig):
         super().__init__()
         self.l1 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
         self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
         self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
-        self.recompute_linear_inputs = True     # recompute.keep_linear_inputs turns it off: faster, more memory
+        self.recompute_linear_inputs = frozenset(self.RECOMPUTES)    # see GatedLinearAttention
 
     def forward(self, x, norm: Optional[nn.Module] = None):
         """x [B, N, d_model]: normalised, or the block's input with ``norm`` (the block's channel norm) to apply.
         The product is recomputed in backward (its factors are kept, as its own backward needs them), so W3's
         input is not kept."""
-        a, b = norm_then_linears(norm, x, [self.l1, self.l2], self.recompute_linear_inputs)
-        return linears_after(Product(), [a, b], [self.l3], self.recompute_linear_inputs)[0]
+        a, b = norm_then_linears(norm, x, [self.l1, self.l2], "channel_norm" in self.recompute_linear_inputs)
+        return linears_after(Product(), [a, b], [self.l3], "sglu_product" in self.recompute_linear_inputs)[0]
 
 
 class TransNormerBlock(nn.Module):

@@ -16,7 +16,7 @@ another order (fp32 rounding). Only for plain ``nn.Linear`` layers and a determi
 
 It trades speed for memory (on one H200, the 385M step at 16384 tokens: 5-7 GB less, 4-20% slower; see
 benchmarks/RESULTS.md). ``keep_linear_inputs(model)`` switches a model back to the plain composition, from outside,
-as activation checkpointing is applied (the hosts' ``--keep-linear-inputs``).
+as activation checkpointing is applied (the hosts' ``--keep-linear-inputs``), or keeps some of them only.
 """
 import contextlib
 from typing import Callable, List, Sequence
@@ -131,13 +131,27 @@ class Product:
         return a * b, lambda g: (g * b, g * a)
 
 
-def keep_linear_inputs(model: nn.Module, keep: bool = True) -> nn.Module:
+# The outputs a block's layers may recompute in backward instead of keeping (what the next linear layer reads): the
+# token norm's (QKVU's input), GLA's normalised and gated output (W_o's), the channel norm's (SGLU's pair's) and
+# SGLU's product (W_3's). Each module with a ``recompute_linear_inputs`` attribute holds the set of its own it
+# recomputes (RECOMPUTES lists them).
+RECOMPUTABLE = ("token_norm", "out_gate", "channel_norm", "sglu_product")
+
+
+def keep_linear_inputs(model: nn.Module, keep=True) -> nn.Module:
     """Every module of ``model`` that calls linears_after (those with a ``recompute_linear_inputs`` attribute)
-    computes the plain composition (``keep``), keeping its linear layers' inputs for backward, or recomputes them
-    (``keep=False``, the model's default). Returns the model."""
+    keeps the inputs named in ``keep`` (names of RECOMPUTABLE; True: all of them, the plain composition; False: none,
+    the model's default) for backward and recomputes the others. Returns the model."""
+    if keep is True or keep is False:
+        kept = set(RECOMPUTABLE) if keep else set()
+    else:
+        kept = {keep} if isinstance(keep, str) else set(keep)
+        unknown = sorted(kept - set(RECOMPUTABLE))
+        if unknown:
+            raise ValueError(f"keep_linear_inputs: unknown {unknown}; known: {list(RECOMPUTABLE)}")
     for module in model.modules():
         if hasattr(module, "recompute_linear_inputs"):
-            module.recompute_linear_inputs = not keep
+            module.recompute_linear_inputs = frozenset(module.RECOMPUTES) - kept
     return model
 
 
