@@ -4,8 +4,8 @@
 for backward is ``inputs`` and the fp32 weights, not ``prefix``'s output nor autocast's bf16 copies of the weights:
 the prefix (cheap elementwise work: a block's SRMSNorm, the GLA output norm and gate, SGLU's product) runs again in
 backward, under the autocast state of the forward (with the prefix's ``vjp`` where it has one: its output and a
-function from the output's gradient to the inputs', so that no nested autograd pass runs inside the backward; such
-a pass cost the 385M step more host time than the recomputation itself cost the GPU). The inputs are tensors that are kept anyway (the residual the
+function from the output's gradient to the inputs', so that no nested autograd pass runs inside the backward: the
+385M step is partly bound by the host's time). The inputs are tensors that are kept anyway (the residual the
 norm's own backward reads, the attention output and the gate, the product's factors), so each use removes an
 activation of the linear layers' input width.
 
@@ -44,7 +44,9 @@ def _autocast_as(device_type, enabled, dtype=None):
     """A context with autocast in the state (enabled, dtype); nothing to enter when it already is off."""
     if enabled:
         return torch.autocast(device_type, dtype=dtype)
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _LinearsAfter(torch.autograd.Function):

@@ -14,8 +14,8 @@ One program per BLOCK_N output columns, all rows at once (the weight tile is rea
 weights are read from memory once per token, which is the floor of the step. Roundings follow the model's
 composition (each op's result rounded to the dtype), so the kernel differs from it only by the order of the fp32
 sums. A few rows (decode_linear.MAX_ROWS), as broadcast products summed in fp32 (a tl.dot form for 16 rows was
-slower on an H200 than cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by value or reads back to the
-host: CUDA graphs capture it.
+slower on an H200 than cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by
+value or reads back to the host: CUDA graphs capture it.
 """
 import torch
 import triton
