@@ -66,7 +66,7 @@ def test_kernel_equals_the_composition(variant, m, dtype, kernel_on_cpu):
     rows (more than the model hands it, MAX_ROWS: the kernel itself takes any)."""
     args, wide = make(variant, m, 37, 150, dtype, seed=m)
     assert decode_linear_applies(**args) == (m <= MAX_ROWS)
-    y = decode_linear_triton(**args)
+    y = decode_linear_triton(**args, tiles=_tiles(m, 37, 150, variant == "sglu_pair"))    # the GPU's tiles
     same = decode_linear_reference(**args)
     y64 = decode_linear_reference(**wide)
     assert y.dtype == dtype and y.shape == (m, 37) and torch.isfinite(y).all()

@@ -92,13 +92,18 @@ def _tiles(m: int, n: int, k: int, glu: bool):
 
 def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None):
     """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's).
-    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) instead of _tiles's choice (benchmarks sweep them)."""
+    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) instead of _tiles's choice (benchmarks sweep them; the kernel
+    tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns a program)."""
     m, k = x.shape
     n = weight.shape[0]
     if norm_eps is not None and not float(norm_eps) >= 0:
         raise ValueError(f"decode_linear: norm_eps must be >= 0, got {norm_eps}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, num_warps = tiles or _tiles(m, n, k, weight2 is not None)
+    if tiles is None:
+        tiles = _tiles(m, n, k, weight2 is not None)
+        if _interpreting():     # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
+            tiles = (tiles[0], max(tiles[1], 16), tiles[2], tiles[3])
+    block_m, block_n, block_k, num_warps = tiles
     if block_m < m:
         raise ValueError(f"decode_linear: BLOCK_M {block_m} < {m} rows")
     any_ = x            # any pointer for the operands a variant does not read
