@@ -1,5 +1,5 @@
 """Training throughput on one GPU: TransNormerLLM-385M next to a LLaMA of the same size (HF, SDPA attention)
-and flash-linear-attention's RetNet, in one run, with the same training step for all:
+and flash-linear-attention's RetNet and GLA, in one run, with the same training step for all:
 
     bf16 autocast, fp32 master weights, forward, cross entropy in fp32, backward, fused AdamW step
 
@@ -91,17 +91,26 @@ def llama_sdpa_bf16(s):
     return model.to(torch.bfloat16), loss_fn
 
 
-def retnet_model(s):
+def fla_model(kind, s):
+    """fla's RetNet or GLA at our sizes (fla's defaults otherwise: RetNet 446M with expand_v=2; GLA with
+    expand_k=0.5, the FFN at our width)."""
     if not torch.cuda.is_available():
         raise ImportError("fla's Triton kernels need CUDA")
-    from fla.models import RetNetConfig, RetNetForCausalLM    # fla's defaults otherwise (expand_v=2, ...): 446M
-    cfg = RetNetConfig(vocab_size=s["vocab"], hidden_size=s["dim"], num_hidden_layers=s["layers"],
-                       num_heads=s["heads"], tie_word_embeddings=False)
-    return RetNetForCausalLM(cfg)
+    from fla import models
+    sizes = dict(vocab_size=s["vocab"], hidden_size=s["dim"], num_hidden_layers=s["layers"], num_heads=s["heads"],
+                 tie_word_embeddings=False)
+    if kind == "retnet":
+        return models.RetNetForCausalLM(models.RetNetConfig(**sizes))
+    return models.GLAForCausalLM(models.GLAConfig(intermediate_size=s["ffn"], **sizes))
 
 
 def fla_retnet(s):
-    return retnet_model(s), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
+    return fla_model("retnet", s), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
+
+
+def fla_gla(s):
+    """fla's Gated Linear Attention model (the issue's "fla GLA if it runs"), plain fp32 loss as every row."""
+    return fla_model("gla", s), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
 
 
 def fla_retnet_fused_loss(s):
@@ -111,7 +120,7 @@ def fla_retnet_fused_loss(s):
         # fla shifts `labels` itself (label of position i is labels[i + 1], the last position is ignored)
         labels = torch.cat([y[:, :1], y[:, :-1]], dim=1)
         return m(input_ids=x, labels=labels, use_cache=False).loss
-    return retnet_model(s), loss_fn
+    return fla_model("retnet", s), loss_fn
 
 
 MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recompute": transnormer_no_recompute,
@@ -119,7 +128,7 @@ MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recomput
           "transnormer_llm_385m_bf16_keep_inputs": transnormer_bf16_keep_inputs,
           "transnormer_llm_385m_bf16_recompute_product": transnormer_bf16_recompute_product,
           "llama_385m_sdpa": llama_sdpa, "llama_385m_sdpa_bf16": llama_sdpa_bf16,
-          "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss}
+          "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss, "fla_gla": fla_gla}
 
 
 class MasterWeightsAdamW:
@@ -394,7 +403,7 @@ def table(results, s, longest):
             return "n/a"
         return f"{ours[n]['tokens_per_s'] / o['tokens_per_s']:.2f}x"
     lines.append("")
-    for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss"):
+    for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss", "fla_gla"):
         if other in results:
             lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
     def lever(label, before, after):      # one change of our step: what it does to speed, memory and the loss
