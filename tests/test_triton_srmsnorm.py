@@ -68,10 +68,13 @@ def test_vjp_equals_the_autograd_function_bit_for_bit(dtype, gate):
     assert torch.equal(du, u.grad) if gate else du is None
 
 
-@pytest.mark.parametrize("dim", [40, 9000])        # one pass and two
+@pytest.mark.parametrize("dim", [48, 9008, 9000])        # one pass, two passes; 9000: rows not 16-aligned
 def test_a_gate_sliced_from_a_wider_tensor_is_read_in_place(dim):
     """GLA's gate u is the last quarter of QKVU's output: its rows are strided. The kernels read it where it is (the
-    forward keeps a view of it for backward, not a contiguous copy) and compute what they compute from a copy."""
+    forward keeps a view of it for backward, not a contiguous copy). Where the strided and the copied rows have the
+    same alignment (row strides both multiples of 16, as the model's widths), Triton compiles the same code for
+    both and the results are equal bit for bit; otherwise (9000 against 36000: on an H200 the compiled reductions
+    differ, dx by rounding) both are checked against float64 instead."""
     from tnllm_kernels.srmsnorm import triton_srmsnorm as ts
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 3, dim, generator=g).to(DEV, torch.bfloat16)
@@ -80,11 +83,19 @@ def test_a_gate_sliced_from_a_wider_tensor_is_read_in_place(dim):
     dz = torch.randn(2, 3, dim, generator=g).to(DEV)
     y, x2, u2, rstd = ts._forward(x, u, 1e-6)
     assert u2.untyped_storage().data_ptr() == qkvu.untyped_storage().data_ptr()
-    want_y, backward = srms_norm_vjp_triton(x, u.contiguous())
-    assert torch.equal(y, want_y)
-    want_dx, want_du = backward(dz)
     dx, du = ts._backward(x2, u2, rstd, dz)
-    assert torch.equal(dx.reshape(x.shape), want_dx) and torch.equal(du.reshape(x.shape), want_du)
+    dx, du = dx.reshape(x.shape), du.reshape(x.shape)
+    if dim % 16 == 0:
+        want_y, backward = srms_norm_vjp_triton(x, u.contiguous())
+        want_dx, want_du = backward(dz)
+        assert torch.equal(y, want_y) and torch.equal(dx, want_dx) and torch.equal(du, want_du)
+    else:
+        xd = x.double().requires_grad_()
+        ud = u.double().requires_grad_()
+        zd = srms_norm_reference(xd) * ud
+        (zd * dz.double()).sum().backward()
+        tol = TOL[torch.bfloat16]
+        assert rel(y, zd) < tol and rel(dx, xd.grad) < tol and rel(du, ud.grad) < tol
 
 
 def test_dispatch_and_non_contiguous_input():
