@@ -570,6 +570,10 @@ def header(device, args):
             parts.append(f"ours: PyTorch block form ({e})")
     parts.append(f"LLaMA cache: {args.llama_cache}")
     parts.append("graph decoder: " + graph_decoder(device)[1])
+    if device.type == "cuda":
+        from tnllm_kernels.gla_decode.triton_step import pdl_launch
+        pdl = pdl_launch(torch.empty(0, device=device))
+        parts.append("decode kernels: " + ("programmatic dependent launch" if pdl else "launched one after the other"))
     return ", ".join(parts)
 
 
@@ -590,6 +594,9 @@ def main():
     ap.add_argument("--no-fused-linears", action="store_true",
                     help="our block's linear layers as cuBLAS GEMVs beside separate norm, gate, product and add "
                          "kernels instead of tnllm_kernels.decode_linear's fused GEMVs (the A/B of that change)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="the decode kernels launched one after the other (TNLLM_PDL=0) instead of with programmatic "
+                         "dependent launch, where each starts loading its weights while the one before finishes")
     ap.add_argument("--profile", action="store_true",
                     help="only profile our CUDA-graph decode step (kernels per token) at each --batches size")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="where decode.md/json go (default $OUT)")
@@ -608,6 +615,8 @@ def main():
         tnllm_plugin.model.decode_linear_applies = lambda *a, **k: False
         if args.no_fused_step:
             tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
+    if args.no_pdl:
+        os.environ["TNLLM_PDL"] = "0"       # read at each launch (tnllm_kernels.gla_decode.triton_step.pdl_launch)
     if args.fake_oom is None:
         args.fake_oom = s["fake_oom"]
     if args.smoke:

@@ -165,17 +165,20 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, kernel_
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The GPU variants the kernel takes (1, 3 and 8 rows; bf16, fp16, fp32) compiled for sm_90: what the
-    CPU interpreter cannot check."""
+    CPU interpreter cannot check. With PDL (programmatic dependent launch, what the kernel takes on sm_90) the PTX
+    waits once for the previous kernel; without it, never."""
     cases = []
-    for m, dt, (norm, gate, glu, residual) in [(1, "bf16", VARIANTS["out_proj"]), (3, "bf16", VARIANTS["sglu_pair"]),
-                                               (8, "bf16", VARIANTS["out_proj"]), (8, "bf16", VARIANTS["sglu_pair"]),
-                                               (8, "fp32", VARIANTS["qkvu"]), (1, "fp16", VARIANTS["l3"])]:
+    for m, dt, (norm, gate, glu, residual), pdl in [
+            (1, "bf16", VARIANTS["out_proj"], True), (3, "bf16", VARIANTS["sglu_pair"], True),
+            (8, "bf16", VARIANTS["out_proj"], False), (8, "bf16", VARIANTS["sglu_pair"], True),
+            (8, "fp32", VARIANTS["qkvu"], False), (1, "fp16", VARIANTS["l3"], True)]:
         block_m, block_n, block_k, warps = _tiles(m, 1024, 2816, glu)
         sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", K="i32",
                    stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
                    eps="fp32", **{n: "constexpr" for n in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
-                                                           "BLOCK_N", "BLOCK_K")})
+                                                           "BLOCK_N", "BLOCK_K", "PDL")})
         consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k)
+                      BLOCK_K=block_k, PDL=pdl)
         cases.append((sig, consts, warps))
-    compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases)
+    waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases)
+    assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]

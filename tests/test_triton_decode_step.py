@@ -340,15 +340,21 @@ from triton.compiler import ASTSource
 import tnllm_kernels.gla_decode.triton_step as m
 
 target = GPUTarget("cuda", 90, 32)
-for dt, lrpe, row_pos, act in (("bf16", True, True, 1), ("fp32", False, False, 2), ("fp16", True, False, 0)):
+for dt, lrpe, row_pos, act, pdl in (("bf16", True, True, 1, True), ("fp32", False, False, 2, False),
+                                   ("fp16", True, False, 0, True)):
     ints = ["pos0", "H", "E", "HIDDEN", "stride_xb"] + [f"stride_{a}{b}" for a in "io" for b in "bhkv"]
     sig = dict(QKVU=f"*{dt}", S_IN="*fp32", S_OUT="*fp32", SLOPE="*fp32", POS="*i64" if row_pos else "*fp32",
                THETA=f"*{dt}", O=f"*{dt}", **{n: "i32" for n in ints},
-               **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V")})
+               **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V", "PDL")})
     consts = dict(ACT=act, LRPE=lrpe, ROW_POS=row_pos, LIBDEVICE=True, RNE=False, BLOCK_E=128,
-                  BLOCK_V=m._block_v(8, 128, lrpe))
+                  BLOCK_V=m._block_v(8, 128, lrpe), PDL=pdl)
     ptx = triton.compile(ASTSource(m._step_kernel, sig, consts), target=target, options=dict(num_warps=4)).asm["ptx"]
     assert "sin.approx" not in ptx and "cos.approx" not in ptx, (dt, lrpe)
+    # with PDL: one wait, after the state tile's loads and before any other load or store
+    assert ptx.count("griddepcontrol.wait") == int(pdl), (dt, lrpe, pdl)
+    if pdl:
+        before, after = ptx.split("griddepcontrol.wait")
+        assert "ld.global" in before and "st.global" not in before, (dt, lrpe)
 sig = dict(O="*bf16", U="*bf16", Y="*bf16", D="i32", stride_ub="i32", eps="fp32", RNE="constexpr", BLOCK_D="constexpr")
 triton.compile(ASTSource(m._norm_gate_kernel, sig, dict(RNE=False, BLOCK_D=1024)), target=target,
                options=dict(num_warps=4))

@@ -22,11 +22,14 @@ def import_kernel_module(name: str):
     return importlib.import_module(name)
 
 
-def compile_for_sm90(kernel_module: str, kernel: str, cases):
+def compile_for_sm90(kernel_module: str, kernel: str, cases, count_in_ptx: str = "griddepcontrol.wait"):
     """Compile ``kernel`` of ``kernel_module`` for an H100/H200 (sm_90) through Triton's NVIDIA compiler down to
     ptxas, which Triton's wheel ships, without a GPU: the GPU path the interpreter cannot check (libdevice, tl.dot,
-    the layouts). ``cases``: (signature, constexprs) pairs, as triton.compile's ASTSource takes them. In a subprocess,
-    as this process's kernels are interpreted. Skips where a GPU runs the kernels anyway, or without ptxas."""
+    the layouts). ``cases``: (signature, constexprs, num_warps) triples, as triton.compile's ASTSource takes them. In
+    a subprocess, as this process's kernels are interpreted. Returns, per case, how often ``count_in_ptx`` occurs in
+    the PTX (by default the programmatic-dependent-launch wait). Skips where a GPU runs the kernels anyway, or
+    without ptxas."""
+    import json
     import subprocess
     from pathlib import Path
     if CUDA:
@@ -34,11 +37,14 @@ def compile_for_sm90(kernel_module: str, kernel: str, cases):
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    script = (f"import importlib, triton\nfrom triton.backends.compiler import GPUTarget\n"
+    script = (f"import importlib, json, triton\nfrom triton.backends.compiler import GPUTarget\n"
               f"from triton.compiler import ASTSource\nfn = getattr(importlib.import_module({kernel_module!r}), {kernel!r})\n"
-              f"for sig, consts, warps in {list(cases)!r}:\n"
-              f"    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), "
-              f"options=dict(num_warps=warps))\nprint('compiled')\n")
+              f"counts = []\nfor sig, consts, warps in {list(cases)!r}:\n"
+              f"    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), "
+              f"options=dict(num_warps=warps))\n    counts.append(k.asm['ptx'].count({count_in_ptx!r}))\n"
+              f"print('compiled', json.dumps(counts))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    return json.loads(out.stdout.split("compiled", 1)[1])

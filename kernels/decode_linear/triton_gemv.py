@@ -15,25 +15,38 @@ weights are read from memory once per token, which is the floor of the step. Rou
 composition (each op's result rounded to the dtype), so the kernel differs from it only by the order of the fp32
 sums. A few rows (decode_linear.MAX_ROWS), as broadcast products summed in fp32 (a tl.dot form for 16 rows was
 slower on an H200 than cuBLAS's GEMMs with separate kernels around them, and was dropped). Nothing allocates by
-value or reads back to the host: CUDA graphs capture it.
+value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with programmatic dependent launch
+(gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which no kernel writes, before it
+waits for the kernel before it, so the weights of the next layer stream in while the previous one finishes.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..gla_decode.triton_step import _interpreting, _round
+from ..gla_decode.triton_step import _interpreting, _pdl_handoff, _round, pdl_launch
 
 
 @triton.jit
 def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, stride_w2, stride_r, stride_y, eps,
                  NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     DT = Y.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     rm = rows < M
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
     ks = tl.arange(0, BLOCK_K)
+    w1_cols = W1 + cols.to(tl.int64)[:, None] * stride_w1
+    w2_cols = W2 + cols.to(tl.int64)[:, None] * stride_w2
+    # the first K tile of the weights before waiting for the previous kernel (nothing in a decode step writes
+    # weights); each step of the loop below then loads the tile after the one it multiplies
+    wm = cm[:, None] & (ks < K)[None, :]
+    w1 = tl.load(w1_cols + ks[None, :], mask=wm, other=0.0)
+    w2 = w1
+    if GLU:
+        w2 = tl.load(w2_cols + ks[None, :], mask=wm, other=0.0)
+    _pdl_handoff(PDL)
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
     if NORM:    # every program reads its rows whole once more for the norm: K values, from L2, against N/BLOCK_N
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -44,8 +57,6 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
         r = tl.rsqrt(ss / K + eps)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w1_cols = W1 + cols.to(tl.int64)[:, None] * stride_w1
-    w2_cols = W2 + cols.to(tl.int64)[:, None] * stride_w2
     for k0 in range(0, K, BLOCK_K):
         km = k0 + ks < K
         xm = rm[:, None] & km[None, :]
@@ -55,12 +66,15 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
         if GATE:
             g = tl.load(G + rows.to(tl.int64)[:, None] * stride_g + (k0 + ks)[None, :], mask=xm, other=0.0)
             h = _round(h * g.to(tl.float32), DT, RNE)
-        wm = cm[:, None] & km[None, :]
-        w1 = tl.load(w1_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
         acc1 += tl.sum(h[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
         if GLU:
-            w2 = tl.load(w2_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
             acc2 += tl.sum(h[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
+        # the next tile (past K on the last step: masked off, no memory read)
+        kn = k0 + BLOCK_K + ks
+        wm = cm[:, None] & (kn < K)[None, :]
+        w1 = tl.load(w1_cols + kn[None, :], mask=wm, other=0.0)
+        if GLU:
+            w2 = tl.load(w2_cols + kn[None, :], mask=wm, other=0.0)
     y = _round(acc1, DT, RNE)
     if GLU:
         y = _round(y * _round(acc2, DT, RNE), DT, RNE)
@@ -107,6 +121,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
     if block_m < m:
         raise ValueError(f"decode_linear: BLOCK_M {block_m} < {m} rows")
     any_ = x            # any pointer for the operands a variant does not read
+    pdl = pdl_launch(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
         residual if residual is not None else any_, y, m, n, k,
@@ -115,7 +130,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
         RNE=_interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4 if _interpreting() else num_warps)
+        PDL=pdl, num_warps=4 if _interpreting() else num_warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

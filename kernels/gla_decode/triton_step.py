@@ -12,6 +12,14 @@ several passes over the fp32 state). Here:
 * ``_norm_gate_kernel``, one program per row: srms_norm(o) * u over the whole hidden dim (it spans every head,
   so it cannot live in the per-head programs without a grid-wide sync).
 
+Both decode kernels of a block (these and decode_linear's GEMVs) launch with programmatic dependent launch on
+sm_90+ (``pdl_launch``): each program first loads what no earlier kernel of the step writes (its weights, its state
+tile), then waits for the previous kernel (``gdc_wait``: it has finished and its writes are visible) and lets the next
+one start (``gdc_launch_dependents``). The next kernel's programs then load their weights while this one finishes,
+instead of after it: the gap between two small kernels is otherwise a launch plus a first DRAM latency. Every
+kernel launched this way waits before it reads or writes anything an earlier kernel touches, so the chain stays
+ordered transitively.
+
 Roundings follow the model's composition (activation, LRPE and o rounded to the input dtype, the rest fp32), so in
 bf16 both give the same numbers up to the order of fp32 sums. Nothing here reads back to the host or allocates by
 value: both kernels can be captured in a CUDA graph.
@@ -30,6 +38,29 @@ _ACT_CODE = {"none": 0, "silu": 1, "1+elu": 2}
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+try:        # programmatic dependent launch from Triton kernels (Triton >= 3.3)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+
+def pdl_launch(t: torch.Tensor) -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch for tensors on t's device: sm_90 or newer,
+    a Triton that has it, not the CPU interpreter, and not switched off with TNLLM_PDL=0 (benchmarks' A/B)."""
+    if gdc_wait is None or not t.is_cuda or _interpreting() or os.environ.get("TNLLM_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+@triton.jit
+def _pdl_handoff(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished (its writes visible), then let the next one launch. Called by every
+    program after loading only what no kernel of this step writes."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # libdevice's exp/cos/sin on the GPU, the accurate ones torch's kernels use (full range reduction: the angles p theta
@@ -78,7 +109,7 @@ def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
                  stride_ib, stride_ih, stride_ik, stride_iv,
                  stride_ob, stride_oh, stride_ok, stride_ov,
                  ACT: tl.constexpr, LRPE: tl.constexpr, ROW_POS: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 RNE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr):
+                 RNE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -87,6 +118,14 @@ def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
     em = e < E
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cm = cols < E
+    m = em[:, None] & cm[None, :]
+    s_in = S_IN + b.to(tl.int64) * stride_ib + h * stride_ih + e[:, None] * stride_ik + cols[None, :] * stride_iv
+    s_out = S_OUT + b.to(tl.int64) * stride_ob + h * stride_oh + e[:, None] * stride_ok + cols[None, :] * stride_ov
+    # the state tile first: this layer's previous step wrote it, long before the kernel this one follows
+    s1 = tl.load(s_in, mask=m, other=0.0)
+    if LRPE:    # rows [0, E) of the state pair with x cos(theta p), rows [E, 2E) with x sin(theta p)
+        s2 = tl.load(s_in + E * stride_ik, mask=m, other=0.0)
+    _pdl_handoff(PDL)
     x = QKVU + b.to(tl.int64) * stride_xb + h * E
     q = tl.load(x + e, mask=em, other=0.0).to(tl.float32)
     k = tl.load(x + HIDDEN + e, mask=em, other=0.0).to(tl.float32)
@@ -95,12 +134,7 @@ def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
     q = tl.where(em, _act_round(q, ACT, LIBDEVICE, DT, RNE), 0.0)
     k = tl.where(em, _act_round(k, ACT, LIBDEVICE, DT, RNE), 0.0)
     lam = _exp(-tl.load(SLOPE + h).to(tl.float32), LIBDEVICE)
-
-    m = em[:, None] & cm[None, :]
-    s_in = S_IN + b.to(tl.int64) * stride_ib + h * stride_ih + e[:, None] * stride_ik + cols[None, :] * stride_iv
-    s_out = S_OUT + b.to(tl.int64) * stride_ob + h * stride_oh + e[:, None] * stride_ok + cols[None, :] * stride_ov
     if LRPE:
-        # rows [0, E) of the state pair with x cos(theta p), rows [E, 2E) with x sin(theta p)
         if ROW_POS:
             p = tl.load(POS + b).to(tl.float32)
         else:
@@ -116,15 +150,12 @@ def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
         qs = _round(q * s, DT, RNE)
         kc = _round(k * c, DT, RNE)
         ks = _round(k * s, DT, RNE)
-        s1 = tl.load(s_in, mask=m, other=0.0)
-        s2 = tl.load(s_in + E * stride_ik, mask=m, other=0.0)
         s1 = lam * s1 + kc[:, None] * v[None, :]
         s2 = lam * s2 + ks[:, None] * v[None, :]
         tl.store(s_out, s1, mask=m)
         tl.store(s_out + E * stride_ok, s2, mask=m)
         o = tl.sum(qc[:, None] * s1, axis=0) + tl.sum(qs[:, None] * s2, axis=0)
     else:
-        s1 = tl.load(s_in, mask=m, other=0.0)
         s1 = lam * s1 + k[:, None] * v[None, :]
         tl.store(s_out, s1, mask=m)
         o = tl.sum(q[:, None] * s1, axis=0)
@@ -214,13 +245,14 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     theta_arg = theta.reshape(-1).contiguous() if theta is not None else slope      # any pointer when unused
     bv = _block_v(b * h, e, theta is not None)
     block_e = max(16, triton.next_power_of_2(e))
+    pdl = pdl_launch(qkvu)
     if b > 0:
         _step_kernel[(b * h, triton.cdiv(e, bv))](
             qkvu, state, new_state, slope, positions if row_pos else slope, theta_arg, o,
             0 if row_pos else int(positions), h, e, hidden, qkvu.stride(0),
             *state.stride(), *new_state.stride(),
             ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not _interpreting(), RNE=rne,
-            BLOCK_E=block_e, BLOCK_V=bv, num_warps=4)
+            BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     if norm_eps is None:
         return o, new_state
     if not float(norm_eps) >= 0:
@@ -234,4 +266,4 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     return y, new_state
 
 
-__all__ = ["MAX_HEAD_DIM", "check_inputs", "gla_decode_step_triton"]
+__all__ = ["MAX_HEAD_DIM", "check_inputs", "gla_decode_step_triton", "pdl_launch"]
