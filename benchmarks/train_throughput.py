@@ -13,8 +13,14 @@ change of the step is worth: as it was (``_no_recompute``: every linear layer ke
 GLA gate and SGLU product recomputed in backward (the model as it is, plain loss), and with the chunked LM head +
 loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); then
 that step with bf16 weights (``_bf16``), with bf16 weights keeping every linear layer's input
-(``_bf16_keep_inputs``) and keeping all but SGLU's product (``_bf16_recompute_product``); the same weights and data, so the same loss up to rounding. Then the longest sequence our model trains at batch 1
-with per-block activation checkpointing and the chunked LM head + loss (doubling search; an OOM ends it).
+(``_bf16_keep_inputs``) and keeping all but SGLU's product (``_bf16_recompute_product``); the same weights and
+data, so the same loss up to rounding. Last that step with the whole of it (train_step: forward, loss, backward,
+optimizer step, zero_grad) captured once in a CUDA graph and replayed (``_bf16_recompute_product_graph``,
+tnllm_plugin.cuda_graph_step: the 385M step is bound by the host's time; the optimizer capturable, each batch checked
+eagerly before its replay): the same kernels on the same data, so the same losses, expected bit for bit. Its peak
+memory also shows the memory reserved after its timed steps (the graph's private pool, which the allocated counters
+may not show); on the CPU (--smoke) it is skipped. Then the longest sequence our model trains at batch 1 with
+per-block activation checkpointing and the chunked LM head + loss (doubling search; an OOM ends it).
 
     python benchmarks/train_throughput.py            # on the GPU; writes $OUT/train_throughput.{md,json}
     python benchmarks/train_throughput.py --smoke    # tiny sizes on CPU: checks the script runs
@@ -32,6 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmark_common import (free_memory as release, llama_model, profiled_kernels, reset_peak, sync,  # noqa: E402
                               transnormer_model)
+from tnllm_kernels.fused_cross_entropy import check_target_ids  # noqa: E402
+from tnllm_plugin.cuda_graph_step import CUDAGraphStep  # noqa: E402
 from tnllm_plugin.parallel import apply_activation_checkpointing  # noqa: E402
 from tnllm_plugin.recompute import keep_linear_inputs  # noqa: E402
 
@@ -81,6 +89,11 @@ def transnormer_bf16_recompute_product(s):
     return keep_linear_inputs(model, ["token_norm", "out_gate", "channel_norm"]), loss_fn
 
 
+def transnormer_bf16_recompute_product_graph(s):
+    """transnormer_bf16_recompute_product itself; its training step runs through a CUDA graph (GRAPH_ROWS)."""
+    return transnormer_bf16_recompute_product(s)
+
+
 def llama_sdpa(s):
     return llama_model(s, max(s["seqs"])), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
 
@@ -127,24 +140,41 @@ MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recomput
           "transnormer_llm_385m_fused_loss": transnormer_fused_loss, "transnormer_llm_385m_bf16": transnormer_bf16,
           "transnormer_llm_385m_bf16_keep_inputs": transnormer_bf16_keep_inputs,
           "transnormer_llm_385m_bf16_recompute_product": transnormer_bf16_recompute_product,
+          "transnormer_llm_385m_bf16_recompute_product_graph": transnormer_bf16_recompute_product_graph,
           "llama_385m_sdpa": llama_sdpa, "llama_385m_sdpa_bf16": llama_sdpa_bf16,
           "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss, "fla_gla": fla_gla}
+
+# The rows whose whole training step is captured in a CUDA graph (make_step), each with the row it captures: the same
+# model, weights and data, so the same losses (bit for bit, on the same kernels)
+GRAPH_ROWS = {"transnormer_llm_385m_bf16_recompute_product_graph": "transnormer_llm_385m_bf16_recompute_product"}
+
+
+def skip_reason(name, device):
+    """Why row ``name`` cannot run on ``device`` at all, known before it is built (None if it can); the builders'
+    own failures (a baseline's package missing) are caught where they are built (run_model)."""
+    if name in GRAPH_ROWS and device.type != "cuda":
+        return "CUDA graphs need CUDA (--smoke runs on the CPU)"
+    return None
 
 
 class MasterWeightsAdamW:
     """AdamW over fp32 master copies of a bf16 model's parameters, as Metaseq's --bf16 trains (fairseq 0.12's
     --bf16 is its TPU mode): forward and backward run in bf16 end to end (no casts of weights or activations), the
-    update in fp32; after it the new weights are cast into the model. The gradients are copied into fp32 buffers kept for the run (one batched copy)."""
+    update in fp32; after it the new weights are cast into the model. The gradients are copied into fp32 buffers
+    kept for the run (one batched copy). ``capturable``: the inner AdamW's, for a step captured in a CUDA graph (its
+    step counts on the GPU)."""
 
-    def __init__(self, params, lr, fused):
+    def __init__(self, params, lr, fused, capturable=False):
         self.params = [p for p in params if p.requires_grad]
         self.master = [p.detach().float() for p in self.params]
         for m in self.master:
             m.grad = torch.zeros_like(m)
-        self.opt = torch.optim.AdamW(self.master, lr=lr, fused=fused)
+        self.opt = torch.optim.AdamW(self.master, lr=lr, fused=fused, capturable=capturable)
 
     @torch.no_grad()
     def step(self):
+        # under a CUDA graph this list is made once, at the capture: the same as at every eager step, as long as
+        # the model's parameters that get a gradient do not change from step to step (a fixed model and step do not)
         pairs = [(m, p) for m, p in zip(self.master, self.params) if p.grad is not None]
         torch._foreach_copy_([m.grad for m, _ in pairs], [p.grad for _, p in pairs])
         self.opt.step()
@@ -155,12 +185,13 @@ class MasterWeightsAdamW:
             p.grad = None
 
 
-def make_optimizer(model, lr, device):
-    """AdamW (fused on CUDA) over the model's fp32 weights, or MasterWeightsAdamW for a bf16 model."""
+def make_optimizer(model, lr, device, capturable=False):
+    """AdamW (fused on CUDA) over the model's fp32 weights, or MasterWeightsAdamW for a bf16 model; ``capturable``
+    for a step captured in a CUDA graph (GRAPH_ROWS)."""
     fused = device.type == "cuda"
     if next(model.parameters()).dtype == torch.bfloat16:
-        return MasterWeightsAdamW(model.parameters(), lr, fused)
-    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
+        return MasterWeightsAdamW(model.parameters(), lr, fused, capturable)
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, capturable=capturable)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,6 +219,29 @@ def train_step(model, loss_fn, opt, x, y, device):
     return loss
 
 
+def make_step(model, loss_fn, opt, s, device, graphed=False):
+    """The training step as ``step(x, y) -> loss``: train_step, or with ``graphed`` train_step captured in a CUDA
+    graph (CUDAGraphStep: one per batch shape, its first calls eager). The model and the chunked loss skip their
+    value checks while the graph is captured; the graphed step checks every batch eagerly before its replay."""
+    def step(x, y):
+        return train_step(model, loss_fn, opt, x, y, device)
+    if not graphed:
+        return step
+    vocab = model.cfg.vocab_size
+
+    def check_batch(x, y):
+        model.check_tokens(x)
+        check_target_ids(y, vocab)          # as chunked_lm_loss checks them (its default ignore_index)
+    # the capture falls on the last of the untimed steps where s["warmup"] allows (untimed_steps)
+    return CUDAGraphStep(step, warmup=max(1, s["warmup"] - 1), check=check_batch)
+
+
+def untimed_steps(step, wanted):
+    """How many calls of ``step`` go untimed: ``wanted``, but for a CUDA graph at least its eager warm-up and the
+    call that captures it (a capture is not a step's time)."""
+    return max(wanted, step.warmup + 1) if isinstance(step, CUDAGraphStep) else wanted
+
+
 def plain_loss(logits_fn):
     def loss_fn(model, x, y):
         logits = logits_fn(model, x)
@@ -195,23 +249,30 @@ def plain_loss(logits_fn):
     return loss_fn
 
 
-def measure(model, loss_fn, opt, s, seq, device):
+def measure(model, loss_fn, opt, s, seq, device, graphed=False):
+    """Tokens/s (median of the timed steps), peak memory and the last loss of the step (make_step; ``graphed``:
+    captured in a CUDA graph, and then also the memory reserved after the timed steps, ``reserved_gb``)."""
     batch = max(1, s["tokens"] // seq)
     g = torch.Generator(device="cpu").manual_seed(seq)
     x = torch.randint(3, s["vocab"], (batch, seq), generator=g).to(device)
     y = torch.randint(3, s["vocab"], (batch, seq), generator=g).to(device)
     free_memory(device)
+    step = make_step(model, loss_fn, opt, s, device, graphed)
+    untimed = untimed_steps(step, s["warmup"])
     times, loss = [], None
-    for i in range(s["warmup"] + s["steps"]):
+    for i in range(untimed + s["steps"]):
         sync(device)
         t0 = time.perf_counter()
-        loss = train_step(model, loss_fn, opt, x, y, device)
+        loss = step(x, y)
         sync(device)
-        if i >= s["warmup"]:
+        if i >= untimed:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return dict(tokens_per_s=batch * seq / statistics.median(times), peak_gb=peak, batch=batch,
-                loss=float(loss.detach()))
+    result = dict(tokens_per_s=batch * seq / statistics.median(times), peak_gb=peak, batch=batch,
+                  loss=float(loss.detach()))
+    if graphed:     # the graph's private pool stays reserved between replays; the allocated counters may not show it
+        result["reserved_gb"] = torch.cuda.memory_reserved() / 1e9
+    return result
 
 
 def is_oom(e):
@@ -220,17 +281,20 @@ def is_oom(e):
 
 def run_model(name, s, device):
     torch.manual_seed(0)        # the same initial weights for the same model under either loss: comparable losses
+    reason = skip_reason(name, device)
+    if reason:
+        return {"skipped": reason}
     try:
         model, loss_fn = MODELS[name](s)
     except Exception as e:      # a baseline's package missing or broken: the others still run, the table says why
         return {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     model.to(device)            # fp32 weights with bf16 inside autocast, or bf16 weights with fp32 master copies
     n_params = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(model, 1e-4, device)
+    opt = make_optimizer(model, 1e-4, device, capturable=name in GRAPH_ROWS)
     result = {"params": n_params, "seqs": {}}
     for seq in s["seqs"]:
         try:
-            result["seqs"][seq] = measure(model, loss_fn, opt, s, seq, device)
+            result["seqs"][seq] = measure(model, loss_fn, opt, s, seq, device, graphed=name in GRAPH_ROWS)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
@@ -244,10 +308,10 @@ def run_model(name, s, device):
 
 def variant_with_optimizer(name, s, device, lr):
     """One of our step variants (MODELS) on the device with its loss function and optimizer (make_optimizer):
-    what the loss curves and the profile train."""
+    what the loss curves and the profile train (their steps: make_step)."""
     model, loss_fn = MODELS[name](s)
     model.to(device)
-    return model, loss_fn, make_optimizer(model, lr, device)
+    return model, loss_fn, make_optimizer(model, lr, device, capturable=name in GRAPH_ROWS)
 
 
 def loss_curve(name, s, device, steps):
@@ -258,26 +322,33 @@ def loss_curve(name, s, device, steps):
     variant would sit at ln(vocab) and agree trivially."""
     torch.manual_seed(0)
     model, loss_fn, opt = variant_with_optimizer(name, s, device, lr=1e-3)
+    step = make_step(model, loss_fn, opt, s, device, graphed=name in GRAPH_ROWS)    # a graph: every call one step
     seq = s["seqs"][0]
     batch = max(1, s["tokens"] // seq)
     losses = []
-    for step in range(steps):
-        g = torch.Generator(device="cpu").manual_seed(10_000 + step)
+    for i in range(steps):
+        g = torch.Generator(device="cpu").manual_seed(10_000 + i)
         ids = torch.randint(3, 3 + min(1024, s["vocab"] - 3), (batch, seq + 1), generator=g).to(device)
-        losses.append(float(train_step(model, loss_fn, opt, ids[:, :-1], ids[:, 1:], device).detach()))
-    del model, opt
+        losses.append(float(step(ids[:, :-1], ids[:, 1:]).detach()))
+    del model, opt, step
     free_memory(device)
     return losses
 
 
 def loss_table(curves):
     """Each variant's curve against the step as it was before issue 14 (_no_recompute): largest gap over the
-    steps, absolute and relative, and the first and last loss."""
+    steps, absolute and relative, and the first and last loss; a curve that is a string is the reason it was
+    skipped. Then each CUDA graph row against the row it captures (GRAPH_ROWS)."""
+    ran = {name: c for name, c in curves.items() if not isinstance(c, str)}
     base_name = "transnormer_llm_385m_no_recompute"
-    base = curves.get(base_name)
-    lines = [f"loss of the first {len(next(iter(curves.values())))} steps, against {base_name}:",
+    base = ran.get(base_name)
+    n_steps = len(next(iter(ran.values()))) if ran else 0
+    lines = [f"loss of the first {n_steps} steps, against {base_name}:",
              "| variant | first loss | last loss | max abs gap | max rel gap |", "|---|---|---|---|---|"]
     for name, c in curves.items():
+        if isinstance(c, str):
+            lines.append(f"| {name} | skipped: {c} | | | |")
+            continue
         if base is None or name == base_name:
             gaps = ("-", "-")
         else:
@@ -285,6 +356,11 @@ def loss_table(curves):
             rel = [d / abs(b) for d, b in zip(gap, base)]
             gaps = (f"{max(gap):.4f}", f"{max(rel):.2e}")
         lines.append(f"| {name} | {c[0]:.4f} | {c[-1]:.4f} | {gaps[0]} | {gaps[1]} |")
+    for graph_row, eager_row in GRAPH_ROWS.items():
+        if graph_row in ran and eager_row in ran:
+            gap = max(abs(a - b) for a, b in zip(ran[graph_row], ran[eager_row]))
+            same = "bit for bit" if ran[graph_row] == ran[eager_row] else f"max abs gap {gap:.3g}"
+            lines.append(f"{graph_row} against {eager_row}: {same} over the {n_steps} steps")
     return "\n".join(lines)
 
 
@@ -357,19 +433,24 @@ def kernel_breakdown(kernels, wall_ms, steps):
 def profile_step(name, s, device, seq, rows=30, steps=2):
     """Where one training step of our model variant ``name`` spends its time (torch.profiler): device time by
     kernel category, the share of the step the device is busy, and the kernels by total time. On the CPU (--smoke)
-    the operators' own CPU time stands in for the kernels."""
+    the operators' own CPU time stands in for the kernels. A CUDA graph row profiles its replays (its warm-up and
+    capture before the profile); a row that cannot run on the device says why."""
+    reason = skip_reason(name, device)
+    if reason:
+        return f"profile of {name}: skipped ({reason})"
     model, loss_fn, opt = variant_with_optimizer(name, s, device, lr=1e-4)
+    step = make_step(model, loss_fn, opt, s, device, graphed=name in GRAPH_ROWS)
     batch = max(1, s["tokens"] // seq)
     x = torch.randint(3, s["vocab"], (batch, seq), device=device)
-    for _ in range(3):
-        train_step(model, loss_fn, opt, x, x, device)
+    for _ in range(untimed_steps(step, 3)):
+        step(x, x)
     sync(device)
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            train_step(model, loss_fn, opt, x, x, device)
+            step(x, x)
         sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
     averages = prof.key_averages()
@@ -378,10 +459,18 @@ def profile_step(name, s, device, seq, rows=30, steps=2):
     text = averages.table(sort_by=key, row_limit=rows)
     if cuda:    # the host's side: where the Python and autograd time of the step goes
         text += "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=rows // 2)
-    del model, opt
+    del model, opt, step
     free_memory(device)
     head = f"profile of {name}: {steps} steps, seq {seq}, batch {batch}" + ("" if cuda else " (CPU operators)")
     return "\n".join([head, ""] + kernel_breakdown(kernels, wall_ms, steps) + ["", text])
+
+
+def memory_text(measurements):
+    """The largest peak of some measurements (GB), with the largest memory reserved after them where measured (a
+    CUDA graph row: its private pool, which the peak of allocated memory may not show)."""
+    peak = max((m["peak_gb"] for m in measurements), default=float("nan"))
+    reserved = [m["reserved_gb"] for m in measurements if "reserved_gb" in m]
+    return f"{peak:.1f}" + (f" (reserved {max(reserved):.1f})" if reserved else "")
 
 
 def table(results, s, longest):
@@ -393,8 +482,8 @@ def table(results, s, longest):
             lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * len(seqs) + " |")
             continue
         cells = [("OOM" if "oom" in r["seqs"][n] else f"{r['seqs'][n]['tokens_per_s'] / 1e3:.1f}k") for n in seqs]
-        peak = max((m["peak_gb"] for m in r["seqs"].values() if "oom" not in m), default=float("nan"))
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {peak:.1f} |")
+        peak = memory_text([m for m in r["seqs"].values() if "oom" not in m])
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {peak} |")
     ours = results.get("transnormer_llm_385m", {}).get("seqs", {})
 
     def ratio(other, n):
@@ -413,7 +502,7 @@ def table(results, s, longest):
         if both:
             lines.append(f"{label} ({after} / {before}): " + ", ".join(
                 f"seq {n}: tokens/s {new[n]['tokens_per_s'] / old[n]['tokens_per_s']:.2f}x, peak "
-                f"{old[n]['peak_gb']:.1f} -> {new[n]['peak_gb']:.1f} GB, last loss {old[n]['loss']:.4f} -> "
+                f"{memory_text([old[n]])} -> {memory_text([new[n]])} GB, last loss {old[n]['loss']:.4f} -> "
                 f"{new[n]['loss']:.4f}" for n in both))
     lever("linear layers' inputs recomputed", "transnormer_llm_385m_no_recompute", "transnormer_llm_385m")
     lever(f"chunked LM head + loss, {s['loss_chunk']} tokens a chunk", "transnormer_llm_385m",
@@ -423,9 +512,12 @@ def table(results, s, longest):
           "transnormer_llm_385m_bf16_keep_inputs")
     lever("all kept but SGLU's product (bf16 weights)", "transnormer_llm_385m_bf16",
           "transnormer_llm_385m_bf16_recompute_product")
+    for graph_row, eager_row in GRAPH_ROWS.items():
+        lever("the whole step as one CUDA graph", eager_row, graph_row)
     for mine, other in ((m, "llama_385m_sdpa_bf16") for m in ("transnormer_llm_385m_bf16",
                                                               "transnormer_llm_385m_bf16_keep_inputs",
-                                                              "transnormer_llm_385m_bf16_recompute_product")):
+                                                              "transnormer_llm_385m_bf16_recompute_product",
+                                                              "transnormer_llm_385m_bf16_recompute_product_graph")):
         a, b = (results.get(n, {}).get("seqs", {}) for n in (mine, other))
         both = [n for n in seqs if "tokens_per_s" in a.get(n, {}) and "tokens_per_s" in b.get(n, {})]
         if both:
@@ -494,7 +586,8 @@ def main():
     # rewritten after each curve and each model, so a cut run keeps what it measured
     for name in ours if args.loss_steps else []:
         log("loss curve", name)
-        curves[name] = loss_curve(name, s, device, args.loss_steps)
+        reason = skip_reason(name, device)
+        curves[name] = reason if reason else loss_curve(name, s, device, args.loss_steps)
         write_report(current_report(), results, longest, curves)
     for name in names:
         log("start", name)

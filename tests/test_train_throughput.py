@@ -85,3 +85,46 @@ def test_smoke_bf16_variants_train():
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         curve = tt.loss_curve(name, s, torch.device("cpu"), 4)
         assert all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
+
+
+def test_graph_row_is_skipped_on_the_cpu_with_its_reason():
+    """--smoke runs on the CPU, where a CUDA graph cannot: the graph row's table row, loss curve and profile say so
+    (and nothing is built), the other rows are untouched."""
+    cpu = torch.device("cpu")
+    s = dict(tt.SMOKE)
+    for graph_row, eager_row in tt.GRAPH_ROWS.items():
+        assert graph_row.startswith("transnormer_llm_385m")         # among "our" rows: in the loss table
+        assert tt.run_model(graph_row, s, cpu) == {"skipped": "CUDA graphs need CUDA (--smoke runs on the CPU)"}
+        assert tt.profile_step(graph_row, s, cpu, seq=32) == (f"profile of {graph_row}: skipped (CUDA graphs need "
+                                                              f"CUDA (--smoke runs on the CPU))")
+        text = tt.loss_table({eager_row: [5.0, 4.0], graph_row: tt.skip_reason(graph_row, cpu)})
+        assert f"| {graph_row} | skipped: CUDA graphs need CUDA" in text and "loss of the first 2 steps" in text
+        assert tt.skip_reason(eager_row, cpu) is None
+
+
+def test_memory_text_shows_reserved_memory_where_measured():
+    assert tt.memory_text([dict(peak_gb=24.94), dict(peak_gb=20.0)]) == "24.9"
+    assert tt.memory_text([dict(peak_gb=24.94, reserved_gb=25.31), dict(peak_gb=20.0, reserved_gb=21.0)]) == \
+        "24.9 (reserved 25.3)"
+
+
+def test_loss_table_compares_a_graph_row_with_its_eager_row():
+    (graph_row, eager_row), = tt.GRAPH_ROWS.items()
+    same = tt.loss_table({eager_row: [5.0, 4.0], graph_row: [5.0, 4.0]})
+    assert f"{graph_row} against {eager_row}: bit for bit over the 2 steps" in same
+    apart = tt.loss_table({eager_row: [5.0, 4.0], graph_row: [5.0, 4.001]})
+    assert f"{graph_row} against {eager_row}: max abs gap 0.001 over the 2 steps" in apart
+
+
+@pytest.mark.gpu
+def test_graph_row_trains_as_its_eager_row():
+    """At smoke sizes on the GPU: the graph row's loss curve (its eager warm-up, the capture, replays) is its eager
+    row's, bit for bit, and measure() reports the memory its graph keeps reserved."""
+    s = dict(tt.SMOKE, warmup=3, steps=3)
+    cuda = torch.device("cuda")
+    for graph_row, eager_row in tt.GRAPH_ROWS.items():
+        eager = tt.loss_curve(eager_row, s, cuda, 6)
+        assert tt.loss_curve(graph_row, s, cuda, 6) == eager
+        result = tt.run_model(graph_row, dict(s, seqs=(64,)), cuda)
+        measured = result["seqs"][64]
+        assert measured["reserved_gb"] > 0 and measured["tokens_per_s"] > 0

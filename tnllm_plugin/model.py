@@ -478,6 +478,10 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"empty input: tokens of shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
+        if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a host sync cannot run while a CUDA graph is captured: a captured training step checks its inputs
+            # eagerly before each replay instead (tnllm_plugin.cuda_graph_step, its ``check``)
+            return
         lo, hi = torch.stack(torch.aminmax(tokens)).tolist()   # one host sync for both bounds, every forward
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = hi if hi >= self.cfg.vocab_size else lo

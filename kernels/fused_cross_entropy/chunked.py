@@ -128,6 +128,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def check_target_ids(target, vocab_size: int, ignore_index: int = -100):
+    """Raise ValueError naming the first target id outside [0, vocab_size) that is not ``ignore_index``. One small
+    reduction and a host sync: an id outside the vocabulary would otherwise be a device-side assert (PyTorch form)
+    or a NaN loss (the kernel), neither naming the cause."""
+    outside = (target >= vocab_size) | ((target < 0) & (target != ignore_index))
+    if bool(outside.any()):
+        raise ValueError(f"target id {int(target[outside][0])} is outside the vocabulary [0, {vocab_size}) and "
+                         f"is not ignore_index={ignore_index}")
+
+
 def linear_cross_entropy_chunked(hidden, weight, target, ignore_index: int = -100, reduction: str = "sum",
                                  chunk_size: int = DEFAULT_CHUNK):
     """Cross entropy of the logits ``hidden @ weight.T`` without materialising them. hidden [..., d], weight
@@ -146,12 +156,10 @@ def linear_cross_entropy_chunked(hidden, weight, target, ignore_index: int = -10
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match target {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class ids, got {target.dtype}")
-    # one small reduction and a host sync per call: an id outside the vocabulary would otherwise be a device-side
-    # assert (PyTorch form) or a NaN loss (the kernel), neither naming the cause
-    outside = (target >= weight.shape[0]) | ((target < 0) & (target != ignore_index))
-    if bool(outside.any()):
-        raise ValueError(f"target id {int(target[outside][0])} is outside the vocabulary [0, {weight.shape[0]}) and "
-                         f"is not ignore_index={ignore_index}")
+    # a host sync cannot run while a CUDA graph is captured: a captured training step checks its targets eagerly
+    # before each replay instead (tnllm_plugin.cuda_graph_step, its ``check``; check_target_ids is for that)
+    if not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        check_target_ids(target, weight.shape[0], ignore_index)
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     out = LinearCrossEntropyFunction.apply(hidden.reshape(-1, d), weight, target.reshape(-1), int(ignore_index),
                                            "none" if reduction == "none" else "sum", int(chunk_size),
