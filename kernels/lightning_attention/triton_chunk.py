@@ -59,11 +59,12 @@ def _configs(extra=None):
 
 def _warps_for_tiles(width_a, width_b):
     """An early_config_prune for autotune: 8 warps only where both tile widths (the walk's BX, BZ; the pre-pass's
-    BK, BV) are at least 32; a narrower tile takes the same config at 4 warps. Why: with Triton 3.6 on an H200 the
+    BK, BV) are at least 64; a narrower tile takes the same config at 4 warps. Why: with Triton 3.6 on an H200 the
     fp32 forward walk with 16 x 16 tiles (heads of 16, chunk 64) made an illegal memory access at 8 warps and ran
-    right at 4 (2026-11-29; benchmarks/RESULTS.md); such narrow heads gain nothing from 8 warps anyway."""
+    right at 4, and so did a bf16 backward walk of heads of 32 (64 x 32 and 32 x 32 tiles) during its autotuning
+    (2026-11-29; benchmarks/RESULTS.md); such narrow heads gain nothing from 8 warps anyway."""
     def prune(configs, named_args, **kwargs):
-        if min(kwargs[width_a], kwargs[width_b]) >= 32:
+        if min(kwargs[width_a], kwargs[width_b]) >= 64:
             return configs
         kept = []
         for c in configs:
