@@ -58,20 +58,16 @@ def _configs(extra=None):
 
 
 def _warps_for_tiles(width_a, width_b):
-    """An early_config_prune for autotune: 8 warps only where both tile widths (the walk's BX, BZ; the pre-pass's
-    BK, BV) are at least 64; a narrower tile takes the same config at 4 warps. Why: with Triton 3.6 on an H200 the
-    fp32 forward walk with 16 x 16 tiles (heads of 16, chunk 64) made an illegal memory access at 8 warps and ran
-    right at 4, and so did a bf16 backward walk of heads of 32 (64 x 32 and 32 x 32 tiles) during its autotuning
-    (2026-11-29; benchmarks/RESULTS.md); such narrow heads gain nothing from 8 warps anyway."""
+    """An early_config_prune for autotune: where a tile (the walk's BX, BZ; the pre-pass's BK, BV) is narrower than
+    64, the one config 4 warps x 2 stages; wider tiles keep the whole space. Why: with Triton 3.6 on an H200 these
+    narrow tiles made illegal memory accesses at other configs: the fp32 forward walk with 16 x 16 tiles (heads of
+    16, chunk 64) at 8 warps, and the bf16 walks of heads of 32 (64 x 32 tiles with LRPE) at 8 warps x 1 stage, and
+    in a model's first forward after 8-warp configs were pruned to 4 warps, so at 4 x 1 as well, not isolated; 4 x 2
+    ran every one of those shapes right (2026-11-29; benchmarks/RESULTS.md). Narrow heads gain little from tuning."""
     def prune(configs, named_args, **kwargs):
         if min(kwargs[width_a], kwargs[width_b]) >= 64:
             return configs
-        kept = []
-        for c in configs:
-            c4 = c if c.num_warps <= 4 else triton.Config(dict(c.kwargs), num_warps=4, num_stages=c.num_stages)
-            if all((k.num_warps, k.num_stages) != (c4.num_warps, c4.num_stages) for k in kept):
-                kept.append(c4)
-        return kept
+        return [triton.Config({}, num_warps=4, num_stages=2)]
     return {"early_config_prune": prune}
 
 
