@@ -14,8 +14,9 @@ GLA gate and SGLU product recomputed in backward (the model as it is, plain loss
 loss on top (``_fused_loss``, ``TransNormerLLM.chunked_lm_loss``: the [tokens, vocab] logits never exist); then
 that step with bf16 weights (``_bf16``), with bf16 weights keeping every linear layer's input
 (``_bf16_keep_inputs``) and keeping all but SGLU's product (``_bf16_recompute_product``); the same weights and
-data, so the same loss up to rounding. Last that step with the whole of it (train_step: forward, loss, backward,
-optimizer step, zero_grad) captured once in a CUDA graph and replayed (``_bf16_recompute_product_graph``,
+data, so the same loss up to rounding. Last the bf16 step and the one keeping all but SGLU's product with the whole
+of it (train_step: forward, loss, backward, optimizer step, zero_grad) captured once in a CUDA graph and replayed
+(``_bf16_graph``, ``_bf16_recompute_product_graph``,
 tnllm_plugin.cuda_graph_step: the 385M step is bound by the host's time; the optimizer capturable, each batch checked
 eagerly before its replay): the same kernels on the same data, so the same losses, expected bit for bit. Its peak
 memory also shows the memory reserved after its timed steps (the graph's private pool, which the allocated counters
@@ -89,11 +90,6 @@ def transnormer_bf16_recompute_product(s):
     return keep_linear_inputs(model, ["token_norm", "out_gate", "channel_norm"]), loss_fn
 
 
-def transnormer_bf16_recompute_product_graph(s):
-    """transnormer_bf16_recompute_product itself; its training step runs through a CUDA graph (GRAPH_ROWS)."""
-    return transnormer_bf16_recompute_product(s)
-
-
 def llama_sdpa(s):
     return llama_model(s, max(s["seqs"])), plain_loss(lambda m, x: m(input_ids=x, use_cache=False).logits)
 
@@ -140,13 +136,14 @@ MODELS = {"transnormer_llm_385m": transnormer, "transnormer_llm_385m_no_recomput
           "transnormer_llm_385m_fused_loss": transnormer_fused_loss, "transnormer_llm_385m_bf16": transnormer_bf16,
           "transnormer_llm_385m_bf16_keep_inputs": transnormer_bf16_keep_inputs,
           "transnormer_llm_385m_bf16_recompute_product": transnormer_bf16_recompute_product,
-          "transnormer_llm_385m_bf16_recompute_product_graph": transnormer_bf16_recompute_product_graph,
           "llama_385m_sdpa": llama_sdpa, "llama_385m_sdpa_bf16": llama_sdpa_bf16,
           "fla_retnet": fla_retnet, "fla_retnet_fused_loss": fla_retnet_fused_loss, "fla_gla": fla_gla}
 
 # The rows whose whole training step is captured in a CUDA graph (make_step), each with the row it captures: the same
 # model, weights and data, so the same losses (bit for bit, on the same kernels)
-GRAPH_ROWS = {"transnormer_llm_385m_bf16_recompute_product_graph": "transnormer_llm_385m_bf16_recompute_product"}
+GRAPH_ROWS = {"transnormer_llm_385m_bf16_graph": "transnormer_llm_385m_bf16",
+              "transnormer_llm_385m_bf16_recompute_product_graph": "transnormer_llm_385m_bf16_recompute_product"}
+MODELS.update({graph_row: MODELS[eager_row] for graph_row, eager_row in GRAPH_ROWS.items()})
 
 
 def skip_reason(name, device):
@@ -517,7 +514,7 @@ def table(results, s, longest):
     for mine, other in ((m, "llama_385m_sdpa_bf16") for m in ("transnormer_llm_385m_bf16",
                                                               "transnormer_llm_385m_bf16_keep_inputs",
                                                               "transnormer_llm_385m_bf16_recompute_product",
-                                                              "transnormer_llm_385m_bf16_recompute_product_graph")):
+                                                              *GRAPH_ROWS)):
         a, b = (results.get(n, {}).get("seqs", {}) for n in (mine, other))
         both = [n for n in seqs if "tokens_per_s" in a.get(n, {}) and "tokens_per_s" in b.get(n, {})]
         if both:
