@@ -24,6 +24,7 @@ Roundings follow the model's composition (activation, LRPE and o rounded to the 
 bf16 both give the same numbers up to the order of fp32 sums. Nothing here reads back to the host or allocates by
 value: both kernels can be captured in a CUDA graph.
 """
+import functools
 import os
 
 import torch
@@ -51,7 +52,13 @@ def pdl_launch(t: torch.Tensor) -> bool:
     a Triton that has it, not the CPU interpreter, and not switched off with TNLLM_PDL=0 (benchmarks' A/B)."""
     if gdc_wait is None or not t.is_cuda or _interpreting() or os.environ.get("TNLLM_PDL", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _compute_capability_major(t.device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability_major(index: int) -> int:
+    # asked at every decode kernel launch (eager decoding launches ~5 a layer per token): the driver once per device
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @triton.jit
