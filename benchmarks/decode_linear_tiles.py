@@ -118,6 +118,7 @@ def main():
         lines.append(f"| {name} | {m} | {ref_us:.2f} | {now_us:.2f} | {now} | {best_us:.2f} | {best} | "
                      f"{wbytes / best_us / 1e3:.0f} |")
         print(lines[-1], flush=True)
+
     def block_us(m, key):       # one block's four layers at m rows
         return sum(r[key] for r in results if r["rows"] == m)
     lines.append("\nper block of the 385M model (four layers), rows " + ", ".join(

@@ -145,7 +145,8 @@ def _rows(t, D):
 
 
 def _forward(x, u, eps):
-    """(srms_norm(x) [* u], x and u as [rows, D] contiguous, rstd [rows] fp32): what the backward needs."""
+    """(srms_norm(x) [* u], x as [rows, D] contiguous, u as [rows, D] rows (a strided view where _rows allows),
+    rstd [rows] fp32): what the backward needs."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
     u2 = _rows(u, D) if u is not None else None
