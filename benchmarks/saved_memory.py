@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.lightning_attention import lightning_attention_chunk  # noqa: E402
+from tnllm_kernels.lightning_attention.triton_chunk import _plan  # noqa: E402
 from tnllm_kernels.srmsnorm import srms_norm_reference  # noqa: E402
 from tnllm_plugin import model as model_module  # noqa: E402
 from tnllm_plugin.presets import preset_config  # noqa: E402
@@ -54,10 +55,7 @@ class AttentionSaves(torch.autograd.Function):
             o, final = lightning_attention_chunk(q, k, v, slope, None, block_size)
         b, n, h, dk = q.shape
         dv = v.shape[-1]
-        # triton_chunk._plan: enough segments for two waves of the SMs, one program per (batch, head, Dv tile)
-        chunks = -(-n // 64)
-        segments = max(1, min(chunks, -(-2 * sms // (b * h))))
-        segments = -(-chunks // -(-chunks // segments))
+        segments = _plan(b, n, h, dk, dv, block_size, sms)["NSEG"]      # as the Triton kernel splits the sequence
         states = torch.empty(b * h, segments, dk, dv) if segments > 1 else None
         ctx.save_for_backward(q, k, v, slope.float(), states)
         return o, final

@@ -80,6 +80,7 @@ CASES = [
     (2, 77, 2, 32, 16, 16, None, torch.bfloat16, [0.0, 0.3], True),
     (1, 90, 2, 32, 32, 32, 2, torch.bfloat16, [0.02, 0.5], False),        # no initial state, 2 segments
     (1, 37, 2, 200, 72, 16, 2, torch.float32, [0.0, 0.1], True),          # Dk > 128 (LRPE-doubled): Dv tiles
+    (2, 45, 2, 128, 128, 16, 2, torch.bfloat16, [0.0, 0.2], True),        # heads of 128: two tiles of 64 a walk
     (1, 20, 1, 16, 16, 16, None, torch.float16, [0.2], True),
     (1, 1, 1, 16, 16, 16, None, torch.float32, [0.7], True),              # a single token
     # the model's default chunk (64) over heads of 16 (32 with LRPE) and 3 heads, shorter than one chunk: the

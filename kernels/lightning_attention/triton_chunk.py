@@ -263,9 +263,10 @@ def _walk_kernel(
     """X and Y have WX features (all held), Z and OUT have WZ (this program's BZ tile). T0: each segment's
     starting state (t0_bh, t0_s: strides per batch*head and per segment). STORE_T: the state the walk ends with,
     into TOUT [B*H, Dk, Dv] (the forward pass's final state; the dv walk's gradient of the initial state)."""
-    pid_bh = tl.program_id(0)
+    NZ: tl.constexpr = (WZ + BZ - 1) // BZ
+    pid_bh = tl.program_id(0) // NZ
+    pid_z = tl.program_id(0) % NZ
     pid_s = tl.program_id(1)
-    pid_z = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     dt = X.dtype.element_ty
@@ -341,23 +342,33 @@ def _num_sms(device) -> int:
     return 4
 
 
-def _plan(B, N, H, DK, DV, C, device, num_segments=None):
-    """Tile sizes and the number of segments (enough programs for ~2 waves of the GPU's SMs).
-    Forward and dv walks hold all of Dk and a Dv tile (BVT); dq and dk walks hold all of Dv and a Dk tile (BKT)."""
+def _plan(B, N, H, DK, DV, C, sms, num_segments=None):
+    """Tile sizes and the number of segments for a GPU of ``sms`` SMs.
+
+    The walks carry a state tile of at most 128 x 64 in fp32 (the walks carrying S or dS hold all of Dk and a Dv
+    tile BVT, those carrying a transpose hold all of Dv and a Dk tile BKT): at 4 warps that is two programs an SM,
+    and one program's latency (its chain of small products) hides behind the other's. Holding all of Dv in one
+    program of 8 warps, one an SM, took 11-15% longer at the same work on an H200 (benchmarks/RESULTS.md).
+    The pre-pass holds a whole Dk x Dv state where it fits (at most 128 x 128: it only reads, once per chunk).
+
+    Segments: enough programs for one round of those two slots an SM and no more (the floor, not the ceiling:
+    a few programs past a whole round cost a second round of the same length)."""
     BKF = max(16, triton.next_power_of_2(DK))
     BVF = max(16, triton.next_power_of_2(DV))
-    BVT = BVF if BKF <= 128 else min(64, BVF)
-    BKT = min(128, BKF)
+    BVT = min(64, BVF)
+    BKT = min(64, BKF)
+    BVP = BVF if BKF <= 128 else BVT
     NV = triton.cdiv(DV, BVT)
     NK = triton.cdiv(DK, BKT)
     NC = max(1, triton.cdiv(N, C))
     if num_segments is None:
-        target = 2 * _num_sms(device)
-        num_segments = max(1, min(NC, triton.cdiv(target, B * H * NV)))
+        slots = 2 * sms
+        num_segments = max(1, slots // (B * H * max(NV, NK)))
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
-    return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, NV=NV, NK=NK, NC=NC, CPS=CPS, NSEG=NSEG)
+    return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, BVP=BVP, NV=NV, NK=NK, NVP=triton.cdiv(DV, BVP), NC=NC, CPS=CPS,
+                NSEG=NSEG)
 
 
 def _dot_prec(dtype):
@@ -428,9 +439,9 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
         buf[:, first] = edge.reshape(B * H, DK, DV)
     else:
         buf[:, first].zero_()
-    _seg_local_kernel[(B * H, NSEG - 1, P["NV"])](
+    _seg_local_kernel[(B * H, NSEG - 1, P["NVP"])](
         a, b, slope, buf, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG,
-        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVT"], C=C, REVERSE=reverse, DOT_PREC=prec)
+        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec)
     blk = min(1024, triton.next_power_of_2(DK * DV))
     _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
         buf, slope, H, N, NSEG, P["CPS"] * C, DK * DV, REVERSE=reverse, BLOCK=blk)
@@ -445,7 +456,8 @@ def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
     # the walks carrying S or dS hold all of Dk and tile Dv; those carrying a transpose hold all of Dv, tile Dk
     BX, BZ, NZ = (P["BVF"], P["BKT"], P["NK"]) if transposed_state else (P["BKF"], P["BVT"], P["NV"])
     t0_buf, t0_bh, t0_s = t0
-    _walk_kernel[(B * H, P["NSEG"], NZ)](
+    # the Z tiles of one (batch*head, segment) run side by side: the second reads X and Y from L2
+    _walk_kernel[(B * H * NZ, P["NSEG"])](
         x, y, z, out, slope, t0_buf if t0_buf is not None else out, tout if tout is not None else out,
         *x.stride(), *y.stride(), *z.stride(), *out.stride()[:3], t0_bh, t0_s,
         N, H, P["NC"], P["CPS"], P["NSEG"],
@@ -456,7 +468,7 @@ def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
-    P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    P = _plan(B, N, H, DK, DV, C, _num_sms(q.device), num_segments)
     prec = _dot_prec(q.dtype)
     o = torch.empty(B, N, H, DV, dtype=v.dtype, device=q.device)
     sfin = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
@@ -468,7 +480,7 @@ def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
 def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
-    P = _plan(B, N, H, DK, DV, C, q.device, num_segments)
+    P = _plan(B, N, H, DK, DV, C, _num_sms(q.device), num_segments)
     prec = _dot_prec(q.dtype)
     dev = q.device
     dq = torch.empty(B, N, H, DK, dtype=q.dtype, device=dev)
