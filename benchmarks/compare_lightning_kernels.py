@@ -1,11 +1,13 @@
-"""Another version of the lightning-attention Triton kernels against the current one, in one GPU process:
-forward and forward+backward time (bf16, H=16, D=128, 32768 tokens; three interleaved rounds, median) and the
-error of each against float64 (the chunked PyTorch reference). For checking a kernel change before it lands:
+"""Other versions of the lightning-attention Triton kernels against the current one, in one GPU process:
+forward and forward+backward time (bf16, H=16, D=128, 32768 tokens; three interleaved rounds, median), the time of
+each kernel launched in forward+backward (torch.profiler, --profile), and the error of each version against float64
+(the chunked PyTorch reference). For checking a kernel change before it lands:
 
     git show HEAD~1:kernels/lightning_attention/triton_chunk.py > /tmp/old_triton_chunk.py
-    python benchmarks/compare_lightning_kernels.py /tmp/old_triton_chunk.py
+    python benchmarks/compare_lightning_kernels.py /tmp/old_triton_chunk.py [more versions ...] [--profile]
 """
 import argparse
+import collections
 import importlib.util
 import os
 import sys
@@ -18,10 +20,11 @@ from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
 
 H, D, TOKENS = 16, 128, 32768
+NS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def load(path):
-    spec = importlib.util.spec_from_file_location("other_triton_chunk", path)
+def load(path, index):
+    spec = importlib.util.spec_from_file_location(f"other_triton_chunk_{index}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,34 +37,68 @@ def inputs(B, N, seed):
     return q, k, v, do
 
 
+def kernel_times(fn, iters=20):
+    """Device time per call of fn, per kernel name (us), from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] += e.device_time_total / iters if hasattr(e, "device_time_total") else e.cuda_time_total / iters
+    return per
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("other", help="path of the other version's triton_chunk.py")
-    kernels = {"other": load(ap.parse_args().other), "current": current}
+    ap.add_argument("others", nargs="+", help="paths of other versions' triton_chunk.py (labelled by file name)")
+    ap.add_argument("--profile", action="store_true", help="also print each kernel's time in forward+backward")
+    ap.add_argument("--ns", default=",".join(map(str, NS)), help="sequence lengths (B = 32768 / N)")
+    args = ap.parse_args()
+    kernels = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
+    kernels["current"] = current
+    names = list(kernels)
     slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("\n| N | B | other fwd+bwd ms | current fwd+bwd ms | current/other | other fwd ms | current fwd ms | current/other |")
-    print("|---|---|---|---|---|---|---|---|")
-    for N in (1024, 2048, 4096, 8192, 16384, 32768):
+    print("\n| N | B | " + " | ".join(f"{n} fwd+bwd ms" for n in names) + " | " +
+          " | ".join(f"{n} fwd ms" for n in names) + " |")
+    print("|---|---|" + "---|" * (2 * len(names)))
+    profiles = {}
+    for N in map(int, args.ns.split(",")):
         B = TOKENS // N
         q, k, v, do = inputs(B, N, N)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         times = {name: ([], []) for name in kernels}
-        for _ in range(3):      # interleaved rounds: clock and neighbour drift hit both versions alike
+        for _ in range(3):      # interleaved rounds: clock and neighbour drift hit every version alike
             for name, mod in kernels.items():
-                def fwd_bwd():
+                def fwd_bwd(mod=mod):
                     o, _ = mod.lightning_attention_triton(*leaves, slopes, output_final_state=False)
                     torch.autograd.grad(o, leaves, do)
 
-                def fwd():
+                def fwd(mod=mod):
                     with torch.no_grad():
                         mod.lightning_attention_triton(q, k, v, slopes, output_final_state=False)
                 times[name][0].append(triton.testing.do_bench(fwd_bwd, warmup=50, rep=200))
                 times[name][1].append(triton.testing.do_bench(fwd, warmup=50, rep=200))
+                if args.profile and len(times[name][0]) == 1:
+                    profiles[(N, name)] = kernel_times(fwd_bwd)
         med = {name: [sorted(t)[1] for t in ts] for name, ts in times.items()}
-        o, c = med["other"], med["current"]
-        print(f"| {N} | {B} | {o[0]:.3f} | {c[0]:.3f} | {c[0] / o[0]:.3f} | {o[1]:.3f} | {c[1]:.3f} | {c[1] / o[1]:.3f} |",
-              flush=True)
+        print(f"| {N} | {B} | " + " | ".join(f"{med[n][0]:.3f}" for n in names) + " | " +
+              " | ".join(f"{med[n][1]:.3f}" for n in names) + " |", flush=True)
+
+    if profiles:
+        print("\nautotuned configs (kernel: tuning key -> config)")
+        for name, mod in kernels.items():
+            for kern in getattr(mod, "_AUTOTUNED", []):
+                for key, cfg in getattr(kern, "cache", {}).items():
+                    print(f"{name} {kern.fn.__name__}: {key} -> {cfg}")
+        print("\nper kernel, us per forward+backward (torch.profiler, 20 calls)")
+        for (N, name), per in profiles.items():
+            parts = ", ".join(f"{k[:40]} {t:.1f}" for k, t in per.most_common())
+            print(f"N={N} {name}: total {sum(per.values()):.1f}: {parts}")
 
     print("\n| N | B | version | rel. error o | dq | dk | dv |")
     print("|---|---|---|---|---|---|---|")

@@ -49,7 +49,7 @@ def _import_kernels():
 _import_kernels()
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
 from tnllm_kernels.lightning_attention.naive import lightning_attention_naive  # noqa: E402
-from tnllm_kernels.lightning_attention.triton_chunk import lightning_attention_triton, _plan  # noqa: E402
+from tnllm_kernels.lightning_attention.triton_chunk import lightning_attention_triton, _num_sms, _plan  # noqa: E402
 from tnllm_kernels.srmsnorm.reference import srms_norm_reference  # noqa: E402
 from tnllm_kernels.srmsnorm.triton_srmsnorm import srms_norm_gate_triton, srms_norm_triton  # noqa: E402
 
@@ -94,6 +94,19 @@ def log(*a):
 def bench(fn, grad_to_none=None):
     from triton.testing import do_bench
     return do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_graph(fn):
+    """fn's median time replayed from a CUDA graph: the device's time without the host's launch overhead (each of
+    our kernels costs the host tens of microseconds to launch from Python; at a few kernels a layer the host, not the
+    GPU, can set do_bench's time). "n/a" where fn cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001  (a method that does not capture: its row says so)
+        log(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+        return "n/a"
 
 
 def peak_gib(fn):
@@ -148,7 +161,7 @@ def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16, only=None):
         var = []
         for name, kw in variants:
             if kw == "auto2":
-                P = _plan(B, N, H, D, D, 64, torch.device(dev))
+                P = _plan(B, N, H, D, D, 64, _num_sms(torch.device(dev)))
                 kw = dict(num_segments=min(P["NC"], 2 * P["NSEG"]))
             var.append((name, kw))
         methods = make_methods(B, N, H, D, slope, var, None if only is None else only | {n for n, _ in var})
@@ -175,6 +188,8 @@ def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16, only=None):
                 q.grad = k.grad = v.grad = None
                 res["fb_ms"] = bench(fb, grad_to_none=[q, k, v])
                 q.grad = k.grad = v.grad = None
+                res["fb_graph_ms"] = bench_graph(fb)
+                q.grad = k.grad = v.grad = None
                 f_only()
                 res["f_mem"] = peak_gib(f_only)
                 res["f_ms"] = bench(f_only)
@@ -182,13 +197,14 @@ def run_table(ns, H, D, tokens, variants, dtype=torch.bfloat16, only=None):
                 tag = OOM if "out of memory" in str(e).lower() else "error"
                 if tag != OOM:
                     log(f"  {name} N={N}: {type(e).__name__}: {str(e)[:300]}")
-                for key in ("fb_mem", "fb_ms", "f_mem", "f_ms"):
+                for key in ("fb_mem", "fb_ms", "fb_graph_ms", "f_mem", "f_ms"):
                     res.setdefault(key, tag)
             finally:
                 q = k = v = do = None
                 torch.cuda.empty_cache()
             rows.append(res)
-            log(f"  N={N:6d} B={B:3d} {name:24s} fwd+bwd {fmt(res['fb_ms'])} ms  fwd {fmt(res['f_ms'])} ms  "
+            log(f"  N={N:6d} B={B:3d} {name:24s} fwd+bwd {fmt(res['fb_ms'])} ms  (CUDA graph {fmt(res['fb_graph_ms'])})  "
+                f"fwd {fmt(res['f_ms'])} ms  "
                 f"peak fwd+bwd {fmt(res['fb_mem'])} GiB")
     return rows
 
@@ -394,6 +410,8 @@ def main():
         rows = run_table(ns, args.heads, args.dim, args.tokens, variants, only=only)
         shape = f"bf16, H={args.heads}, D={args.dim}, {args.tokens} tokens per batch (B = {args.tokens}/N)"
         parts.append(markdown(rows, "fb_ms", "ms", f"Forward+backward, median ms, {shape}"))
+        parts.append(markdown(rows, "fb_graph_ms", "ms", f"Forward+backward replayed from a CUDA graph (no host "
+                                                       f"launch overhead), median ms, {shape}"))
         parts.append(markdown(rows, "f_ms", "ms", f"Forward only, median ms, {shape}"))
         parts.append(markdown(rows, "fb_mem", "GiB", "Peak memory during forward+backward, GiB (inputs q, k, v, do included)"))
         parts.append(markdown(rows, "f_mem", "GiB", "Peak memory during forward only, GiB (inputs included)"))
