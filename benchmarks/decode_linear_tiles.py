@@ -1,12 +1,16 @@
 """Sweep the decode GEMV kernel's tiles (tnllm_kernels.decode_linear) on the 385M model's four linear layers of a
-block, in bf16, at 1, 8 and 16 rows, and print, per layer and row count, the fastest tiles, the tiles the kernel
-chooses today (_tiles) and the composition the model runs without it (cuBLAS plus the norm/gate/product/add
-kernels around it), each timed inside a CUDA graph (triton.testing.do_bench_cudagraph), as a decode step runs.
+block, in bf16, at 1, 4, 8 and 16 rows, and print, per layer and row count, the fastest tiles of each form of the
+product (broadcast fp32 sums; tl.dot on tensor cores, from 5 rows), the tiles the kernel chooses today (_tiles) and
+the composition the model runs without it (cuBLAS plus the norm/gate/product/add kernels around it), each timed
+inside a CUDA graph (triton.testing.do_bench_cudagraph), as a decode step runs.
 
-The sweep chose _tiles's table; run it again after a change to the kernel. Compiling ~400 variants takes a few
-minutes in one process, so --jobs processes compile them first (into Triton's cache), then this one times them.
+Its sweeps chose _tiles's table and decode_linear.MAX_ROWS (16: the tl.dot form against the composition at 8 and
+16 rows). Run it again after a change to the kernel. Compiling the ~760 variants
+of the default rows takes minutes in one process, so --jobs processes compile them first (into Triton's cache),
+then this one times them. Candidates that do not fit the GPU (OutOfResources: tl.dot's widest tiles, staged through
+shared memory) are listed and skipped.
 
-    source benchmarks/device_env.sh && python3 benchmarks/decode_linear_tiles.py [--jobs 12] [--rows 1,8,16]
+    source benchmarks/device_env.sh && python3 benchmarks/decode_linear_tiles.py [--jobs 12] [--rows 1,4,8,16]
 writes $OUT/decode_linear_tiles.md (and .json) when OUT is set.
 """
 import argparse
@@ -28,18 +32,29 @@ LAYERS = [("qkvu", 4096, 1024, dict(norm=True)), ("out_proj", 1024, 1024, dict(n
 BLOCK_N = (2, 4, 8, 16, 32)
 BLOCK_K = (128, 256, 512, 1024, 2048)
 WARPS = (2, 4, 8)
+DOT_BLOCK_N = (16, 32, 64)
+DOT_BLOCK_K = (128, 256, 512, 1024)
+DOT_FROM_ROWS = 5       # _tiles's switch to tl.dot; fewer rows keep the broadcast form the earlier sweeps chose
+MIN_PROGRAMS = 32
 
 
 def candidates(m, n, k, glu):
-    """Tiles worth timing: the broadcast product [BLOCK_M, BLOCK_N, BLOCK_K] (two with GLU) at 8 to 128 fp32
-    values a thread, BLOCK_K no wider than K's power of two, at least 32 programs."""
+    """Tiles worth timing, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot) as decode_linear_triton takes them, at least
+    MIN_PROGRAMS programs, BLOCK_K no wider than K's power of two (at least 128): the broadcast product
+    [BLOCK_M, BLOCK_N, BLOCK_K] (two with GLU) at 8 to 128 fp32 values a thread; from DOT_FROM_ROWS rows also
+    tl.dot's, rows padded to 16."""
     import triton
     bm = max(1, triton.next_power_of_2(m))
+    k_max = max(128, triton.next_power_of_2(k))
     out = []
     for bn, bk, w in itertools.product(BLOCK_N, BLOCK_K, WARPS):
         per_thread = bm * bn * bk * (2 if glu else 1) / (32 * w)
-        if 8 <= per_thread <= 128 and bk <= max(128, triton.next_power_of_2(k)) and triton.cdiv(n, bn) >= 32:
-            out.append((bm, bn, bk, w))
+        if 8 <= per_thread <= 128 and bk <= k_max and triton.cdiv(n, bn) >= MIN_PROGRAMS:
+            out.append((bm, bn, bk, w, False))
+    if m >= DOT_FROM_ROWS:
+        for bn, bk, w in itertools.product(DOT_BLOCK_N, DOT_BLOCK_K, WARPS):
+            if bk <= k_max and triton.cdiv(n, bn) >= MIN_PROGRAMS:
+                out.append((max(16, bm), bn, bk, w, True))
     return out
 
 
@@ -64,18 +79,67 @@ def cases(rows):
             yield name, m, n, k, kw, tiles
 
 
+def runs(call):
+    """call() once; False where its kernel needs more shared memory or registers than the GPU has (Triton raises
+    OutOfResources at the first launch): the tl.dot form stages its tiles through shared memory (Triton's software
+    pipeline, 3 stages by default; compiled for sm_90, SGLU's pair takes 224 KiB at 16 x 1024 and 352 KiB at
+    32 x 1024, against the 227 KiB a block may have), so the widest candidates do not run."""
+    from triton.runtime.errors import OutOfResources
+    try:
+        call()
+    except OutOfResources:
+        return False
+    return True
+
+
 def compile_some(work):
     """A worker: run each variant once (compiles it into Triton's cache, shared with the parent)."""
     from tnllm_kernels.decode_linear.triton_gemv import decode_linear_triton
     for name, m, n, k, kw, tiles in work:
-        decode_linear_triton(**operands(m, n, k, **kw), tiles=tiles)
+        runs(lambda: decode_linear_triton(**operands(m, n, k, **kw), tiles=tiles))
     torch.cuda.synchronize()
     return len(work)
 
 
+HEADER = ["| layer | rows | composition (cuBLAS + kernels) us | kernel, today's tiles us | tiles today | "
+          "best broadcast us | its tiles | best tl.dot us | its tiles | best GB/s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def summarize(layer, m, n, k, glu, composition_us, today_tiles, today_us, timed):
+    """One layer at m rows: ``timed`` [(us, tiles)] of the candidates -> the fastest overall and of each form (None
+    where a form had no candidates), as the table and the JSON report them."""
+    def best_of(dot):
+        return min((t for t in timed if t[1][4] == dot), default=(None, None))
+    (best_us, best), (bc_us, bc), (dot_us, dot) = min(timed), best_of(False), best_of(True)
+    return dict(layer=layer, rows=m, n=n, k=k, weight_bytes=n * k * 2 * (2 if glu else 1),
+                composition_us=composition_us, today_tiles=today_tiles, today_us=today_us, best_tiles=best,
+                best_us=best_us, best_broadcast_tiles=bc, best_broadcast_us=bc_us, best_dot_tiles=dot,
+                best_dot_us=dot_us, all=[(t, us) for us, t in sorted(timed)])
+
+
+def table_line(r):
+    def cell(us, tiles):
+        return "- | -" if tiles is None else f"{us:.2f} | {tiles}"
+    return (f"| {r['layer']} | {r['rows']} | {r['composition_us']:.2f} | {r['today_us']:.2f} | {r['today_tiles']} | "
+            f"{cell(r['best_broadcast_us'], r['best_broadcast_tiles'])} | "
+            f"{cell(r['best_dot_us'], r['best_dot_tiles'])} | {r['weight_bytes'] / r['best_us'] / 1e3:.0f} |")
+
+
+def block_line(results, rows):
+    """One block's four layers summed per row count, "-" for a form that some layer had no candidates of."""
+    def block_us(m, key):
+        times = [r[key] for r in results if r["rows"] == m]
+        return "-" if None in times else f"{sum(times):.1f}"
+    return "per block of the 385M model (four layers, us), rows " + ", ".join(
+        f"{m}: composition {block_us(m, 'composition_us')}, today {block_us(m, 'today_us')}, "
+        f"best {block_us(m, 'best_us')} (broadcast {block_us(m, 'best_broadcast_us')}, "
+        f"tl.dot {block_us(m, 'best_dot_us')})" for m in rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="1,8,16", help="comma-separated row counts (batch sizes)")
+    ap.add_argument("--rows", default="1,4,8,16", help="comma-separated row counts (batch sizes)")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the variants before timing")
     ap.add_argument("--rep-ms", type=int, default=10, help="do_bench_cudagraph's rep per variant")
     args = ap.parse_args()
@@ -98,32 +162,28 @@ def main():
         torch.cuda.synchronize()
         return do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
 
-    results = []
+    results, too_big = [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
-             "times in a CUDA graph (median); GB/s counts the weights once", "",
-             "| layer | rows | composition (cuBLAS + kernels) us | kernel, today's tiles us | tiles today | "
-             "best us | best tiles (BLOCK_M, N, K, warps) | best GB/s |", "|---|---|---|---|---|---|---|---|"]
+             "times in a CUDA graph (median); GB/s counts the weights once; tiles (BLOCK_M, N, K, warps, dot)", ""]
+    lines += HEADER
     for (name, n, k, kw), m in itertools.product(LAYERS, rows):
+        glu = kw.get("glu", False)
         ops = operands(m, n, k, **kw)
-        wbytes = n * k * 2 * (2 if kw.get("glu") else 1)
         ref_us = time_us(lambda: decode_linear_reference(**ops))
-        now = _tiles(m, n, k, kw.get("glu", False))
+        now = _tiles(m, n, k, glu)
         now_us = time_us(lambda: decode_linear_triton(**ops, tiles=now))
         timed = []
-        for tiles in candidates(m, n, k, kw.get("glu", False)):
-            timed.append((time_us(lambda: decode_linear_triton(**ops, tiles=tiles)), tiles))
-        best_us, best = min(timed)
-        results.append(dict(layer=name, rows=m, n=n, k=k, composition_us=ref_us, today_tiles=now, today_us=now_us,
-                            best_tiles=best, best_us=best_us, all=[(t, us) for us, t in sorted(timed)]))
-        lines.append(f"| {name} | {m} | {ref_us:.2f} | {now_us:.2f} | {now} | {best_us:.2f} | {best} | "
-                     f"{wbytes / best_us / 1e3:.0f} |")
+        for tiles in candidates(m, n, k, glu):
+            call = lambda: decode_linear_triton(**ops, tiles=tiles)  # noqa: E731
+            if runs(call):
+                timed.append((time_us(call), tiles))
+            else:
+                too_big.append(f"{name} {m} rows {tiles}")
+        results.append(summarize(name, m, n, k, glu, ref_us, now, now_us, timed))
+        lines.append(table_line(results[-1]))
         print(lines[-1], flush=True)
-
-    def block_us(m, key):       # one block's four layers at m rows
-        return sum(r[key] for r in results if r["rows"] == m)
-    lines.append("\nper block of the 385M model (four layers), rows " + ", ".join(
-        f"{m}: composition {block_us(m, 'composition_us'):.1f} us, today {block_us(m, 'today_us'):.1f} us, "
-        f"best {block_us(m, 'best_us'):.1f} us" for m in rows))
+    lines.append("\n" + block_line(results, rows))
+    lines.append(f"\n{len(too_big)} candidates did not fit the GPU (OutOfResources), not timed: " + "; ".join(too_big))
     text = "\n".join(lines)
     print("\n" + text)
     out = os.environ.get("OUT")

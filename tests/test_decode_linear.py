@@ -2,7 +2,9 @@
 in, one Triton kernel each) against the PyTorch composition the model runs, and in the model's decode step.
 
 Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernel module is
-imported) at small shapes; with CUDA the same tests run on the GPU, plus those marked ``gpu`` (the 385M shapes).
+imported) at small shapes; with CUDA the same tests run on the GPU, plus those marked ``gpu`` (the 385M shapes). The
+kernel has two forms of the product, which its tiles choose: broadcast fp32 sums (1-4 rows) and tl.dot (5 rows and
+more); the tests run each with the GPU's tiles (_tiles) and with K over several tiles.
 Two references: the composition in the kernel's dtype, whose roundings the kernel follows (so in fp32 they differ by
 the order of fp32 sums only; in bf16 that order may flip a rounding now and then: at most a few steps of bf16 in a
 few elements), and the composition in float64, against which the kernel may be off by no more than the composition
@@ -58,26 +60,59 @@ def kernel_on_cpu(monkeypatch):
         monkeypatch.setattr(decode_linear_pkg, "interpret_on_cpu", True)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_the_composition(variant, m, dtype, kernel_on_cpu):
-    """Odd K (not a multiple of the K tile) and N (not a multiple of the column tile); 1, 3 (padded rows) and 8
-    rows (more than the model hands it, MAX_ROWS: the kernel itself takes any)."""
-    args, wide = make(variant, m, 37, 150, dtype, seed=m)
-    assert decode_linear_applies(**args) == (m <= MAX_ROWS)
-    y = decode_linear_triton(**args, tiles=_tiles(m, 37, 150, variant == "sglu_pair"))    # the GPU's tiles
+def assert_like_the_composition(y, args, wide):
+    """y against the composition in its dtype (fp32: the order of sums only; bf16: a rounding flipped now and then)
+    and in float64 (no further off than the composition itself)."""
     same = decode_linear_reference(**args)
     y64 = decode_linear_reference(**wide)
-    assert y.dtype == dtype and y.shape == (m, 37) and torch.isfinite(y).all()
-    if dtype == torch.float32:
+    assert y.dtype == same.dtype and y.shape == same.shape and torch.isfinite(y).all()
+    if y.dtype == torch.float32:
         assert rel(y, same) < 2e-6
     else:
         off = (y.double() - same.double()).abs()
-        step = ULP[dtype] * same.double().abs().clamp_min(1e-3)
+        step = ULP[y.dtype] * same.double().abs().clamp_min(1e-3)
         assert (off <= 4 * step).all(), off.max().item()
         assert (off > 0).double().mean().item() <= 0.05      # order-of-sums flips are rare, a wrong op changes most
     assert rel(y, y64) <= 1.5 * rel(same, y64) + 1e-6
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_composition(variant, m, dtype, kernel_on_cpu):
+    """Odd K (not a multiple of the K tile) and N (not a multiple of the column tile); 1 and 3 rows (padded) take
+    the broadcast form, 8, 13 (padded to 16) and 16 tl.dot's."""
+    args, wide = make(variant, m, 37, 150, dtype, seed=m)
+    assert decode_linear_applies(**args) == (m <= MAX_ROWS)
+    y = decode_linear_triton(**args, tiles=_tiles(m, 37, 150, variant == "sglu_pair"))    # the GPU's tiles
+    assert_like_the_composition(y, args, wide)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,tiles", [(3, (4, 4, 32, 2, False)), (13, (16, 16, 32, 4, True))],
+                         ids=["broadcast", "dot"])
+def test_k_over_several_tiles(variant, dtype, m, tiles, kernel_on_cpu):
+    """K of 150 in tiles of 32 (the GPU's tiles take the tests' K in one): the first tile, loaded before the wait for
+    the previous kernel, then the loop's three whole ones and the last 22 wide; each form of the product."""
+    args, wide = make(variant, m, 37, 150, dtype, seed=10 + m)
+    assert_like_the_composition(decode_linear_triton(**args, tiles=tiles), args, wide)
+
+
+def test_tiles_choose_the_form():
+    """_tiles: broadcast products up to 4 rows, tl.dot from 5 (rows padded to 16, every block at least 16), on the
+    385M shapes and the tests'; decode_linear_triton refuses tiles its forms cannot take."""
+    for m in range(1, 17):
+        for n, k, glu in [(4096, 1024, False), (1024, 1024, False), (2816, 1024, True), (1024, 2816, False),
+                          (37, 150, False)]:
+            block_m, block_n, block_k, _, dot = _tiles(m, n, k, glu)
+            assert dot == (m > 4) and block_m >= m
+            assert not dot or min(block_m, block_n, block_k) >= 16
+    args, _ = make("l3", 13, 37, 150, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="at least 16"):
+        decode_linear_triton(**args, tiles=(16, 8, 32, 4, True))
+    with pytest.raises(ValueError, match="BLOCK_M 8 < 13"):
+        decode_linear_triton(**args, tiles=(8, 16, 32, 4, True))
 
 
 def test_every_operand_matters(kernel_on_cpu):
@@ -99,13 +134,14 @@ def test_every_operand_matters(kernel_on_cpu):
 def test_dispatch_and_what_the_kernel_refuses(kernel_on_cpu):
     """Shapes or dtypes the kernel does not take go to the reference (same values), never to a wrong kernel call."""
     args, _ = make("l3", 3, 8, 16, torch.float32, seed=1)
+    more_rows = dict(args, x=args["x"].repeat(MAX_ROWS + 1, 1)[:MAX_ROWS + 1],
+                     residual=args["residual"].repeat(MAX_ROWS + 1, 1)[:MAX_ROWS + 1])
     assert decode_linear_applies(**args)
-    assert not decode_linear_applies(**dict(args, x=args["x"].repeat(3, 1), residual=args["residual"].repeat(3, 1)))
+    assert not decode_linear_applies(**more_rows)
     assert not decode_linear_applies(**dict(args, weight=args["weight"].double()))
     assert not decode_linear_applies(**dict(args, residual=args["residual"][:, :4]))
     assert not decode_linear_applies(**dict(args, x=args["x"].t().contiguous().t()))      # rows not contiguous
-    big = dict(args, x=args["x"].repeat(3, 1), residual=args["residual"].repeat(3, 1))  # 9 rows: the reference
-    assert torch.equal(decode_linear(**big), decode_linear_reference(**big))
+    assert torch.equal(decode_linear(**more_rows), decode_linear_reference(**more_rows))    # the reference itself
     with torch.autocast(DEV, dtype=torch.bfloat16):
         assert not decode_linear_applies(**args)
 
@@ -114,38 +150,34 @@ def test_dispatch_and_what_the_kernel_refuses(kernel_on_cpu):
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("variant,n,k", [("qkvu", 4096, 1024), ("out_proj", 1024, 1024), ("sglu_pair", 2816, 1024),
                                          ("l3", 1024, 2816)])
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
 def test_385m_shapes_in_bf16(variant, n, k, m):
-    """The 385M model's four GEMVs of a block, bf16, batch 1 and 8, against the same-dtype composition and fp64."""
+    """The 385M model's four GEMVs of a block, bf16, batch 1 and 4 (broadcast form), 8 and 16 (tl.dot), against
+    the same-dtype composition and fp64."""
     args, wide = make(variant, m, n, k, torch.bfloat16, seed=n + k + m)
-    y = decode_linear_triton(**args)
-    same = decode_linear_reference(**args)
-    y64 = decode_linear_reference(**wide)
-    off = (y.double() - same.double()).abs()
-    assert (off <= 4 * ULP[torch.bfloat16] * same.double().abs().clamp_min(1e-3)).all()
-    assert (off > 0).double().mean().item() <= 0.05
-    assert rel(y, y64) <= 1.5 * rel(same, y64) + 1e-6
+    assert_like_the_composition(decode_linear_triton(**args), args, wide)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,batch", [(torch.float32, 3), (torch.bfloat16, 3), (torch.bfloat16, 5)])
 @torch.no_grad()
-def test_model_decode_with_the_fused_block_equals_the_composition(dtype, kernel_on_cpu, monkeypatch):
+def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, kernel_on_cpu, monkeypatch):
     """The model's one-token step with every block fused (four GEMV kernels and the GLA step per layer) against the
-    same model's composition, from one prefill, 5 greedy steps at batch 3: logits and states to the dtype's
-    rounding, the same tokens; the GEMVs ran four times per layer and step."""
+    same model's composition, from one prefill, 5 greedy steps: logits and states to the dtype's rounding, the same
+    tokens; the GEMVs ran four times per layer and step. Batch 3 (broadcast form) and 5 (tl.dot)."""
     import tnllm_kernels.decode_linear.triton_gemv as gemv
     import tnllm_kernels.gla_decode as gla_decode
     from tnllm_plugin import model as model_module
     from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
     if not CUDA:
         monkeypatch.setattr(gla_decode, "interpret_on_cpu", True)
+    assert batch <= MAX_ROWS
     torch.manual_seed(0)
     cfg = TransNormerConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=3, glu_dim=80, lrpe_layers=(0,))
     model = TransNormerLLM(cfg).to(DEV, dtype).eval()
     calls = []
     real = gemv.decode_linear_triton
     monkeypatch.setattr(gemv, "decode_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prompt = torch.randint(3, 97, (3, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
+    prompt = torch.randint(3, 97, (batch, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
     _, state = model(prompt, use_cache=True)
     fused_state = composed_state = state
     tok = prompt[:, -1:]
@@ -163,22 +195,39 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, kernel_
     assert len(calls) == 4 * 3 * 5
 
 
+SM90_SHARED = 227 * 1024     # bytes of shared memory a block may have on an H100/H200
+
+
 def test_kernel_compiles_for_sm90_without_a_gpu():
-    """The GPU variants the kernel takes (1, 3 and 8 rows; bf16, fp16, fp32) compiled for sm_90: what the
-    CPU interpreter cannot check. With PDL (programmatic dependent launch, what the kernel takes on sm_90) the PTX
-    waits once for the previous kernel; without it, never."""
+    """The GPU variants the kernel takes compiled for sm_90, with the 385M shapes' alignment (what the launcher
+    specializes on): what the CPU interpreter cannot check (there tl.dot runs on fp32 operands; on the GPU on bf16
+    or fp16 ones, with the GPU's shape rules, staged through shared memory). The GPU's tiles of each form (1 and 3
+    rows broadcast; 8, 13 and 16 tl.dot) in bf16, fp16 and fp32, within an H200's shared memory, the widest dot tiles
+    that fit and the narrowest, and the broadcast form at 8 rows that the tile sweep still times. With PDL
+    (programmatic dependent launch, what the kernel takes on sm_90) the PTX waits once for the previous kernel;
+    without it, never."""
+    n, k = 1024, 2816
     cases = []
-    for m, dt, (norm, gate, glu, residual), pdl in [
-            (1, "bf16", VARIANTS["out_proj"], True), (3, "bf16", VARIANTS["sglu_pair"], True),
-            (8, "bf16", VARIANTS["out_proj"], False), (8, "bf16", VARIANTS["sglu_pair"], True),
-            (8, "fp32", VARIANTS["qkvu"], False), (1, "fp16", VARIANTS["l3"], True)]:
-        block_m, block_n, block_k, warps = _tiles(m, 1024, 2816, glu)
+    for m, dt, variant, pdl, tiles in [
+            (1, "bf16", "out_proj", True, None), (3, "bf16", "sglu_pair", True, None), (1, "fp16", "l3", True, None),
+            (8, "bf16", "out_proj", False, (8, 2, 512, 4, False)),
+            (16, "bf16", "out_proj", True, None), (16, "bf16", "sglu_pair", False, None),
+            (13, "fp16", "l3", True, None), (8, "fp32", "qkvu", False, None),
+            (16, "bf16", "sglu_pair", True, (16, 16, 1024, 8, True)),
+            (16, "bf16", "qkvu", True, (16, 64, 512, 8, True)),
+            (16, "bf16", "qkvu", True, (16, 16, 128, 2, True))]:
+        norm, gate, glu, residual = VARIANTS[variant]
+        block_m, block_n, block_k, warps, dot = tiles or _tiles(m, n, k, glu)
         sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", K="i32",
                    stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
-                   eps="fp32", **{n: "constexpr" for n in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
-                                                           "BLOCK_N", "BLOCK_K", "PDL")})
+                   eps="fp32", **{c: "constexpr" for c in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
+                                                           "BLOCK_N", "BLOCK_K", "DOT", "F32_DOT", "PDL")})
         consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k, PDL=pdl)
+                      BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", PDL=pdl)
         cases.append((sig, consts, warps))
-    waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases)
+    assert sum(consts["DOT"] for _, consts, _ in cases) == 7
+    aligned = ("X", "G", "W1", "W2", "R", "Y", "K", "stride_x", "stride_g", "stride_w1", "stride_w2", "stride_r",
+               "stride_y")
+    waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,
+                             max_shared=SM90_SHARED)
     assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]

@@ -22,13 +22,18 @@ def import_kernel_module(name: str):
     return importlib.import_module(name)
 
 
-def compile_for_sm90(kernel_module: str, kernel: str, cases, count_in_ptx: str = "griddepcontrol.wait"):
+def compile_for_sm90(kernel_module: str, kernel: str, cases, count_in_ptx: str = "griddepcontrol.wait",
+                     divisible=(), max_shared=None):
     """Compile ``kernel`` of ``kernel_module`` for an H100/H200 (sm_90) through Triton's NVIDIA compiler down to
     ptxas, which Triton's wheel ships, without a GPU: the GPU path the interpreter cannot check (libdevice, tl.dot,
     the layouts). ``cases``: (signature, constexprs, num_warps) triples, as triton.compile's ASTSource takes them. In
     a subprocess, as this process's kernels are interpreted. Returns, per case, how often ``count_in_ptx`` occurs in
-    the PTX (by default the programmatic-dependent-launch wait). Skips where a GPU runs the kernels anyway, or
-    without ptxas."""
+    the PTX (by default the programmatic-dependent-launch wait). ``divisible``: the arguments (pointers, integers)
+    to compile as multiples of 16, as Triton's launcher specializes them on the GPU when they are (torch's
+    allocations, the real shapes' strides): without it loads are not vectorised and tl.dot's operands not pipelined
+    through shared memory, which is not the code the GPU runs. ``max_shared``: fail a case that needs more shared
+    memory per block (bytes) than this: on the GPU its launch raises OutOfResources. Skips where a GPU runs the
+    kernels anyway, or without ptxas."""
     import json
     import subprocess
     from pathlib import Path
@@ -39,9 +44,13 @@ def compile_for_sm90(kernel_module: str, kernel: str, cases, count_in_ptx: str =
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
     script = (f"import importlib, json, triton\nfrom triton.backends.compiler import GPUTarget\n"
               f"from triton.compiler import ASTSource\nfn = getattr(importlib.import_module({kernel_module!r}), {kernel!r})\n"
-              f"counts = []\nfor sig, consts, warps in {list(cases)!r}:\n"
-              f"    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', 90, 32), "
-              f"options=dict(num_warps=warps))\n    counts.append(k.asm['ptx'].count({count_in_ptx!r}))\n"
+              f"attrs = {{(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in {tuple(divisible)!r}}}\n"
+              f"max_shared = {max_shared!r}\ncounts = []\nfor sig, consts, warps in {list(cases)!r}:\n"
+              f"    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32), "
+              f"options=dict(num_warps=warps))\n"
+              f"    assert max_shared is None or k.metadata.shared <= max_shared, "
+              f"f'{{consts}}: {{k.metadata.shared}} bytes of shared memory'\n"
+              f"    counts.append(k.asm['ptx'].count({count_in_ptx!r}))\n"
               f"print('compiled', json.dumps(counts))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

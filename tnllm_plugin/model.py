@@ -340,7 +340,7 @@ class TransNormerBlock(nn.Module):
     def _fused_decode_applies(self, x, state) -> bool:
         # decoding only, on the layer the released models have (SRMSNorm everywhere, plain linear layers without
         # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs (CUDA,
-        # at most decode_linear.MAX_ROWS rows: at batch 8 and 16 the fused forms measured slower than cuBLAS)
+        # at most decode_linear.MAX_ROWS rows: larger batches keep cuBLAS, see there)
         mixer, glu = self.token_mixer, self.channel_mixer
         if torch.is_grad_enabled() and (x.requires_grad or state.requires_grad):
             return False

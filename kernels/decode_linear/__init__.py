@@ -9,11 +9,11 @@ from .reference import decode_linear_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# decoding batches; larger ones keep cuBLAS. The kernel's broadcast products grow with the rows: on an H200 the 385M
-# decode step (CUDA graph) took 0.637 ms at batch 1 with it and 1.074 without, but 1.590 against 1.066 at batch 8
-# (one block's four layers: 15.2 us at 1 row, 19.7 at 2, 27.5 at 4, 53.9 at 8; break-even with the composition near
-# 33 us); benchmarks/RESULTS.md
-MAX_ROWS = 4
+# decoding batches; larger ones keep cuBLAS. Up to 4 rows the kernel sums broadcast products, from 5 it runs tl.dot
+# on tensor cores: on an H200 one block's four layers of the 385M model took 12.2 us at 1 row and 20.8 at 16 against
+# 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels around it (benchmarks/RESULTS.md). More than
+# 16 rows were not swept: they keep cuBLAS.
+MAX_ROWS = 16
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
 # the interpreter; otherwise CPU tensors always take the reference.
