@@ -4,8 +4,8 @@ product (broadcast fp32 sums; tl.dot on tensor cores, from 5 rows), the tiles th
 the composition the model runs without it (cuBLAS plus the norm/gate/product/add kernels around it), each timed
 inside a CUDA graph (triton.testing.do_bench_cudagraph), as a decode step runs.
 
-Its sweeps chose _tiles's table and decode_linear.MAX_ROWS (16: the tl.dot form against the composition at 8 and
-16 rows). Run it again after a change to the kernel. Compiling the ~760 variants
+Its sweeps chose _tiles's table. Each candidate's output is checked against the composition too (a wrong one
+is listed, not timed). Run it again after a change to the kernel. Compiling the ~760 variants
 of the default rows takes minutes in one process, so --jobs processes compile them first (into Triton's cache),
 then this one times them. Candidates that do not fit the GPU (OutOfResources: tl.dot's widest tiles, staged through
 shared memory) are listed and skipped.
@@ -79,16 +79,21 @@ def cases(rows):
             yield name, m, n, k, kw, tiles
 
 
-def runs(call):
+def runs(call, expected=None):
     """call() once; False where its kernel needs more shared memory or registers than the GPU has (Triton raises
     OutOfResources at the first launch): the tl.dot form stages its tiles through shared memory (Triton's software
     pipeline, 3 stages by default; compiled for sm_90, SGLU's pair takes 224 KiB at 16 x 1024 and 352 KiB at
-    32 x 1024, against the 227 KiB a block may have), so the widest candidates do not run."""
+    32 x 1024, against the 227 KiB a block may have), so the widest candidates do not run. With ``expected`` (the
+    composition's output), raises where the output is further from it than bf16's rounding allows."""
     from triton.runtime.errors import OutOfResources
     try:
-        call()
+        y = call()
     except OutOfResources:
         return False
+    if expected is not None:
+        err = ((y.double() - expected.double()).norm() / expected.double().norm()).item()
+        if not err <= 1e-2:
+            raise AssertionError(f"output off the composition by {err:.2e} (relative)")
     return True
 
 
@@ -162,7 +167,7 @@ def main():
         torch.cuda.synchronize()
         return do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
 
-    results, too_big = [], []
+    results, too_big, wrong = [], [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
              "times in a CUDA graph (median); GB/s counts the weights once; tiles (BLOCK_M, N, K, warps, dot)", ""]
     lines += HEADER
@@ -172,10 +177,16 @@ def main():
         ref_us = time_us(lambda: decode_linear_reference(**ops))
         now = _tiles(m, n, k, glu)
         now_us = time_us(lambda: decode_linear_triton(**ops, tiles=now))
+        expected = decode_linear_reference(**ops)
         timed = []
         for tiles in candidates(m, n, k, glu):
             call = lambda: decode_linear_triton(**ops, tiles=tiles)  # noqa: E731
-            if runs(call):
+            try:
+                fits = runs(call, expected)
+            except AssertionError as e:
+                wrong.append(f"{name} {m} rows {tiles}: {e}")
+                continue
+            if fits:
                 timed.append((time_us(call), tiles))
             else:
                 too_big.append(f"{name} {m} rows {tiles}")
@@ -184,6 +195,7 @@ def main():
         print(lines[-1], flush=True)
     lines.append("\n" + block_line(results, rows))
     lines.append(f"\n{len(too_big)} candidates did not fit the GPU (OutOfResources), not timed: " + "; ".join(too_big))
+    lines.append(f"\n{len(wrong)} candidates gave wrong outputs, not timed" + (": " + "; ".join(wrong) if wrong else ""))
     text = "\n".join(lines)
     print("\n" + text)
     out = os.environ.get("OUT")

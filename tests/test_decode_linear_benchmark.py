@@ -44,3 +44,13 @@ def test_table_reports_the_best_of_each_form():
     assert sweep.block_line([at1, at16], [1, 16]) == (
         "per block of the 385M model (four layers, us), rows 1: composition 9.0, today 6.0, best 6.0 (broadcast 6.0, "
         "tl.dot -), 16: composition 30.0, today 12.0, best 10.0 (broadcast 20.0, tl.dot 10.0)")
+
+
+def test_a_candidate_off_the_composition_is_refused():
+    """runs(): True for an output like the composition's, an AssertionError for one that is not (the sweep lists
+    such candidates instead of timing them)."""
+    import torch
+    expected = torch.linspace(-1, 1, 64)
+    assert sweep.runs(lambda: expected.to(torch.bfloat16), expected)
+    with pytest.raises(AssertionError, match="off the composition"):
+        sweep.runs(lambda: expected.flip(0), expected)
