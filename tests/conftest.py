@@ -1,7 +1,22 @@
+import os
+
 import pytest
 import torch
 
-from shared_data import RELEASED_TINY
+# Without CUDA the kernel tests run Triton's CPU interpreter, and TRITON_INTERPRET=1 must be set before Triton itself
+# is first imported, not only before a kernel module is: Triton's own library (tl.sum, tl.max, tl.sigmoid, tl.cdiv,
+# ... in triton.language.standard) is @triton.jit-decorated once, at that import, and an interpreted kernel that
+# calls a library function decorated without the interpreter fails ("Cannot call @triton.jit'd outside of the
+# scope of a kernel"); triton_cpu.import_kernel_module's reload cannot redo it. Any test module that imports Triton
+# at collection would otherwise fix that for every kernel test collected after it (tests/test_lightning_benchmark.py
+# does, through benchmarks/lightning_attention.py). Set here, before any test module is imported (neither torch nor
+# shared_data imports Triton). On the CPU the kernels run only where a test asks for them (the packages'
+# interpret_on_cpu flags, or a direct call); with CUDA the interpreter is never set, as it would replace the GPU
+# kernels in this process. Subprocesses that must compile for real take it out (triton_cpu.compile_for_sm90).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from shared_data import RELEASED_TINY  # noqa: E402
 
 
 def pytest_report_header(config):

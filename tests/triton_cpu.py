@@ -1,6 +1,8 @@
 """Triton kernels on CPU tensors: without CUDA, Triton's interpreter (TRITON_INTERPRET=1) runs them at small shapes.
-The variable must be set before a kernel module's @triton.jit decorations run, so a kernel test imports its kernel
-module through ``import_kernel_module`` before anything else of the kernel's package."""
+The variable must be set before the @triton.jit decorations run: Triton's own library's (tl.sum, ...), at Triton's
+first import, which tests/conftest.py sees to by setting it before any test module is imported, and the kernel
+module's, so a kernel test imports its kernel module through ``import_kernel_module`` before anything else of the
+kernel's package."""
 import importlib
 import os
 import sys
@@ -16,7 +18,13 @@ def import_kernel_module(name: str):
     """The kernel module ``name``, decorated for the interpreter when there is no CUDA; skips without Triton."""
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if not CUDA:
+        # a reload cannot re-decorate Triton's library: say so here rather than in every kernel test's failure
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(triton.language.standard.sum, InterpretedFunction):
+            raise RuntimeError("Triton was imported in this process before TRITON_INTERPRET=1 (tests/conftest.py sets "
+                               "it first): its library (tl.sum, ...) is not interpreted, so no kernel test can run")
     if not CUDA and name in sys.modules:        # imported earlier without the interpreter: decorate again
         return importlib.reload(sys.modules[name])
     return importlib.import_module(name)
