@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gla_decode.triton_step import _interpreting, _pdl_handoff, _round, pdl_launch
+from .._interpreter import interpreting
+from ..gla_decode.triton_step import _pdl_handoff, _round, pdl_launch
 
 
 @triton.jit
@@ -161,7 +162,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         raise ValueError(f"decode_linear: norm_eps must be >= 0, got {norm_eps}")
     if tiles is None:
         tiles = _tiles(m, n, k, weight2 is not None)
-        if _interpreting():     # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
+        if interpreting():     # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
             tiles = (tiles[0], max(tiles[1], 16)) + tuple(tiles[2:])
     block_m, block_n, block_k, num_warps, dot = tiles
     if block_m < m:
@@ -178,9 +179,9 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
-        RNE=_interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or _interpreting(), PDL=pdl,
-        num_warps=4 if _interpreting() else num_warps, **({"launch_pdl": True} if pdl else {}))
+        RNE=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl,
+        num_warps=4 if interpreting() else num_warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..gla_decode.triton_step import _exp, _interpreting
+from .._interpreter import interpreting
+from ..gla_decode.triton_step import _exp
 
 # Columns per tile (fewer when the vocab is smaller), with 4 warps. On an H200 at 4096 x 64000 bf16 this pair was
 # the fastest of BLOCK_V 2048/4096/8192 x 4/8/16 warps: 0.43 ms with the gradient (3.7 TB/s over 2 reads and
@@ -95,7 +96,7 @@ def softmax_cross_entropy_grad_(logits, target, ignore_index: int, want_grad: bo
         raise ValueError(f"softmax_cross_entropy_grad_: row_scale [{rows}] expected, got {tuple(row_scale.shape)}")
     if any(t.device != logits.device for t in (target, row_scale) if t is not None):
         raise ValueError("softmax_cross_entropy_grad_: every tensor must be on the logits' device")
-    if logits.device.type != "cuda" and not _interpreting():
+    if logits.device.type != "cuda" and not interpreting():
         raise ValueError(f"softmax_cross_entropy_grad_: needs CUDA tensors, got {logits.device}")
     if vocab == 0:
         raise ValueError("softmax_cross_entropy_grad_: no classes (vocab 0)")
@@ -107,8 +108,8 @@ def softmax_cross_entropy_grad_(logits, target, ignore_index: int, want_grad: bo
     block = block_v or min(BLOCK_V, triton.next_power_of_2(vocab))
     _softmax_ce_kernel[(rows,)](
         logits, target, scale, losses, vocab, logits.stride(0), scale.stride(0), int(ignore_index),
-        WANT_GRAD=bool(want_grad), HAS_SCALE=row_scale is not None, LIBDEVICE=not _interpreting(),
-        RNE_BY_HAND=_interpreting() and logits.dtype == torch.bfloat16, BLOCK_V=block,
+        WANT_GRAD=bool(want_grad), HAS_SCALE=row_scale is not None, LIBDEVICE=not interpreting(),
+        RNE_BY_HAND=interpreting() and logits.dtype == torch.bfloat16, BLOCK_V=block,
         num_warps=4)
     return losses
 

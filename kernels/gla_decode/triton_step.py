@@ -32,13 +32,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .._interpreter import interpreting
+
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ACT_CODE = {"none": 0, "silu": 1, "1+elu": 2}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 try:        # programmatic dependent launch from Triton kernels (Triton >= 3.3)
@@ -50,7 +48,7 @@ except ImportError:
 def pdl_launch(t: torch.Tensor) -> bool:
     """Whether the decode kernels launch with programmatic dependent launch for tensors on t's device: sm_90 or newer,
     a Triton that has it, not the CPU interpreter, and not switched off with TNLLM_PDL=0 (benchmarks' A/B)."""
-    if gdc_wait is None or not t.is_cuda or _interpreting() or os.environ.get("TNLLM_PDL", "1") == "0":
+    if gdc_wait is None or not t.is_cuda or interpreting() or os.environ.get("TNLLM_PDL", "1") == "0":
         return False
     return _compute_capability_major(t.device.index) >= 9
 
@@ -233,7 +231,7 @@ def check_inputs(qkvu, state, slope, positions, theta, act):
     tensors = [qkvu, state, slope] + [t for t in (theta, positions) if torch.is_tensor(t)]
     if any(t.device != qkvu.device for t in tensors):
         raise ValueError("gla_decode_step_triton: every tensor must be on qkvu's device")
-    if qkvu.device.type != "cuda" and not _interpreting():
+    if qkvu.device.type != "cuda" and not interpreting():
         raise ValueError(f"gla_decode_step_triton: needs CUDA tensors (the CPU path is gla_decode_step_reference), "
                          f"got {qkvu.device}")
     return b, h, e, hidden
@@ -247,7 +245,7 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     new_state = state if in_place else torch.empty_like(state)
     o = torch.empty(b, hidden, dtype=qkvu.dtype, device=qkvu.device)
     row_pos = torch.is_tensor(positions)
-    rne = _interpreting() and qkvu.dtype == torch.bfloat16
+    rne = interpreting() and qkvu.dtype == torch.bfloat16
     slope = slope.float().contiguous()
     theta_arg = theta.reshape(-1).contiguous() if theta is not None else slope      # any pointer when unused
     bv = _block_v(b * h, e, theta is not None)
@@ -258,7 +256,7 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
             qkvu, state, new_state, slope, positions if row_pos else slope, theta_arg, o,
             0 if row_pos else int(positions), h, e, hidden, qkvu.stride(0),
             *state.stride(), *new_state.stride(),
-            ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not _interpreting(), RNE=rne,
+            ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not interpreting(), RNE=rne,
             BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     if norm_eps is None:
         return o, new_state
@@ -269,7 +267,7 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     block_d = min(4096, max(16, triton.next_power_of_2(hidden)))
     if b > 0:
         _norm_gate_kernel[(b,)](o, u, y, hidden, qkvu.stride(0), float(norm_eps), RNE=rne, BLOCK_D=block_d,
-                                num_warps=4 if block_d <= 2048 or _interpreting() else 8)
+                                num_warps=4 if block_d <= 2048 or interpreting() else 8)
     return y, new_state
 
 

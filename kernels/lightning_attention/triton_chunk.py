@@ -35,13 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._interpreter import interpreting
+
 MAX_DK = 256
 MAX_DV = 128
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # keep autotuning results in Triton's cache directory where this Triton can (saves re-tuning in a new process)
@@ -50,7 +48,7 @@ _AUTOTUNE_KW = {"cache_results": True} if "cache_results" in inspect.signature(t
 
 def _configs(extra=None):
     """A small autotuning space (warps x pipelining depth); a single config in the interpreter."""
-    if _interpreting():
+    if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if os.environ.get("TNLLM_TRITON_AUTOTUNE", "1") == "0":      # one config, e.g. for quick GPU tests
         return [triton.Config({}, num_warps=8, num_stages=2)]
@@ -372,7 +370,7 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None):
 
 
 def _dot_prec(dtype):
-    if _interpreting():
+    if interpreting():
         return "up32" if dtype != torch.float32 else "ieee"
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
@@ -413,7 +411,7 @@ def _check_inputs(q, k, v, slope, initial_state):
         devs.add(initial_state.device)
     if len(devs) != 1:
         raise ValueError(f"lightning_attention_triton: all tensors must be on one device, got {sorted(map(str, devs))}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("lightning_attention_triton: needs CUDA tensors (the CPU path is lightning_attention_chunk); "
                          f"got device {q.device}")
 

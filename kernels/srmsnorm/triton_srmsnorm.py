@@ -8,7 +8,6 @@ Backward, with r = rsqrt(mean(x^2) + eps) and g the gradient reaching y:
 The forward saves r (fp32, one value per row) so the backward reads x, u and the incoming gradient once.
 One program normalises BLOCK_R rows of up to BLOCK_D columns; rows wider than the largest block are walked.
 """
-import os
 
 from typing import Optional
 
@@ -16,12 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._interpreter import interpreting
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_D = 8192
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -108,7 +105,7 @@ def _launch_params(D):
     one_pass = D <= block_d
     block_r = max(1, min(16, 2048 // block_d))          # several rows per program when rows are short
     num_warps = 4 if block_d * block_r <= 2048 else (8 if block_d * block_r <= 8192 else 16)
-    if _interpreting():
+    if interpreting():
         num_warps = 4
     return block_r, block_d, one_pass, num_warps
 
@@ -120,7 +117,7 @@ def _check(x, u, eps):
         raise TypeError(f"srms_norm_triton: dtype {x.dtype} not supported (float32, bfloat16, float16)")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"srms_norm_triton: x needs a non-empty last dimension, got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"srms_norm_triton: needs a CUDA tensor (the CPU path is srms_norm_reference), got {x.device}")
     if u is not None:
         if not isinstance(u, torch.Tensor):
