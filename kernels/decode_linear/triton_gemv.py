@@ -15,14 +15,15 @@ weights are read from memory once per token, which is the floor of the step. Rou
 composition (each op's result rounded to the dtype), so the kernel differs from it only by the order of the fp32
 sums. Two forms of the product, the tiles choose (_tiles, decode_linear_triton's ``tiles``):
 
-* broadcast products summed in fp32 (``tl.sum(h[:, None, :] * w[None, :, :])``), for 1-4 rows: measured on an H200
-  within 5% of the best tiles at 1-8 rows, but its cost grows with the rows (3.5x one row's at eight);
+* broadcast products summed in fp32 (``tl.sum(h[:, None, :] * w[None, :, :])``), for 1-4 rows: its cost grows with
+  the rows (on an H200 one 385M block took 4x one row's time at 8 rows, 11x at 16);
 * ``tl.dot`` on tensor cores for 5-16 rows (rows padded to 16, fp32 accumulation; fp32 tensors as fp32 products,
-  not tf32): the same weight bytes for a dozen rows as for one. Not yet run on a GPU: compiled for sm_90 by the
-  tests, to be timed by the tile sweep (benchmarks/decode_linear_tiles.py); decode_linear.MAX_ROWS keeps the model
-  at 4 rows until then. An earlier tl.dot form for 9-16 rows, never swept (16 columns and 128 of K a program,
-  4 warps), made the 385M decode step at batch 16 slower than cuBLAS with separate kernels around it and was
-  dropped.
+  not tf32): the same weight bytes for a dozen rows as for one (a block at 16 rows: 20.8 us, a third of cuBLAS's
+  with the neighbour kernels). Timed on an H200 by benchmarks/decode_linear_tiles.py, checked against the
+  composition in the CPU interpreter (which upcasts the operands) and compiled for sm_90 by the tests; its bf16
+  tensor-core path not yet checked on a GPU, so decode_linear.MAX_ROWS keeps the model at 4 rows. An earlier
+  tl.dot form for 9-16 rows, never swept (16 columns and 128 of K a program, 4 warps), made the 385M decode step
+  at batch 16 slower than cuBLAS with separate kernels around it and was dropped.
 
 Nothing allocates by value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with
 programmatic dependent launch (gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which
