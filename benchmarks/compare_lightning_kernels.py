@@ -24,7 +24,8 @@ NS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def load(path, index):
-    spec = importlib.util.spec_from_file_location(f"other_triton_chunk_{index}", path)
+    # named inside the kernel's package, so that a version's relative imports (from .._interpreter ...) resolve
+    spec = importlib.util.spec_from_file_location(f"tnllm_kernels.lightning_attention._other_{index}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
