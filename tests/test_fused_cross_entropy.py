@@ -167,19 +167,8 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------ the Triton kernel
-def _no_kernel_here():
-    """Why the kernel cannot run in this process, or None."""
-    if not HAS_TRITON:
-        return "Triton is not installed"
-    if not CUDA:
-        import triton
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(triton.language.standard.sum, InterpretedFunction):
-            return "Triton was imported in this process before TRITON_INTERPRET=1: its library is not interpreted"
-    return None
-
-
-needs_kernel = pytest.mark.skipif(_no_kernel_here() is not None, reason=str(_no_kernel_here()))
+# (an uninterpreted Triton on a CPU machine already fails this module's import_kernel_module above)
+needs_kernel = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 # one rounding step of the gradient's dtype relative to its value; below the floor, fp16's subnormals, and for bf16
 # fp32's (the math is fp32: whether an exp there is flushed to 0 differs between libraries, and means nothing here)
 STEP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}

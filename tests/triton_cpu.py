@@ -14,17 +14,26 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
+def uninterpreted_triton():
+    """Why Triton's kernels cannot run in its interpreter in this process, or None. Triton's own library (tl.sum, ...)
+    is decorated once, at Triton's first import, so TRITON_INTERPRET=1 must be set before that (tests/conftest.py
+    sets it first); no reload of a kernel module redoes it."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(triton.language.standard.sum, InterpretedFunction):
+        return None
+    return "Triton was imported in this process before TRITON_INTERPRET=1: its library (tl.sum, ...) is not interpreted"
+
+
 def import_kernel_module(name: str):
     """The kernel module ``name``, decorated for the interpreter when there is no CUDA; skips without Triton."""
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
-    triton = pytest.importorskip("triton")
-    if not CUDA:
-        # a reload cannot re-decorate Triton's library: say so here rather than in every kernel test's failure
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(triton.language.standard.sum, InterpretedFunction):
-            raise RuntimeError("Triton was imported in this process before TRITON_INTERPRET=1 (tests/conftest.py sets "
-                               "it first): its library (tl.sum, ...) is not interpreted, so no kernel test can run")
+    pytest.importorskip("triton")
+    # a reload cannot re-decorate Triton's library: say so here rather than in every kernel test's failure
+    reason = None if CUDA else uninterpreted_triton()
+    if reason is not None:
+        raise RuntimeError(f"{reason}, so no kernel test can run")
     if not CUDA and name in sys.modules:        # imported earlier without the interpreter: decorate again
         return importlib.reload(sys.modules[name])
     return importlib.import_module(name)
