@@ -53,6 +53,17 @@ def _product(acc, h, w, DT: tl.constexpr, DOT: tl.constexpr, F32_DOT: tl.constex
 
 
 @triton.jit
+def _weight_tiles(w1_cols, w2_cols, cm, k0, ks, K, GLU: tl.constexpr):
+    """The weight tiles of the K tile from k0 (w2's only with GLU; otherwise w1 stands in, unread)."""
+    wm = cm[:, None] & (k0 + ks < K)[None, :]
+    w1 = tl.load(w1_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
+    w2 = w1
+    if GLU:
+        w2 = tl.load(w2_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
+    return w1, w2
+
+
+@triton.jit
 def _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT: tl.constexpr, NORM: tl.constexpr,
                      GATE: tl.constexpr, GLU: tl.constexpr, RNE: tl.constexpr, DOT: tl.constexpr,
                      F32_DOT: tl.constexpr):
@@ -87,11 +98,7 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
     # the first K tile of the weights before waiting for the previous kernel (nothing in a decode step writes
     # weights); the loop below loads each later tile itself. Own names: a tile assigned before the loop and again
     # in it would be carried from step to step.
-    wm = cm[:, None] & (ks < K)[None, :]
-    w1_first = tl.load(w1_cols + ks[None, :], mask=wm, other=0.0)
-    w2_first = w1_first
-    if GLU:
-        w2_first = tl.load(w2_cols + ks[None, :], mask=wm, other=0.0)
+    w1_first, w2_first = _weight_tiles(w1_cols, w2_cols, cm, 0, ks, K, GLU)
     _pdl_handoff(PDL)
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
     g_rows = G + rows.to(tl.int64)[:, None] * stride_g
@@ -108,11 +115,7 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
     acc1, acc2 = _accumulate_tile(acc1, acc2, w1_first, w2_first, x_rows, g_rows, 0, ks, rm, K, r, DT, NORM, GATE,
                                   GLU, RNE, DOT, F32_DOT)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        wm = cm[:, None] & (k0 + ks < K)[None, :]
-        w1 = tl.load(w1_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
-        w2 = w1
-        if GLU:
-            w2 = tl.load(w2_cols + (k0 + ks)[None, :], mask=wm, other=0.0)
+        w1, w2 = _weight_tiles(w1_cols, w2_cols, cm, k0, ks, K, GLU)
         acc1, acc2 = _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT, NORM, GATE, GLU,
                                       RNE, DOT, F32_DOT)
     y = _round(acc1, DT, RNE)
@@ -161,9 +164,10 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
     n = weight.shape[0]
     if norm_eps is not None and not float(norm_eps) >= 0:
         raise ValueError(f"decode_linear: norm_eps must be >= 0, got {norm_eps}")
+    interp = interpreting()
     if tiles is None:
         tiles = _tiles(m, n, k, weight2 is not None)
-        if interpreting():     # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
+        if interp:      # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
             tiles = (tiles[0], max(tiles[1], 16)) + tuple(tiles[2:])
     block_m, block_n, block_k, num_warps, dot = tiles
     if block_m < m:
@@ -180,9 +184,9 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
-        RNE=interpreting() and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl,
-        num_warps=4 if interpreting() else num_warps, **({"launch_pdl": True} if pdl else {}))
+        RNE=interp and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interp, PDL=pdl,
+        num_warps=4 if interp else num_warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
