@@ -34,7 +34,6 @@ BLOCK_K = (128, 256, 512, 1024, 2048)
 WARPS = (2, 4, 8)
 DOT_BLOCK_N = (16, 32, 64)
 DOT_BLOCK_K = (128, 256, 512, 1024)
-DOT_FROM_ROWS = 5       # _tiles's switch to tl.dot; fewer rows keep the broadcast form the earlier sweeps chose
 MIN_PROGRAMS = 32
 
 
@@ -44,6 +43,7 @@ def candidates(m, n, k, glu):
     [BLOCK_M, BLOCK_N, BLOCK_K] (two with GLU) at 8 to 128 fp32 values a thread; from DOT_FROM_ROWS rows also
     tl.dot's, rows padded to 16."""
     import triton
+    from tnllm_kernels.decode_linear.triton_gemv import DOT_FROM_ROWS      # _tiles's switch to tl.dot
     bm = max(1, triton.next_power_of_2(m))
     k_max = max(128, triton.next_power_of_2(k))
     out = []

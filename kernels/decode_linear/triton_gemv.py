@@ -128,6 +128,9 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(DT), mask=om)
 
 
+DOT_FROM_ROWS = 5       # from this many rows the product runs as tl.dot (see _tiles)
+
+
 def _tiles(m: int, n: int, k: int, glu: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot): the tiles and the form of the product (dot: tl.dot on tensor
     cores, else broadcast products summed in fp32; see the module docstring). From sweeps of
@@ -142,7 +145,7 @@ def _tiles(m: int, n: int, k: int, glu: bool):
       against 66.1 for cuBLAS with the norm, gate, product and add kernels around it, and 131 for the broadcast form.
     """
     two = 2 if glu else 1       # SGLU's pair: two weight tiles per step of K
-    if m > 4:
+    if m >= DOT_FROM_ROWS:
         block_k = max(16, min(triton.next_power_of_2(k), 256))
         return max(16, triton.next_power_of_2(m)), 32 if n >= 2048 else 16, block_k, 4, True
     block_m = max(1, triton.next_power_of_2(m))
