@@ -11,12 +11,9 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # decoding batches; larger ones keep cuBLAS. Up to 4 rows the kernel sums broadcast products, from 5 it runs tl.dot
 # on tensor cores: on an H200 one block's four layers of the 385M model took 12.2 us at 1 row and 20.8 at 16 against
-# 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels around it (benchmarks/RESULTS.md). The dot
-# form has passed its tests in the CPU interpreter and compiled for sm_90, but its bf16 path (tensor-core products,
-# which the interpreter does not run) has not yet been checked against the composition on a GPU: this stays at 4
-# until tests/test_decode_linear.py has passed on one; then 16 is the whole change (decode_linear_applies and the
-# model read this limit, the tests derive their row counts from it).
-MAX_ROWS = 4
+# 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels around it, and the CUDA-graph decode step at
+# batch 16 went from 1.17 to 0.93 ms (benchmarks/RESULTS.md). tests/test_decode_linear.py passed on that GPU.
+MAX_ROWS = 16
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
 # the interpreter; otherwise CPU tensors always take the reference.

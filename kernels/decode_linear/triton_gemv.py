@@ -20,10 +20,9 @@ sums. Two forms of the product, the tiles choose (_tiles, decode_linear_triton's
 * ``tl.dot`` on tensor cores for 5-16 rows (rows padded to 16, fp32 accumulation; fp32 tensors as fp32 products,
   not tf32): the same weight bytes for a dozen rows as for one (a block at 16 rows: 20.8 us, a third of cuBLAS's
   with the neighbour kernels). Timed on an H200 by benchmarks/decode_linear_tiles.py, checked against the
-  composition in the CPU interpreter (which upcasts the operands) and compiled for sm_90 by the tests; its bf16
-  tensor-core path not yet checked on a GPU, so decode_linear.MAX_ROWS keeps the model at 4 rows. An earlier
-  tl.dot form for 9-16 rows, never swept (16 columns and 128 of K a program, 4 warps), made the 385M decode step
-  at batch 16 slower than cuBLAS with separate kernels around it and was dropped.
+  composition on that GPU and in the CPU interpreter (which upcasts the operands). An earlier tl.dot form for 9-16
+  rows, never swept (16 columns and 128 of K a program, 4 warps), made the 385M decode step at batch 16 slower than
+  cuBLAS with separate kernels around it and was dropped.
 
 Nothing allocates by value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with
 programmatic dependent launch (gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which
