@@ -108,6 +108,43 @@ def test_segments_and_chunk_size_do_not_change_the_result():
         _compare(other, base, 1e-5, label=f"{kw}: ")
 
 
+@pytest.mark.parametrize("N,segments,pieces", [(100, 3, 2), (150, 2, 4), (150, 2, 99), (77, 2, 3)])
+def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
+    """The pre-pass cuts each segment into pieces (on a GPU when its segments alone would leave SMs idle; forced
+    here): uneven and empty pieces (150 tokens, chunks of 16, 2 segments of 5 chunks in 4 pieces of 2: the last
+    empty) and a partial last chunk, forward and backward, against float64 and against the unsplit pre-pass."""
+    import functools
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    qkv, slope, s0, do, dht = _inputs(2, N, 2, 16, 32, torch.float32, [0.0, 0.15], seed=N + pieces)
+    whole = _run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=segments)
+    plan = tc._plan
+    monkeypatch.setattr(tc, "_plan", functools.partial(plan, pre_splits=pieces))
+    assert tc._plan(2, N, 2, 16, 32, 16, 4, segments)["SPLITS"] == min(pieces, plan(2, N, 2, 16, 32, 16, 4,
+                                                                                      segments)["CPS"]) > 1
+    split = _run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=segments)
+    _compare(split, _run_ref(qkv, slope, s0, do, dht), TOL[torch.float32])
+    _compare(split, whole, 1e-5, label=f"{pieces} pieces vs 1: ")
+
+
+def test_launches_past_the_first_skip_the_autotuner_with_its_config():
+    """_launch keeps the config the autotuner chose per constexprs and dtypes; _force_configs (the tests' way to
+    run every config) drops what it kept, so a forced config is the one that runs."""
+    import triton
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    qkv, slope, s0, do, dht = _inputs(1, 40, 2, 16, 16, torch.float32, [0.0, 0.3], seed=11)
+    try:
+        tc._force_configs([triton.Config({}, num_warps=2, num_stages=1)])
+        assert not tc._TUNED
+        _run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=2)
+        assert tc._TUNED and all(o["num_warps"] == 2 for o in tc._TUNED.values())
+        tc._force_configs([triton.Config({}, num_warps=1, num_stages=1)])
+        assert not tc._TUNED
+        _run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=2)
+        assert tc._TUNED and all(o["num_warps"] == 1 for o in tc._TUNED.values())
+    finally:
+        tc._force_configs(None)
+
+
 def test_no_final_state_and_strided_inputs():
     """Views from a fused projection (non-contiguous along N and H) work without copies; output_final_state=False
     returns None and the gradients still flow to q, k, v."""

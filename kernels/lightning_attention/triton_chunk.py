@@ -14,7 +14,8 @@ Design (chunks of C tokens, C = 64):
   pre-pass computes each segment's own state contribution (sum_t lambda^(end - 1 - t) k_t v_t^T), a tiny
   scan over segments (elementwise in the Dk x Dv entries, because the decay is a scalar) turns them into
   each segment's initial state, and then one program per (batch*head, segment, Dv tile) walks its chunks.
-  The number of segments is picked so that the grid fills the GPU whatever B and N are.
+  The number of segments is picked so that the grid fills the GPU whatever B and N are; the pre-pass cuts each
+  segment into pieces for the same reason (it has a program per segment but the last).
 * Backward: three more walks, with the same segment pre-pass and scan: a forward walk for dq (carrying S^T,
   tiled over Dk), and reverse walks for dk (carrying dS^T, tiled over Dk) and dv (carrying dS, tiled over Dv),
   where dS is the gradient of the state. The gradient of the final state seeds the reverse walks; the dv walk's
@@ -25,9 +26,11 @@ Design (chunks of C tokens, C = 64):
 * fp32 accumulation everywhere, fp32 states; matrix-unit operands in the input dtype (fp32 inputs use
   ``tf32x3``, about fp32 accuracy).
 
-Measured on one H100 (benchmarks/RESULTS.md, "Lightning attention (issue 3)"): bf16, H=16, D=128, 32768 tokens,
-fwd+bwd 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla 0.6.0 chunk_simple_gla, at half its peak memory.
+Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.86 to 1.02
+ms of GPU time (N = 1k..32k); on one H100 (issue 3) 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla 0.6.0
+chunk_simple_gla, at half its peak memory.
 """
+import functools
 import inspect
 import os
 
@@ -86,6 +89,16 @@ def _mm(a, b, PREC: tl.constexpr):
 def _seg_bounds(pid_s, CPS, NC, C: tl.constexpr):
     c_lo = pid_s * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _piece_bounds(seg, p, CPS, CPSS, NC):
+    """Chunks [c_lo, c_hi) of piece p of segment seg (the pre-pass's unit): CPSS chunks from the segment's start
+    + p * CPSS, cut at the segment's end and at NC; empty (c_hi <= c_lo) past them."""
+    seg_hi = tl.minimum(seg * CPS + CPS, NC)
+    c_lo = tl.minimum(seg * CPS + p * CPSS, seg_hi)
+    c_hi = tl.minimum(c_lo + CPSS, seg_hi)
     return c_lo, c_hi
 
 
@@ -156,24 +169,25 @@ def _state_ptrs(P, rows, cols, DV, STATE_T: tl.constexpr):
                  **_AUTOTUNE_KW)
 @triton.jit
 def _seg_local_kernel(
-    A, Bm, SLOPE, BUF,
+    A, Bm, SLOPE, SUB,
     sab, san, sah, sad, sbb, sbn, sbh, sbd,
-    N, H, NC, CPS, NSEG,
+    N, H, NC, CPS, NSEG, SPLITS, CPSS,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Forward (REVERSE=0): A=k, Bm=v; segment s < NSEG-1 gets sum_t lambda^(E_s-1-t) k_t v_t^T written to
-    BUF[b, h, s+1]. Backward (REVERSE=1): A=q, Bm=do; segment s >= 1 gets sum_t lambda^(t+1-T_s) q_t do_t^T
-    written to BUF[b, h, s-1]."""
+    """Each segment that feeds another is cut into SPLITS pieces of CPSS chunks (the last ones shorter or empty):
+    one program per piece, so that short pre-passes still fill the GPU. Forward (REVERSE=0): A=k, Bm=v; piece p of
+    segment s < NSEG-1 gets sum_t lambda^(E_p-1-t) k_t v_t^T (E_p: the piece's end). Backward (REVERSE=1): A=q,
+    Bm=do; piece p of segment s >= 1 gets sum_t lambda^(t+1-T_p) q_t do_t^T (T_p: its start). Written to
+    SUB[b*h, i] with i = program_id(1) = (s - REVERSE) * SPLITS + p; _seg_scan_kernel sums the pieces."""
     pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_i = tl.program_id(1)
     pid_v = tl.program_id(2)
-    if REVERSE:
-        pid_s = pid_s + 1
+    pid_s = pid_i // SPLITS + REVERSE
+    c_lo, c_hi = _piece_bounds(pid_s, pid_i % SPLITS, CPS, CPSS, NC)
     b = pid_bh // H
     h = pid_bh % H
     sl2 = _log2_decay(SLOPE, h)
-    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
     t_lo = c_lo * C
     t_hi = tl.minimum(c_hi * C, N)
     offs_c = tl.arange(0, C)
@@ -196,39 +210,50 @@ def _seg_local_kernel(
         dec = tl.where(rmask, dec, 0.0)
         a = (a * dec[:, None]).to(A.dtype.element_ty)
         acc += _mm(tl.trans(a), bb, DOT_PREC)
-    if REVERSE:
-        out_s = pid_s - 1
-    else:
-        out_s = pid_s + 1
-    out = BUF + ((pid_bh.to(tl.int64) * NSEG + out_s) * DK) * DV
+    out = SUB + ((pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS + pid_i) * DK) * DV
     tl.store(_state_ptrs(out, offs_k, offs_v, DV, False), acc, mask=kmask[:, None] & vmask[None, :])
 
 
 @triton.jit
-def _seg_scan_kernel(BUF, SLOPE, H, N, NSEG, SEGLEN, DKDV, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """In place over BUF [B*H, NSEG, Dk*Dv]. Forward: BUF[0] holds S_0 (or 0), BUF[s] holds segment s-1's
-    own contribution; afterwards BUF[s] is the state entering segment s. Reverse: BUF[NSEG-1] holds dS_N (or
-    0), BUF[s] holds segment s+1's contribution; afterwards BUF[s] is dS at the end of segment s."""
+def _seg_scan_kernel(SUB, EDGE, OUT, SLOPE, H, N, NSEG, SPLITS, CPS, CPSS, DKDV, C: tl.constexpr,
+                     HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise over the Dk*Dv entries: the pieces' contributions SUB [B*H, (NSEG-1)*SPLITS, Dk*Dv] into
+    OUT [B*H, NSEG, Dk*Dv]. Forward: OUT[0] = S_0 (EDGE [B*H, Dk*Dv], or 0 without HAS_EDGE), OUT[s] the state
+    entering segment s. Reverse: OUT[NSEG-1] = dS_N (EDGE, or 0), OUT[s] dS at the end of segment s. A running
+    state, decayed over each piece's length, plus the piece's contribution, in sequence order (reverse: backwards)."""
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     h = pid_bh % H
     sl2 = _log2_decay(SLOPE, h)
     offs = pid_e * BLOCK + tl.arange(0, BLOCK)
     m = offs < DKDV
-    base = BUF + pid_bh.to(tl.int64) * NSEG * DKDV + offs
-    if REVERSE:
-        run = tl.load(base + (NSEG - 1) * DKDV, mask=m, other=0.0)
-        for i in range(0, NSEG - 1):
-            s = NSEG - 2 - i
-            seg_len = tl.minimum(N, (s + 2) * SEGLEN) - (s + 1) * SEGLEN    # length of segment s+1
-            run = run * tl.exp2(-sl2 * seg_len.to(tl.float32)) + tl.load(base + s * DKDV, mask=m, other=0.0)
-            tl.store(base + s * DKDV, run, mask=m)
+    sub = SUB + pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS * DKDV + offs
+    out = OUT + pid_bh.to(tl.int64) * NSEG * DKDV + offs
+    if HAS_EDGE:
+        run = tl.load(EDGE + pid_bh.to(tl.int64) * DKDV + offs, mask=m, other=0.0)
     else:
-        run = tl.load(base, mask=m, other=0.0)
-        dec = tl.exp2(-sl2 * SEGLEN.to(tl.float32))                           # segments before the last are full
-        for s in range(1, NSEG):
-            run = run * dec + tl.load(base + s * DKDV, mask=m, other=0.0)
-            tl.store(base + s * DKDV, run, mask=m)
+        run = tl.zeros([BLOCK], dtype=tl.float32)
+    NC = (N + C - 1) // C
+    if REVERSE:
+        tl.store(out + (NSEG - 1) * DKDV, run, mask=m)
+        for i in range(0, NSEG - 1):
+            s = NSEG - 1 - i                                    # fold segment s's pieces, last piece first
+            for j in range(0, SPLITS):
+                p = SPLITS - 1 - j
+                c_lo, c_hi = _piece_bounds(s, p, CPS, CPSS, NC)
+                n_tok = tl.maximum(tl.minimum(c_hi * C, N) - c_lo * C, 0)
+                run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
+                    sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
+            tl.store(out + (s - 1) * DKDV, run, mask=m)
+    else:
+        tl.store(out, run, mask=m)
+        for s in range(1, NSEG):                                # fold segment s-1's pieces (all full length)
+            for p in range(0, SPLITS):
+                c_lo, c_hi = _piece_bounds(s - 1, p, CPS, CPSS, NC)
+                n_tok = (c_hi - c_lo) * C
+                run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
+                    sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
+            tl.store(out + s * DKDV, run, mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,19 +354,43 @@ def _force_configs(configs=None):
     for kern in _AUTOTUNED:
         kern.configs = list(configs) if configs is not None else _configs()
         kern.cache = {}
+    _TUNED.clear()
+
+
+# (kernel, its constexpr arguments, the tensors' dtypes) -> the autotuned config's launch options
+_TUNED = {}
+
+
+def _launch(kernel, grid, args, meta):
+    """``kernel[grid](*args, **meta)`` for an autotuned kernel. The first launch for given constexprs and dtypes
+    goes through the autotuner; later ones go straight to the compiled function with the config it chose, because
+    Autotuner.run (dicts and lookups over the ~40 arguments on every call) took ~50 us of host time a launch on an
+    H200 machine, as much as the launch itself, and forward+backward is 4 to 10 launches (benchmarks/RESULTS.md).
+    The key holds every constexpr and every dtype, a superset of the autotuner's own key, so the config is the one
+    the autotuner would pick."""
+    key = (kernel, tuple(meta.items()), tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    options = _TUNED.get(key)
+    if options is None:
+        kernel[grid](*args, **meta)
+        _TUNED[key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn[grid](*args, **meta, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _plan(B, N, H, DK, DV, C, sms, num_segments=None):
-    """Tile sizes and the number of segments for a GPU of ``sms`` SMs.
+@functools.lru_cache(maxsize=1024)
+def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
+    """Tile sizes, the number of segments and the pre-pass's pieces for a GPU of ``sms`` SMs (cached: a pure
+    function of its arguments; callers only read the dict).
 
     The walks carry a state tile of at most 128 x 64 in fp32 (the walks carrying S or dS hold all of Dk and a Dv
     tile BVT, those carrying a transpose hold all of Dv and a Dk tile BKT): at 4 warps that is two programs an SM,
@@ -350,7 +399,12 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None):
     The pre-pass holds a whole Dk x Dv state where it fits (at most 128 x 128: it only reads, once per chunk).
 
     Segments: enough programs for one round of those two slots an SM and no more (the floor, not the ceiling:
-    a few programs past a whole round cost a second round of the same length)."""
+    a few programs past a whole round cost a second round of the same length).
+
+    Pre-pass pieces (SPLITS per segment, CPSS chunks each): the pre-pass has a program per segment but the last,
+    B*H*(NSEG-1) of them, each walking a whole segment: at 32768 tokens as B=1 x N=32768 that was 112 programs of
+    64 chunks on 132 SMs, as long as a walk. Cutting each segment into pieces gives it as many programs as the
+    walks' two slots an SM, each a shorter chain; the scan adds the pieces up."""
     BKF = max(16, triton.next_power_of_2(DK))
     BVF = max(16, triton.next_power_of_2(DV))
     BVT = min(64, BVF)
@@ -358,15 +412,20 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None):
     BVP = BVF if BKF <= 128 else BVT
     NV = triton.cdiv(DV, BVT)
     NK = triton.cdiv(DK, BKT)
+    NVP = triton.cdiv(DV, BVP)
     NC = max(1, triton.cdiv(N, C))
+    slots = 2 * sms
     if num_segments is None:
-        slots = 2 * sms
         num_segments = max(1, slots // (B * H * max(NV, NK)))
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
-    return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, BVP=BVP, NV=NV, NK=NK, NVP=triton.cdiv(DV, BVP), NC=NC, CPS=CPS,
-                NSEG=NSEG)
+    if pre_splits is None:
+        pre_splits = slots // max(1, B * H * (NSEG - 1) * NVP)
+    SPLITS = max(1, min(int(pre_splits), CPS))
+    CPSS = triton.cdiv(CPS, SPLITS)
+    return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, BVP=BVP, NV=NV, NK=NK, NVP=NVP, NC=NC, CPS=CPS, NSEG=NSEG,
+                SPLITS=SPLITS, CPSS=CPSS)
 
 
 def _dot_prec(dtype):
@@ -431,18 +490,15 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     NSEG = P["NSEG"]
     if NSEG == 1:
         return (edge, *_segment_strides(P, DK, DV)) if edge is not None else (None, 0, 0)
+    sub = torch.empty(B * H, (NSEG - 1) * P["SPLITS"], DK, DV, dtype=torch.float32, device=a.device)
     buf = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=a.device)
-    first = NSEG - 1 if reverse else 0
-    if edge is not None:
-        buf[:, first] = edge.reshape(B * H, DK, DV)
-    else:
-        buf[:, first].zero_()
-    _seg_local_kernel[(B * H, NSEG - 1, P["NVP"])](
-        a, b, slope, buf, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG,
-        DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec)
+    _launch(_seg_local_kernel, (B * H, (NSEG - 1) * P["SPLITS"], P["NVP"]),
+            (a, b, slope, sub, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG, P["SPLITS"], P["CPSS"]),
+            dict(DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec))
     blk = min(1024, triton.next_power_of_2(DK * DV))
     _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
-        buf, slope, H, N, NSEG, P["CPS"] * C, DK * DV, REVERSE=reverse, BLOCK=blk)
+        sub, edge if edge is not None else sub, buf, slope, H, N, NSEG, P["SPLITS"], P["CPS"], P["CPSS"], DK * DV,
+        C=C, HAS_EDGE=edge is not None, REVERSE=reverse, BLOCK=blk)
     return (buf, *_segment_strides(P, DK, DV))
 
 
@@ -455,12 +511,11 @@ def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
     BX, BZ, NZ = (P["BVF"], P["BKT"], P["NK"]) if transposed_state else (P["BKF"], P["BVT"], P["NV"])
     t0_buf, t0_bh, t0_s = t0
     # the Z tiles of one (batch*head, segment) run side by side: the second reads X and Y from L2
-    _walk_kernel[(B * H * NZ, P["NSEG"])](
-        x, y, z, out, slope, t0_buf if t0_buf is not None else out, tout if tout is not None else out,
-        *x.stride(), *y.stride(), *z.stride(), *out.stride()[:3], t0_bh, t0_s,
-        N, H, P["NC"], P["CPS"], P["NSEG"],
-        WX=WX, WZ=WZ, DV=WX if transposed_state else WZ, BX=BX, BZ=BZ, C=C, REVERSE=reverse, STATE_T=transposed_state,
-        HAS_T0=t0_buf is not None, STORE_T=tout is not None, DOT_PREC=prec)
+    _launch(_walk_kernel, (B * H * NZ, P["NSEG"]),
+            (x, y, z, out, slope, t0_buf if t0_buf is not None else out, tout if tout is not None else out,
+             *x.stride(), *y.stride(), *z.stride(), *out.stride()[:3], t0_bh, t0_s, N, H, P["NC"], P["CPS"], P["NSEG"]),
+            dict(WX=WX, WZ=WZ, DV=WX if transposed_state else WZ, BX=BX, BZ=BZ, C=C, REVERSE=reverse,
+                 STATE_T=transposed_state, HAS_T0=t0_buf is not None, STORE_T=tout is not None, DOT_PREC=prec))
 
 
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
