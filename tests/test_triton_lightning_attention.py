@@ -205,6 +205,9 @@ def test_clear_errors():
         lightning_attention_triton(q, k, v, s, torch.zeros(1, 2, 16, 8, device=DEV))
     with pytest.raises(ValueError, match="chunk_size"):
         lightning_attention_triton(q, k, v, s, chunk_size=48)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="num_segments must be None"):
+            lightning_attention_triton(q, k, v, s, num_segments=bad)
     q2, k2, v2, _ = _ok(DK=MAX_DK + 1)
     with pytest.raises(ValueError, match="over the limits"):
         lightning_attention_triton(q2, k2, v2, s)

@@ -598,6 +598,10 @@ def lightning_attention_triton(q, k, v, slope, initial_state=None, output_final_
     _check_inputs(q, k, v, slope, initial_state)
     if chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"lightning_attention_triton: chunk_size must be 16, 32, 64 or 128, got {chunk_size}")
+    if num_segments is not None and (isinstance(num_segments, bool) or not isinstance(num_segments, int)
+                                     or num_segments < 1):
+        raise ValueError(f"lightning_attention_triton: num_segments must be None (fill the GPU) or an int >= 1, "
+                         f"got {num_segments!r}")
     B, N, H, DK = q.shape
     DV = v.shape[-1]
     if N == 0 or B == 0 or H == 0:
