@@ -86,8 +86,9 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _seg_bounds(pid_s, CPS, NC, C: tl.constexpr):
-    c_lo = pid_s * CPS
+def _seg_bounds(seg, CPS, NC):
+    """Chunks [c_lo, c_hi) of segment seg: CPS chunks, the last segment cut at NC."""
+    c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     return c_lo, c_hi
 
@@ -95,11 +96,18 @@ def _seg_bounds(pid_s, CPS, NC, C: tl.constexpr):
 @triton.jit
 def _piece_bounds(seg, p, CPS, CPSS, NC):
     """Chunks [c_lo, c_hi) of piece p of segment seg (the pre-pass's unit): CPSS chunks from the segment's start
-    + p * CPSS, cut at the segment's end and at NC; empty (c_hi <= c_lo) past them."""
-    seg_hi = tl.minimum(seg * CPS + CPS, NC)
-    c_lo = tl.minimum(seg * CPS + p * CPSS, seg_hi)
+    + p * CPSS, cut at the segment's end; empty (c_lo == c_hi) past it."""
+    seg_lo, seg_hi = _seg_bounds(seg, CPS, NC)
+    c_lo = tl.minimum(seg_lo + p * CPSS, seg_hi)
     c_hi = tl.minimum(c_lo + CPSS, seg_hi)
     return c_lo, c_hi
+
+
+@triton.jit
+def _piece_tokens(seg, p, CPS, CPSS, N, C: tl.constexpr):
+    """How many of the N tokens piece p of segment seg holds (the last chunk may be partial; 0 for an empty piece)."""
+    c_lo, c_hi = _piece_bounds(seg, p, CPS, CPSS, (N + C - 1) // C)
+    return tl.maximum(tl.minimum(c_hi * C, N) - c_lo * C, 0)
 
 
 @triton.jit
@@ -233,24 +241,21 @@ def _seg_scan_kernel(SUB, EDGE, OUT, SLOPE, H, N, NSEG, SPLITS, CPS, CPSS, DKDV,
         run = tl.load(EDGE + pid_bh.to(tl.int64) * DKDV + offs, mask=m, other=0.0)
     else:
         run = tl.zeros([BLOCK], dtype=tl.float32)
-    NC = (N + C - 1) // C
     if REVERSE:
         tl.store(out + (NSEG - 1) * DKDV, run, mask=m)
         for i in range(0, NSEG - 1):
             s = NSEG - 1 - i                                    # fold segment s's pieces, last piece first
             for j in range(0, SPLITS):
                 p = SPLITS - 1 - j
-                c_lo, c_hi = _piece_bounds(s, p, CPS, CPSS, NC)
-                n_tok = tl.maximum(tl.minimum(c_hi * C, N) - c_lo * C, 0)
+                n_tok = _piece_tokens(s, p, CPS, CPSS, N, C)
                 run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
                     sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
             tl.store(out + (s - 1) * DKDV, run, mask=m)
     else:
         tl.store(out, run, mask=m)
-        for s in range(1, NSEG):                                # fold segment s-1's pieces (all full length)
+        for s in range(1, NSEG):                                # fold segment s-1's pieces
             for p in range(0, SPLITS):
-                c_lo, c_hi = _piece_bounds(s - 1, p, CPS, CPSS, NC)
-                n_tok = (c_hi - c_lo) * C
+                n_tok = _piece_tokens(s - 1, p, CPS, CPSS, N, C)
                 run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
                     sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
             tl.store(out + s * DKDV, run, mask=m)
@@ -312,7 +317,7 @@ def _walk_kernel(
     y_base = _head(Y, b, h, syb, syh)
     z_base = _head(Z, b, h, szb, szh)
     o_base = _head(OUT, b, h, sob, soh)
-    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC, C)
+    c_lo, c_hi = _seg_bounds(pid_s, CPS, NC)
     for i in range(0, c_hi - c_lo):
         if REVERSE:
             c = c_hi - 1 - i
