@@ -18,6 +18,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
+from tnllm_plugin.model import alibi_slopes  # noqa: E402
 
 H, D, TOKENS = 16, 128, 32768
 NS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -62,7 +63,7 @@ def main():
     kernels = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
     kernels["current"] = current
     names = list(kernels)
-    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda")
+    slopes = torch.tensor(alibi_slopes(H), device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print("\n| N | B | " + " | ".join(f"{n} fwd+bwd ms" for n in names) + " | " +
           " | ".join(f"{n} fwd ms" for n in names) + " |")

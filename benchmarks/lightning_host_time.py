@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from compare_lightning_kernels import H, TOKENS, inputs  # noqa: E402  (the same benchmark shapes)
 from tnllm_kernels.lightning_attention import triton_chunk as tc  # noqa: E402
+from tnllm_plugin.model import alibi_slopes  # noqa: E402
 
 
 @triton.jit
@@ -77,13 +79,11 @@ def launch_costs():
     print(f"autograd.grad through a trivial Function (2 torch ops): {grad_us:.1f} us")
 
 
-def attention_host_time(H=16, D=128, tokens=32768, ns=(1024, 32768)):
-    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda")
+def attention_host_time(ns=(1024, 32768)):
+    slopes = torch.tensor(alibi_slopes(H), device="cuda")
     for N in ns:
-        B = tokens // N
-        g = torch.Generator(device="cuda").manual_seed(0)
-        leaves = [torch.randn(B, N, H, D, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3)]
-        do = torch.randn(B, N, H, D, device="cuda", generator=g).bfloat16()
+        q, k, v, do = inputs(TOKENS // N, N, 0)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
 
         def fb():
             o, _ = tc.lightning_attention_triton(*leaves, slopes, output_final_state=False)
