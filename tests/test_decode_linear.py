@@ -170,16 +170,13 @@ def test_385m_shapes_in_bf16(variant, n, k, m):
 def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, kernel_on_cpu, monkeypatch):
     """The model's one-token step with every block fused (four GEMV kernels and the GLA step per layer) against the
     same model's composition, from one prefill, 5 greedy steps: logits and states to the dtype's rounding, the same
-    tokens; the GEMVs ran four times per layer and step. Batch 3 (broadcast form) and 5 (tl.dot, with MAX_ROWS
-    raised to 16 where it is lower: nothing but that limit stands between the model and the dot form)."""
+    tokens; the GEMVs ran four times per layer and step. Batch 3 (broadcast form) and 5 (tl.dot)."""
     import tnllm_kernels.decode_linear.triton_gemv as gemv
     import tnllm_kernels.gla_decode as gla_decode
     from tnllm_plugin import model as model_module
     from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
     if not CUDA:
         monkeypatch.setattr(gla_decode, "interpret_on_cpu", True)
-    if batch > MAX_ROWS:
-        monkeypatch.setattr(decode_linear_pkg, "MAX_ROWS", 16)
     torch.manual_seed(0)
     cfg = TransNormerConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=3, glu_dim=80, lrpe_layers=(0,))
     model = TransNormerLLM(cfg).to(DEV, dtype).eval()
