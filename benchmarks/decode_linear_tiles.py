@@ -35,13 +35,16 @@ WARPS = (2, 4, 8)
 DOT_BLOCK_N = (16, 32, 64)
 DOT_BLOCK_K = (128, 256, 512, 1024)
 MIN_PROGRAMS = 32
+SPLIT_K = (2, 4)            # K over that many programs: for tiles of fewer than SPLIT_BELOW column tiles
+SPLIT_BELOW = 264           # two programs for each of an H200's 132 SMs
 
 
 def candidates(m, n, k, glu):
-    """Tiles worth timing, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot) as decode_linear_triton takes them, at least
-    MIN_PROGRAMS programs, BLOCK_K no wider than K's power of two (at least 128): the broadcast product
+    """Tiles worth timing, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k]) as decode_linear_triton takes them,
+    at least MIN_PROGRAMS programs, BLOCK_K no wider than K's power of two (at least 128): the broadcast product
     [BLOCK_M, BLOCK_N, BLOCK_K] (two with GLU) at 8 to 128 fp32 values a thread; from DOT_FROM_ROWS rows also
-    tl.dot's, rows padded to 16."""
+    tl.dot's, rows padded to 16. Tiles of fewer than SPLIT_BELOW column tiles also with K split over SPLIT_K
+    programs, where K has that many BLOCK_K tiles."""
     import triton
     from tnllm_kernels.decode_linear.triton_gemv import DOT_FROM_ROWS      # _tiles's switch to tl.dot
     bm = max(1, triton.next_power_of_2(m))
@@ -55,7 +58,9 @@ def candidates(m, n, k, glu):
         for bn, bk, w in itertools.product(DOT_BLOCK_N, DOT_BLOCK_K, WARPS):
             if bk <= k_max and triton.cdiv(n, bn) >= MIN_PROGRAMS:
                 out.append((max(16, bm), bn, bk, w, True))
-    return out
+    split = [tiles + (s,) for tiles in out for s in SPLIT_K
+             if triton.cdiv(n, tiles[1]) < SPLIT_BELOW and triton.cdiv(k, tiles[2]) >= s]
+    return out + split
 
 
 def operands(m, n, k, norm=False, gate=False, glu=False, residual=False):
@@ -169,7 +174,7 @@ def main():
 
     results, too_big, wrong = [], [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
-             "times in a CUDA graph (median); GB/s counts the weights once; tiles (BLOCK_M, N, K, warps, dot)", ""]
+             "times in a CUDA graph (median); GB/s counts the weights once; tiles (BLOCK_M, N, K, warps, dot[, split_k])", ""]
     lines += HEADER
     for (name, n, k, kw), m in itertools.product(LAYERS, rows):
         glu = kw.get("glu", False)

@@ -106,6 +106,27 @@ def test_k_over_several_tiles(variant, dtype, m, tiles, kernel_on_cpu):
     assert_like_the_composition(decode_linear_triton(**args, tiles=tiles), args, wide)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,tiles", [(3, (4, 4, 32, 2, False, 2)), (13, (16, 16, 32, 4, True, 3)),
+                                     (16, (16, 16, 32, 4, True, 9))], ids=["broadcast-2", "dot-3", "dot-9"])
+def test_k_split_over_programs(variant, dtype, m, tiles, kernel_on_cpu):
+    """K of 150 in tiles of 32 (5 tiles) split over 2 programs (3 + 2 tiles), 3 (2 + 2 + 1) and 9 (more than the
+    tiles: 5 of one tile each), the last program of each column tile adding the parts: the same values as one
+    program, twice in a row (the count of arrived programs is back at zero after each launch)."""
+    from tnllm_kernels.decode_linear import triton_gemv
+    args, wide = make(variant, m, 37, 150, dtype, seed=20 + m)
+    for _ in range(2):
+        y = decode_linear_triton(**args, tiles=tiles)
+        assert_like_the_composition(y, args, wide)
+        assert not triton_gemv._SPLIT_K_COUNTS[y.device].any()
+    one = decode_linear_triton(**args, tiles=tiles[:5])
+    if dtype == torch.float32:      # the same sums in another order
+        assert rel(y, one) < 2e-6
+    with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+        decode_linear_triton(**args, tiles=tiles[:5] + (0,))
+
+
 def test_tiles_choose_the_form():
     """_tiles: broadcast products up to 4 rows, tl.dot from 5 (rows padded to 16, every block at least 16), on the
     385M shapes and the tests'; decode_linear_triton refuses tiles its forms cannot take."""
@@ -209,9 +230,9 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     specializes on): what the CPU interpreter cannot check (there tl.dot runs on fp32 operands; on the GPU on bf16
     or fp16 ones, with the GPU's shape rules, staged through shared memory). The GPU's tiles of each form (1 and 3
     rows broadcast; 8, 13 and 16 tl.dot) in bf16, fp16 and fp32, within an H200's shared memory, the widest dot tiles
-    that fit and the narrowest, and the broadcast form at 8 rows that the tile sweep still times. With PDL
-    (programmatic dependent launch, what the kernel takes on sm_90) the PTX waits once for the previous kernel;
-    without it, never."""
+    that fit and the narrowest, the broadcast form at 8 rows that the tile sweep still times, and K split over
+    programs (dot and broadcast, with SGLU's pair). With PDL (programmatic dependent launch, what the kernel takes on
+    sm_90) the PTX waits once for the previous kernel; without it, never."""
     n, k = 1024, 2816
     cases = []
     for m, dt, variant, pdl, tiles in [
@@ -221,19 +242,24 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
             (13, "fp16", "l3", True, None), (8, "fp32", "qkvu", False, None),
             (16, "bf16", "sglu_pair", True, (16, 16, 1024, 8, True)),
             (16, "bf16", "qkvu", True, (16, 64, 512, 8, True)),
-            (16, "bf16", "qkvu", True, (16, 16, 128, 2, True))]:
+            (16, "bf16", "qkvu", True, (16, 16, 128, 2, True)),
+            (16, "bf16", "out_proj", True, (16, 16, 256, 4, True, 4)),
+            (16, "bf16", "sglu_pair", True, (16, 16, 256, 4, True, 2)),
+            (1, "bf16", "l3", True, (1, 8, 1024, 4, False, 2))]:
         norm, gate, glu, residual = VARIANTS[variant]
-        block_m, block_n, block_k, warps, dot = tiles or _tiles(m, n, k, glu)
-        sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", M="i32", N="i32", K="i32",
-                   stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
+        block_m, block_n, block_k, warps, dot, *split = tiles or _tiles(m, n, k, glu)
+        sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", WS="*fp32", CNT="*i32",
+                   M="i32", N="i32", K="i32", K_SPLIT="i32", stride_x="i32", stride_g="i32", stride_w1="i32",
+                   stride_w2="i32", stride_r="i32", stride_y="i32",
                    eps="fp32", **{c: "constexpr" for c in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
-                                                           "BLOCK_N", "BLOCK_K", "DOT", "F32_DOT", "PDL")})
+                                                           "BLOCK_N", "BLOCK_K", "DOT", "F32_DOT", "SPLIT_K", "PDL")})
         consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", PDL=pdl)
+                      BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", SPLIT_K=split[0] if split else 1, PDL=pdl)
         cases.append((sig, consts, warps))
-    assert sum(consts["DOT"] for _, consts, _ in cases) == 7
-    aligned = ("X", "G", "W1", "W2", "R", "Y", "K", "stride_x", "stride_g", "stride_w1", "stride_w2", "stride_r",
-               "stride_y")
+    assert sum(consts["DOT"] for _, consts, _ in cases) == 9
+    assert sum(consts["SPLIT_K"] > 1 for _, consts, _ in cases) == 3
+    aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "K", "K_SPLIT", "stride_x", "stride_g", "stride_w1",
+               "stride_w2", "stride_r", "stride_y")
     waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,
                              max_shared=SM90_SHARED)
     assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]

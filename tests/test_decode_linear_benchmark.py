@@ -15,16 +15,22 @@ import decode_linear_tiles as sweep  # noqa: E402
 def test_candidates_of_both_forms():
     """On the 385M layers: broadcast tiles at every row count, tl.dot tiles from 5 rows (rows padded to 16, every
     block at least 16, as decode_linear_triton requires), all with at least 32 programs and K tiles no wider than
-    K's power of two."""
+    K's power of two; K split over 2 or 4 programs only for tiles of fewer than 264 column tiles, into parts of at
+    least one K tile, and each split candidate also unsplit."""
     for name, n, k, kw in sweep.LAYERS:
         for m in (1, 4, 5, 8, 16):
             tiles = sweep.candidates(m, n, k, kw.get("glu", False))
             dots = [t for t in tiles if t[4]]
             assert (len(dots) > 0) == (m >= 5) and len(dots) < len(tiles), (name, m)
-            for block_m, block_n, block_k, warps, dot in tiles:
+            split = [t for t in tiles if len(t) == 6]
+            assert split and all(t[:5] in tiles for t in split), (name, m)
+            for block_m, block_n, block_k, warps, dot, *split_k in tiles:
                 assert block_m >= m and warps in (2, 4, 8) and triton.cdiv(n, block_n) >= 32
                 assert block_k <= max(128, triton.next_power_of_2(k))
                 assert not dot or (block_m == 16 and block_n in (16, 32, 64) and 128 <= block_k <= 1024)
+                if split_k:
+                    assert split_k[0] in (2, 4) and triton.cdiv(n, block_n) < 264
+                    assert triton.cdiv(k, block_k) >= split_k[0]
 
 
 def test_table_reports_the_best_of_each_form():

@@ -24,6 +24,11 @@ sums. Two forms of the product, the tiles choose (_tiles, decode_linear_triton's
   rows, never swept (16 columns and 128 of K a program, 4 warps), made the 385M decode step at batch 16 slower than
   cuBLAS with separate kernels around it and was dropped.
 
+K may be split over programs (``tiles``' optional sixth element, split_k; _tiles keeps 1 until an H200 sweep says
+where it pays): each program sums its part of K, the last of a column tile to arrive adds the parts in K order and
+runs the epilogue. For layers of few column tiles at 8-16 rows (W_o and W_3 have 64 programs of 16 columns: 0.4
+and 1.2 TB/s at 16 rows), where too few loads are in flight.
+
 Nothing allocates by value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with
 programmatic dependent launch (gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which
 no kernel writes, before it waits for the kernel before it, so the weights of the next layer stream in while the
@@ -82,22 +87,25 @@ def _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT: t
 
 
 @triton.jit
-def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, stride_w2, stride_r, stride_y, eps,
-                 NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
+def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride_g, stride_w1, stride_w2, stride_r,
+                 stride_y, eps, NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+                 DOT: tl.constexpr, F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     DT = Y.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     rm = rows < M
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
     ks = tl.arange(0, BLOCK_K)
+    # this program's part of K: all of it, or with SPLIT_K the program_id(1)-th K_SPLIT (a multiple of BLOCK_K)
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
     w1_cols = W1 + cols.to(tl.int64)[:, None] * stride_w1
     w2_cols = W2 + cols.to(tl.int64)[:, None] * stride_w2
     # the first K tile of the weights before waiting for the previous kernel (nothing in a decode step writes
     # weights); the loop below loads each later tile itself. Own names: a tile assigned before the loop and again
     # in it would be carried from step to step.
-    w1_first, w2_first = _weight_tiles(w1_cols, w2_cols, cm, 0, ks, K, GLU)
+    w1_first, w2_first = _weight_tiles(w1_cols, w2_cols, cm, k_lo, ks, k_hi, GLU)
     _pdl_handoff(PDL)
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
     g_rows = G + rows.to(tl.int64)[:, None] * stride_g
@@ -111,16 +119,58 @@ def _gemv_kernel(X, G, W1, W2, R, Y, M, N, K, stride_x, stride_g, stride_w1, str
         r = tl.rsqrt(ss / K + eps)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1, acc2 = _accumulate_tile(acc1, acc2, w1_first, w2_first, x_rows, g_rows, 0, ks, rm, K, r, DT, NORM, GATE,
-                                  GLU, RNE, DOT, F32_DOT)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w1, w2 = _weight_tiles(w1_cols, w2_cols, cm, k0, ks, K, GLU)
-        acc1, acc2 = _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT, NORM, GATE, GLU,
+    acc1, acc2 = _accumulate_tile(acc1, acc2, w1_first, w2_first, x_rows, g_rows, k_lo, ks, rm, k_hi, r, DT, NORM,
+                                  GATE, GLU, RNE, DOT, F32_DOT)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        w1, w2 = _weight_tiles(w1_cols, w2_cols, cm, k0, ks, k_hi, GLU)
+        acc1, acc2 = _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, k_hi, r, DT, NORM, GATE, GLU,
                                       RNE, DOT, F32_DOT)
+    om = rm[:, None] & cm[None, :]
+    if SPLIT_K > 1:
+        last, acc1, acc2 = _sum_split_k(acc1, acc2, WS, CNT, rows, cols, cm, N, BLOCK_M, SPLIT_K, GLU)
+        if last:
+            _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE)
+    else:
+        _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE)
+
+
+@triton.jit
+def _sum_split_k(acc1, acc2, WS, CNT, rows, cols, cm, N, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+                 GLU: tl.constexpr):
+    """Split K: each of a column tile's SPLIT_K programs writes its fp32 sums to WS [(2 with GLU) x SPLIT_K, BLOCK_M,
+    N] and counts itself in CNT[tile]; the last to arrive adds the SPLIT_K parts in their K order (the same sums
+    whichever program is last) and resets the count for the next launch. Returns (whether this program is the last,
+    the sums). Why: at 8-16 rows a layer of 1024 outputs is 64 programs of 16 columns for 132 SMs, too few loads in
+    flight to stream its weights (0.4 TB/s for W_o at 16 rows on an H200, benchmarks/RESULTS.md)."""
+    pid_k = tl.program_id(1)
+    at = (rows.to(tl.int64)[:, None] + pid_k * BLOCK_M) * N + cols[None, :]
+    tl.store(WS + at, acc1, mask=cm[None, :])
+    if GLU:
+        tl.store(WS + SPLIT_K * BLOCK_M * N + at, acc2, mask=cm[None, :])
+    # every thread's parts stored before the count (the barrier), the count a release and an acquire at GPU scope:
+    # the last program's loads below see every part
+    tl.debug_barrier()
+    arrived = tl.atomic_add(CNT + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc1 = tl.zeros_like(acc1)
+        acc2 = tl.zeros_like(acc2)
+        for part in tl.static_range(SPLIT_K):
+            here = (rows.to(tl.int64)[:, None] + part * BLOCK_M) * N + cols[None, :]
+            acc1 += tl.load(WS + here, mask=cm[None, :], other=0.0, cache_modifier=".cg")
+            if GLU:
+                acc2 += tl.load(WS + SPLIT_K * BLOCK_M * N + here, mask=cm[None, :], other=0.0, cache_modifier=".cg")
+        tl.store(CNT + tl.program_id(0), 0)
+    return last, acc1, acc2
+
+
+@triton.jit
+def _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT: tl.constexpr, GLU: tl.constexpr,
+              RESIDUAL: tl.constexpr, RNE: tl.constexpr):
+    """The sums rounded to DT, SGLU's product, the residual added, each rounded as the composition rounds; stored."""
     y = _round(acc1, DT, RNE)
     if GLU:
         y = _round(y * _round(acc2, DT, RNE), DT, RNE)
-    om = rm[:, None] & cm[None, :]
     if RESIDUAL:
         res = tl.load(R + rows.to(tl.int64)[:, None] * stride_r + cols[None, :], mask=om, other=0.0)
         y = _round(res.to(tl.float32) + y, DT, RNE)
@@ -157,11 +207,26 @@ def _tiles(m: int, n: int, k: int, glu: bool):
     return block_m, block_n, block_k, triton.next_power_of_2(num_warps), False
 
 
+# per device: one count per column tile for the split-K programs (_sum_split_k), zero between launches (the last
+# program of each tile resets its own). Kept, not allocated per call: a fresh zeroed buffer would be a memset launch.
+# The decode kernels run one after the other on one stream; two split-K launches at once on one device would share it.
+_SPLIT_K_COUNTS = {}
+
+
+def _split_k_counts(device, tiles):
+    counts = _SPLIT_K_COUNTS.get(device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _SPLIT_K_COUNTS[device] = counts
+    return counts
+
+
 def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None):
     """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's).
-    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot) instead of _tiles's choice (benchmarks sweep them; the
-    kernel tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns a program). BLOCK_M at
-    least the rows; with dot, every block at least 16 (tl.dot's smallest tile)."""
+    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k]) instead of _tiles's choice (benchmarks sweep
+    them; the kernel tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns a program).
+    BLOCK_M at least the rows; with dot, every block at least 16 (tl.dot's smallest tile). split_k (default 1): K
+    cut into that many parts of whole BLOCK_K tiles, one program each, summed by the last (_sum_split_k)."""
     m, k = x.shape
     n = weight.shape[0]
     if norm_eps is not None and not float(norm_eps) >= 0:
@@ -171,23 +236,36 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         tiles = _tiles(m, n, k, weight2 is not None)
         if interp:      # the CPU interpreter runs programs one by one in Python: fewer, wider ones there
             tiles = (tiles[0], max(tiles[1], 16)) + tuple(tiles[2:])
-    block_m, block_n, block_k, num_warps, dot = tiles
+    block_m, block_n, block_k, num_warps, dot = tiles[:5]
+    split_k = tiles[5] if len(tiles) > 5 else 1
     if block_m < m:
         raise ValueError(f"decode_linear: BLOCK_M {block_m} < {m} rows")
     if dot and min(block_m, block_n, block_k) < 16:
         raise ValueError(f"decode_linear: tl.dot takes tiles of at least 16, got {tiles}")
+    if not (isinstance(split_k, int) and split_k >= 1):
+        raise ValueError(f"decode_linear: split_k must be an int >= 1, got {split_k!r} in tiles {tiles}")
+    k_tiles = triton.cdiv(k, block_k)
+    k_split = triton.cdiv(k_tiles, min(split_k, k_tiles)) * block_k     # whole tiles a part, no empty part
+    split_k = triton.cdiv(k, k_split)
+    col_tiles = triton.cdiv(n, block_n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     any_ = x            # any pointer for the operands a variant does not read
+    if split_k > 1:
+        ws = torch.empty((2 if weight2 is not None else 1) * split_k * block_m * n, dtype=torch.float32,
+                         device=x.device)
+        counts = _split_k_counts(x.device, col_tiles)
+    else:
+        ws = counts = any_
     pdl = pdl_launch(x)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(col_tiles, split_k)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
-        residual if residual is not None else any_, y, m, n, k,
+        residual if residual is not None else any_, y, ws, counts, m, n, k, k_split,
         x.stride(0), gate.stride(0) if gate is not None else 0, weight.stride(0),
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
         RNE=interp and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interp, PDL=pdl,
+        DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interp, SPLIT_K=split_k, PDL=pdl,
         num_warps=4 if interp else num_warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
