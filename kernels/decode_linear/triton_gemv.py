@@ -24,10 +24,10 @@ sums. Two forms of the product, the tiles choose (_tiles, decode_linear_triton's
   rows, never swept (16 columns and 128 of K a program, 4 warps), made the 385M decode step at batch 16 slower than
   cuBLAS with separate kernels around it and was dropped.
 
-K may be split over programs (``tiles``' optional sixth element, split_k; _tiles keeps 1 until an H200 sweep says
-where it pays): each program sums its part of K, the last of a column tile to arrive adds the parts in K order and
-runs the epilogue. For layers of few column tiles at 8-16 rows (W_o and W_3 have 64 programs of 16 columns: 0.4
-and 1.2 TB/s at 16 rows), where too few loads are in flight.
+K may be split over programs (``tiles``' optional sixth element, split_k): each program sums its part of K, the
+last of a column tile to arrive adds the parts in K order and runs the epilogue. _tiles splits it for narrow
+layers at 5-16 rows (W_o and W_3 had 64 programs of 16 columns: 0.4 and 1.2 TB/s at 16 rows, too few loads in
+flight).
 
 Nothing allocates by value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with
 programmatic dependent launch (gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which
@@ -189,14 +189,19 @@ def _tiles(m: int, n: int, k: int, glu: bool):
     * 1 row: 8 columns a program (4 with SGLU's pair), 2048 of K a step (1024 with the pair), 128 products a thread
       (third sweep: 12.2 us a block against 14.3 for the second sweep's 4 columns x 64 products);
     * 2-4 rows: 4 columns (2 with the pair), 1024 of K, 128 products a thread (second sweep);
-    * 5-16 rows, tl.dot: rows padded to 16, 256 of K a step, 4 warps, 32 columns a program for layers of at least
-      2048 outputs and 16 for narrower ones (at least 64 programs for the 132 SMs): 20.8 us a block at 16 rows
-      against 66.1 for cuBLAS with the norm, gate, product and add kernels around it, and 131 for the broadcast form.
+    * 5-16 rows, tl.dot: rows padded to 16, 32 columns a program; for layers of at least 2048 outputs 256 of K a
+      step and 4 warps (20.8 us a block at 16 rows against 66.1 for cuBLAS with the norm, gate, product and add
+      kernels around it, and 131 for the broadcast form); narrower layers (W_o, W_3: 32 programs) split K in 4
+      parts, 128 of K a step and 8 warps up to K = 1024, else 256 and 4 (tenth session's sweep: W_o 4.92 -> 4.12
+      us, W_3 4.78 -> 3.81 at 16 rows, against 16 columns unsplit; a block 18.7 us).
     """
     two = 2 if glu else 1       # SGLU's pair: two weight tiles per step of K
     if m >= DOT_FROM_ROWS:
-        block_k = max(16, min(triton.next_power_of_2(k), 256))
-        return max(16, triton.next_power_of_2(m)), 32 if n >= 2048 else 16, block_k, 4, True
+        block_m = max(16, triton.next_power_of_2(m))
+        if n >= 2048:
+            return block_m, 32, max(16, min(triton.next_power_of_2(k), 256)), 4, True
+        block_k, num_warps = (128, 8) if k <= 1024 else (256, 4)
+        return block_m, 32, max(16, min(triton.next_power_of_2(k), block_k)), num_warps, True, 4
     block_m = max(1, triton.next_power_of_2(m))
     if block_m == 1:
         block_n, block_k = 8 // two, 2048 // two
