@@ -347,8 +347,10 @@ for dt, lrpe, row_pos, act, pdl in (("bf16", True, True, 1, True), ("fp32", Fals
                THETA=f"*{dt}", O=f"*{dt}", **{n: "i32" for n in ints},
                **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V", "PDL")})
     consts = dict(ACT=act, LRPE=lrpe, ROW_POS=row_pos, LIBDEVICE=True, RNE=False, BLOCK_E=128,
-                  BLOCK_V=m._block_v(8, 128, lrpe), PDL=pdl)
-    ptx = triton.compile(ASTSource(m._step_kernel, sig, consts), target=target, options=dict(num_warps=4)).asm["ptx"]
+                  PDL=pdl)
+    consts["BLOCK_V"], num_warps = m._step_tiles(8, 128, lrpe)
+    ptx = triton.compile(ASTSource(m._step_kernel, sig, consts), target=target,
+                         options=dict(num_warps=num_warps)).asm["ptx"]
     assert "sin.approx" not in ptx and "cos.approx" not in ptx, (dt, lrpe)
     # with PDL: one wait, after the state tile's loads and before any other load or store
     assert ptx.count("griddepcontrol.wait") == int(pdl), (dt, lrpe, pdl)

@@ -185,15 +185,15 @@ def _norm_gate_kernel(O, U, Y, D, stride_ub, eps, RNE: tl.constexpr, BLOCK_D: tl
         tl.store(Y + row * D + d0 + cols, _round(_round(x * r, DT, RNE) * u, DT, RNE).to(DT), mask=mk)
 
 
-def _block_v(rows_heads: int, head_dim: int, lrpe: bool) -> int:
-    """Columns of the state per program. At most 32 (16 with LRPE's two row blocks): compiled for sm_90 with 4 warps
-    and head dim 128 that keeps the step kernel near 110-125 registers without spills (64 columns took 128 without
-    LRPE, 255 plus a spill with it at 8 warps). Fewer, down to 16, until the grid has ~256 programs, so that a
-    batch-1 step spreads its state over many SMs. Not tuned on a GPU yet."""
+def _step_tiles(rows_heads: int, head_dim: int, lrpe: bool):
+    """(BLOCK_V, num_warps): columns of the state per program and warps. At most 32 columns (16 with LRPE's two row
+    blocks): compiled for sm_90 with 4 warps and head dim 128 that keeps the step kernel near 110-125 registers
+    without spills (64 columns took 128 without LRPE, 255 plus a spill with it at 8 warps). Fewer, down to 16, until
+    the grid has ~256 programs, so that a batch-1 step spreads its state over many SMs. Not tuned on a GPU yet."""
     bv = min(16 if lrpe else 32, max(16, triton.next_power_of_2(head_dim)))
     while bv > 16 and rows_heads * triton.cdiv(head_dim, bv) < 256:
         bv //= 2
-    return bv
+    return bv, 4
 
 
 def check_inputs(qkvu, state, slope, positions, theta, act):
@@ -238,9 +238,10 @@ def check_inputs(qkvu, state, slope, positions, theta, act):
 
 
 def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str = "silu", norm_eps=None,
-                           in_place: bool = False):
+                           in_place: bool = False, tiles=None):
     """Same contract as gla_decode_step_reference. ``positions``: an int, or a tensor [B] on the device (what a
-    CUDA graph needs: the value is read by the kernel at replay)."""
+    CUDA graph needs: the value is read by the kernel at replay). ``tiles``: (BLOCK_V, num_warps) of the step kernel
+    instead of _step_tiles's (benchmarks/decode_step_tiles.py sweeps them)."""
     b, h, e, hidden = check_inputs(qkvu, state, slope, positions, theta, act)
     new_state = state if in_place else torch.empty_like(state)
     o = torch.empty(b, hidden, dtype=qkvu.dtype, device=qkvu.device)
@@ -248,7 +249,9 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     rne = interpreting() and qkvu.dtype == torch.bfloat16
     slope = slope.float().contiguous()
     theta_arg = theta.reshape(-1).contiguous() if theta is not None else slope      # any pointer when unused
-    bv = _block_v(b * h, e, theta is not None)
+    bv, num_warps = tiles if tiles is not None else _step_tiles(b * h, e, theta is not None)
+    if not (bv >= 1 and bv & (bv - 1) == 0 and num_warps >= 1 and num_warps & (num_warps - 1) == 0):
+        raise ValueError(f"gla_decode_step_triton: tiles (BLOCK_V, num_warps) must be powers of two, got {tiles}")
     block_e = max(16, triton.next_power_of_2(e))
     pdl = pdl_launch(qkvu)
     if b > 0:
@@ -257,7 +260,7 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
             0 if row_pos else int(positions), h, e, hidden, qkvu.stride(0),
             *state.stride(), *new_state.stride(),
             ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not interpreting(), RNE=rne,
-            BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+            BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     if norm_eps is None:
         return o, new_state
     if not float(norm_eps) >= 0:
