@@ -186,12 +186,15 @@ def _norm_gate_kernel(O, U, Y, D, stride_ub, eps, RNE: tl.constexpr, BLOCK_D: tl
 
 
 def _step_tiles(rows_heads: int, head_dim: int, lrpe: bool):
-    """(BLOCK_V, num_warps): columns of the state per program and warps. At most 32 columns (16 with LRPE's two row
-    blocks): compiled for sm_90 with 4 warps and head dim 128 that keeps the step kernel near 110-125 registers
-    without spills (64 columns took 128 without LRPE, 255 plus a spill with it at 8 warps). Fewer, down to 16, until
-    the grid has ~256 programs, so that a batch-1 step spreads its state over many SMs. Not tuned on a GPU yet."""
-    bv = min(16 if lrpe else 32, max(16, triton.next_power_of_2(head_dim)))
-    while bv > 16 and rows_heads * triton.cdiv(head_dim, bv) < 256:
+    """(BLOCK_V, num_warps): columns of the state per program and warps. The widest power of two whose state tile
+    holds at most 16384 fp32 values (Dk x BLOCK_V: 128 columns of a 128-wide head, 64 with LRPE's Dk = 256) and still
+    gives 128 programs, at least 16 columns; 4 warps. Chosen from benchmarks/decode_step_tiles.py on an H200 (385M:
+    8 heads of 128, bf16; 2026-11-30, benchmarks/RESULTS.md): the fastest of 20 tiles at each of 1, 4, 8 and 16 rows,
+    with and without LRPE (16 rows without LRPE: 3.95 us against 4.77 for the 32 columns taken before; with LRPE
+    6.53 against 9.10; 1 row: 16 columns, 64 programs, the fastest too)."""
+    block_e = max(16, triton.next_power_of_2(head_dim))
+    bv = max(16, min(block_e, 16384 // (block_e * (2 if lrpe else 1))))
+    while bv > 16 and rows_heads * triton.cdiv(head_dim, bv) < 128:
         bv //= 2
     return bv, 4
 
