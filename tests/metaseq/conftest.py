@@ -27,7 +27,11 @@ from pathlib import Path
 
 import pytest
 
-if importlib.util.find_spec("metaseq") is None:
+# A real Metaseq, not this folder: with tests/ on sys.path (pytest puts it there for tests/conftest.py) "metaseq"
+# also finds this directory as a namespace package (no origin), and collecting these files would then import it and
+# make every later `import tnllm_plugin` load the Metaseq adapter.
+_spec = importlib.util.find_spec("metaseq")
+if _spec is None or _spec.origin in (None, "namespace"):
     collect_ignore_glob = ["test_*.py"]
 
 REPO = Path(__file__).resolve().parents[2]
