@@ -10,9 +10,10 @@ from .reference import decode_linear_reference
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # decoding batches; larger ones keep cuBLAS. Up to 4 rows the kernel sums broadcast products, from 5 it runs tl.dot
-# on tensor cores: on an H200 one block's four layers of the 385M model took 12.2 us at 1 row and 20.8 at 16 against
-# 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels around it, and the CUDA-graph decode step at
-# batch 16 went from 1.17 to 0.93 ms (benchmarks/RESULTS.md). tests/test_decode_linear.py passed on that GPU.
+# on tensor cores (K split over programs for the narrow layers): on an H200 one block's four layers of the 385M model
+# took 12.2 us at 1 row and 18.6 at 16 against 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels
+# around it, and the CUDA-graph decode step at batch 16 went from 1.17 to 0.87 ms (with the tuned token-mixer step;
+# benchmarks/RESULTS.md). tests/test_decode_linear.py passed on that GPU.
 MAX_ROWS = 16
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in

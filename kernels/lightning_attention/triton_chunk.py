@@ -26,7 +26,7 @@ Design (chunks of C tokens, C = 64):
 * fp32 accumulation everywhere, fp32 states; matrix-unit operands in the input dtype (fp32 inputs use
   ``tf32x3``, about fp32 accuracy).
 
-Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.86 to 1.02
+Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.85 to 1.00
 ms of GPU time (N = 1k..32k); on one H100 (issue 3) 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla 0.6.0
 chunk_simple_gla, at half its peak memory.
 """
