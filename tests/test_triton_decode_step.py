@@ -24,7 +24,7 @@ import_kernel_module("tnllm_kernels.gla_decode.triton_step")
 import tnllm_kernels.gla_decode as gla_decode  # noqa: E402
 from tnllm_kernels.gla_decode import gla_decode_step, gla_decode_step_applies  # noqa: E402
 from tnllm_kernels.gla_decode.reference import gla_decode_step_reference  # noqa: E402
-from tnllm_kernels.gla_decode.triton_step import MAX_HEAD_DIM, gla_decode_step_triton  # noqa: E402
+from tnllm_kernels.gla_decode.triton_step import MAX_HEAD_DIM, _step_tiles, gla_decode_step_triton  # noqa: E402
 from tnllm_plugin.model import LRPE, GatedLinearAttention, TransNormerConfig, decay_slopes  # noqa: E402
 
 EPS = 1e-6
@@ -255,6 +255,27 @@ def test_dispatch():
             assert rel(y2, y_ref) <= SAME_FP32 and rel(s2, s_ref) <= SAME_FP32
         finally:
             gla_decode.interpret_on_cpu = False
+
+
+def test_step_tiles_rule():
+    """_step_tiles: the widest power-of-two BLOCK_V (at least 16) whose state tile holds at most 16384 fp32 values and
+    that still gives 128 programs; the 385M shape at 1/4/8/16 rows as the H200 sweep chose (8 heads of 128)."""
+    for rows_heads in (1, 8, 32, 64, 100, 128, 256, 4096):
+        for head_dim in (12, 48, 64, 128, 256):
+            for lrpe in (False, True):
+                bv, warps = _step_tiles(rows_heads, head_dim, lrpe)
+                block_e = max(16, 1 << (head_dim - 1).bit_length())
+                values = block_e * (2 if lrpe else 1)           # state rows a program holds per column
+                programs = lambda b: rows_heads * -(-head_dim // b)  # noqa: E731
+                assert warps == 4 and bv >= 16 and bv & (bv - 1) == 0 and bv <= max(16, block_e)
+                assert bv == 16 or (values * bv <= 16384 and programs(bv) >= 128)
+                wider = 2 * bv
+                assert wider > block_e or values * wider > 16384 or programs(wider) < 128
+    assert [_step_tiles(8 * b, 128, False) for b in (1, 4, 8, 16)] == [(16, 4), (32, 4), (64, 4), (128, 4)]
+    assert [_step_tiles(8 * b, 128, True) for b in (1, 4, 8, 16)] == [(16, 4), (32, 4), (64, 4), (64, 4)]
+    with pytest.raises(ValueError, match="powers of two"):
+        gla_decode_step_triton(torch.randn(2, 4 * 32, device=DEV), torch.randn(2, 2, 16, 16, device=DEV),
+                               torch.zeros(2, device=DEV), tiles=(24, 4))
 
 
 def test_clear_errors(monkeypatch):
