@@ -1,6 +1,8 @@
 """What the GPU benchmarks share: the same-size models they compare, built from one settings dict (keys vocab,
 layers, dim, heads, ffn), and the device bookkeeping around a measurement."""
 import gc
+import json
+import os
 
 import torch
 
@@ -49,3 +51,16 @@ def profiled_kernels(averages, cuda: bool):
         return [(e.key, e.count, e.self_device_time_total) for e in averages
                 if e.device_type == torch.autograd.DeviceType.CUDA]
     return [(e.key, e.count, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]
+
+
+def report_sweep(name: str, lines, results) -> None:
+    """A tile sweep's report: its lines printed, and written to $OUT/name.md (with the results in $OUT/name.json)
+    when OUT is set."""
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, name + ".md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(out, name + ".json"), "w") as f:
+            json.dump(results, f, indent=1)

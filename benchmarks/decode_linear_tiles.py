@@ -15,7 +15,6 @@ writes $OUT/decode_linear_tiles.md (and .json) when OUT is set.
 """
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.decode_linear import decode_linear_reference  # noqa: E402
+from benchmark_common import report_sweep  # noqa: E402
 
 # the 385M block: (layer, N, K, what the kernel folds in)
 LAYERS = [("qkvu", 4096, 1024, dict(norm=True)), ("out_proj", 1024, 1024, dict(norm=True, gate=True, residual=True)),
@@ -201,14 +201,7 @@ def main():
     lines.append("\n" + block_line(results, rows))
     lines.append(f"\n{len(too_big)} candidates did not fit the GPU (OutOfResources), not timed: " + "; ".join(too_big))
     lines.append(f"\n{len(wrong)} candidates gave wrong outputs, not timed" + (": " + "; ".join(wrong) if wrong else ""))
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "decode_linear_tiles.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(out, "decode_linear_tiles.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    report_sweep("decode_linear_tiles", lines, results)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ writes $OUT/decode_step_tiles.md (and .json) when OUT is set.
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmark_common import report_sweep  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 128
 BLOCK_V = (8, 16, 32, 64, 128)
@@ -85,14 +85,7 @@ def main():
                      + ", ".join(f"{t} {us:.2f}" for us, t in timed[1:4]) + " |")
         print(lines[-1], flush=True)
     lines.append(f"\n{len(wrong)} candidates gave wrong outputs, not timed" + (": " + "; ".join(wrong) if wrong else ""))
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "decode_step_tiles.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(out, "decode_step_tiles.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    report_sweep("decode_step_tiles", lines, results)
 
 
 if __name__ == "__main__":
