@@ -174,7 +174,8 @@ def main():
 
     results, too_big, wrong = [], [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
-             "times in a CUDA graph (median); GB/s counts the weights once; tiles (BLOCK_M, N, K, warps, dot[, split_k])", ""]
+             "times in a CUDA graph (median); GB/s counts the weights once; "
+             "tiles (BLOCK_M, N, K, warps, dot[, split_k])", ""]
     lines += HEADER
     for (name, n, k, kw), m in itertools.product(LAYERS, rows):
         glu = kw.get("glu", False)

@@ -84,7 +84,8 @@ def main():
                      f"{timed[0][1]} | {timed[0][0]:.2f} | {gbs(timed[0][0]):.0f} | "
                      + ", ".join(f"{t} {us:.2f}" for us, t in timed[1:4]) + " |")
         print(lines[-1], flush=True)
-    lines.append(f"\n{len(wrong)} candidates gave wrong outputs, not timed" + (": " + "; ".join(wrong) if wrong else ""))
+    lines.append(f"\n{len(wrong)} candidates gave wrong outputs, not timed"
+                 + (": " + "; ".join(wrong) if wrong else ""))
     report_sweep("decode_step_tiles", lines, results)
 
 

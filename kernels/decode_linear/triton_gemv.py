@@ -181,10 +181,10 @@ DOT_FROM_ROWS = 5       # from this many rows the product runs as tl.dot (see _t
 
 
 def _tiles(m: int, n: int, k: int, glu: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot): the tiles and the form of the product (dot: tl.dot on tensor
-    cores, else broadcast products summed in fp32; see the module docstring). From sweeps of
-    benchmarks/decode_linear_tiles.py on an H200 (385M shapes, bf16, 2026-11-29/30; benchmarks/RESULTS.md), each rule
-    within 5% of the sweep's best for each of a block's four layers:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k]): the tiles and the form of the product (dot: tl.dot on
+    tensor cores, else broadcast products summed in fp32; split_k: K over that many programs; see the module
+    docstring). From sweeps of benchmarks/decode_linear_tiles.py on an H200 (385M shapes, bf16, 2026-11-29/30;
+    benchmarks/RESULTS.md), each rule within 5% of the sweep's best for each of a block's four layers:
 
     * 1 row: 8 columns a program (4 with SGLU's pair), 2048 of K a step (1024 with the pair), 128 products a thread
       (third sweep: 12.2 us a block against 14.3 for the second sweep's 4 columns x 64 products);
