@@ -53,6 +53,15 @@ def profiled_kernels(averages, cuda: bool):
     return [(e.key, e.count, e.self_cpu_time_total) for e in averages if e.key.startswith("aten::")]
 
 
+def graph_us(fn, rep_ms: int) -> float:
+    """Median microseconds of fn() replayed in a CUDA graph (triton.testing.do_bench_cudagraph), after one call
+    outside it (Triton compiles there, not during capture)."""
+    from triton.testing import do_bench_cudagraph
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+
+
 def report_sweep(name: str, lines, results) -> None:
     """A tile sweep's report: its lines printed, and written to $OUT/name.md (with the results in $OUT/name.json)
     when OUT is set."""

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.decode_linear import decode_linear_reference  # noqa: E402
-from benchmark_common import report_sweep  # noqa: E402
+from benchmark_common import graph_us, report_sweep  # noqa: E402
 
 # the 385M block: (layer, N, K, what the kernel folds in)
 LAYERS = [("qkvu", 4096, 1024, dict(norm=True)), ("out_proj", 1024, 1024, dict(norm=True, gate=True, residual=True)),
@@ -156,7 +156,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("decode_linear_tiles: needs a CUDA GPU")
     import triton
-    from triton.testing import do_bench_cudagraph
     from tnllm_kernels.decode_linear.triton_gemv import _tiles, decode_linear_triton
     rows = [int(r) for r in args.rows.split(",")]
     todo = list(cases(rows))
@@ -167,11 +166,6 @@ def main():
             pool.map(compile_some, chunks)
     print(f"{len(todo)} variants compiled in {time.time() - t0:.0f} s", flush=True)
 
-    def time_us(fn):
-        fn()
-        torch.cuda.synchronize()
-        return do_bench_cudagraph(fn, rep=args.rep_ms, return_mode="median") * 1e3
-
     results, too_big, wrong = [], [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
              "times in a CUDA graph (median); GB/s counts the weights once; "
@@ -180,9 +174,9 @@ def main():
     for (name, n, k, kw), m in itertools.product(LAYERS, rows):
         glu = kw.get("glu", False)
         ops = operands(m, n, k, **kw)
-        ref_us = time_us(lambda: decode_linear_reference(**ops))
+        ref_us = graph_us(lambda: decode_linear_reference(**ops), args.rep_ms)
         now = _tiles(m, n, k, glu)
-        now_us = time_us(lambda: decode_linear_triton(**ops, tiles=now))
+        now_us = graph_us(lambda: decode_linear_triton(**ops, tiles=now), args.rep_ms)
         expected = decode_linear_reference(**ops)
         timed = []
         for tiles in candidates(m, n, k, glu):
@@ -193,7 +187,7 @@ def main():
                 wrong.append(f"{name} {m} rows {tiles}: {e}")
                 continue
             if fits:
-                timed.append((time_us(call), tiles))
+                timed.append((graph_us(call, args.rep_ms), tiles))
             else:
                 too_big.append(f"{name} {m} rows {tiles}")
         results.append(summarize(name, m, n, k, glu, ref_us, now, now_us, timed))

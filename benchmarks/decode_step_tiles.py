@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmark_common import report_sweep  # noqa: E402
+from benchmark_common import graph_us, report_sweep  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 128
 BLOCK_V = (8, 16, 32, 64, 128)
@@ -42,7 +42,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("decode_step_tiles: needs a CUDA GPU")
     import triton
-    from triton.testing import do_bench_cudagraph
     from tnllm_kernels.gla_decode.triton_step import _step_tiles, gla_decode_step_triton
 
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; the step "
@@ -58,12 +57,6 @@ def main():
         def step(tiles, s):
             return gla_decode_step_triton(qkvu, s, slope, positions, theta, "silu", in_place=True, tiles=tiles)
 
-        def time_us(tiles):
-            s = state.clone()
-            step(tiles, s)
-            torch.cuda.synchronize()
-            return do_bench_cudagraph(lambda: step(tiles, s), rep=args.rep_ms, return_mode="median") * 1e3
-
         today = _step_tiles(b * HEADS, HEAD_DIM, lrpe)
         o_ref, s_ref = step(today, state.clone())
         timed = []
@@ -74,7 +67,7 @@ def main():
             if not err <= 1e-2:
                 wrong.append(f"LRPE {lrpe} {b} rows {tiles}: off today's tiles by {err:.2e}")
                 continue
-            timed.append((time_us(tiles), tiles))
+            timed.append((graph_us(lambda: step(tiles, s), args.rep_ms), tiles))    # s: updated in place
         timed.sort()
         today_us = next(us for us, t in timed if t == today)
         gbs = lambda us: 2 * state_bytes / us / 1e3  # noqa: E731
