@@ -334,9 +334,14 @@ def _walk_kernel(
         out = _mm((_mm(x, yt, DOT_PREC) * mask).to(dt), z, DOT_PREC)
         if REVERSE:
             out += _mm(x, T.to(dt), DOT_PREC) * k_dec[:, None]
-            # (diag(q_dec) Y)^T Z as Y^T (diag(q_dec) Z): the smaller Z tile scaled, Y's transpose shared with the
-            # score product (sm_90: 1568 instructions against 1680, 246 registers without a spill against 255 with)
-            update = _mm(yt, (z * q_dec[:, None]).to(dt), DOT_PREC)
+            if STATE_T:
+                # dk's walk: (diag(q_dec) Y)^T Z as Y^T (diag(q_dec) Z), the smaller Z tile (q) scaled and Y's
+                # transpose shared with the score product (sm_90: no register spill)
+                update = _mm(yt, (z * q_dec[:, None]).to(dt), DOT_PREC)
+            else:
+                # dv's walk rounds the decayed Y (q) rather than the decayed Z (dO): with q through silu (positive on
+                # average) that keeps dv's error lower (benchmarks/RESULTS.md, tenth session)
+                update = _mm(tl.trans((y * q_dec[:, None]).to(dt)), z, DOT_PREC)
         else:
             out += _mm(x, T.to(dt), DOT_PREC) * q_dec[:, None]
             update = _mm(yt, (z * k_dec[:, None]).to(dt), DOT_PREC)
