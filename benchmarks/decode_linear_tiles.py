@@ -2,7 +2,10 @@
 block, in bf16, at 1, 4, 8 and 16 rows, and print, per layer and row count, the fastest tiles of each form of the
 product (broadcast fp32 sums; tl.dot on tensor cores, from 5 rows), the tiles the kernel chooses today (_tiles) and
 the composition the model runs without it (cuBLAS plus the norm/gate/product/add kernels around it), each timed
-inside a CUDA graph (triton.testing.do_bench_cudagraph), as a decode step runs.
+inside a CUDA graph (triton.testing.do_bench_cudagraph), as a decode step runs. Each timing cycles through copies of
+the layer's weights that fill the L2 cache four times over, so that every call reads its weights from HBM as in a
+decode step (24 layers, 0.67 GB); ``--weights-in-l2`` times one copy, as the sweeps before the eleventh session did
+(a 2-8 MB layer repeated stays in the H200's 50 MB L2: faster than in a decode, and favouring other tiles).
 
 Its sweeps chose _tiles's table. Each candidate's output is checked against the composition too (a wrong one
 is listed, not timed). Run it again after a change to the kernel. Compiling the ~760 variants
@@ -24,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.decode_linear import decode_linear_reference  # noqa: E402
-from benchmark_common import graph_us, report_sweep  # noqa: E402
+from benchmark_common import copies_past_l2, graph_us, report_sweep  # noqa: E402
 
 # the 385M block: (layer, N, K, what the kernel folds in)
 LAYERS = [("qkvu", 4096, 1024, dict(norm=True)), ("out_proj", 1024, 1024, dict(norm=True, gate=True, residual=True)),
@@ -35,7 +38,7 @@ WARPS = (2, 4, 8)
 DOT_BLOCK_N = (16, 32, 64)
 DOT_BLOCK_K = (128, 256, 512, 1024)
 MIN_PROGRAMS = 32
-SPLIT_K = (2, 4)            # K over that many programs: for tiles of fewer than SPLIT_BELOW column tiles
+SPLIT_K = (2, 4, 8)         # K over that many programs: for tiles of fewer than SPLIT_BELOW column tiles
 SPLIT_BELOW = 264           # two programs for each of an H200's 132 SMs
 
 
@@ -76,6 +79,14 @@ def operands(m, n, k, norm=False, gate=False, glu=False, residual=False):
     if residual:
         args["residual"] = r(m, n)
     return args
+
+
+def weight_copies(ops, n_copies):
+    """ops and n_copies - 1 more with their own copies of the weights (the activations shared: a decode step finds
+    them in L2, written by the kernel before)."""
+    extra = [{**ops, **{key: ops[key].clone() for key in ("weight", "weight2") if key in ops}}
+             for _ in range(n_copies - 1)]
+    return [ops] + extra
 
 
 def cases(rows):
@@ -152,6 +163,8 @@ def main():
     ap.add_argument("--rows", default="1,4,8,16", help="comma-separated row counts (batch sizes)")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling the variants before timing")
     ap.add_argument("--rep-ms", type=int, default=10, help="do_bench_cudagraph's rep per variant")
+    ap.add_argument("--weights-in-l2", action="store_true",
+                    help="time each variant on one copy of the weights (they stay in L2) instead of cycling copies")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_linear_tiles: needs a CUDA GPU")
@@ -168,26 +181,31 @@ def main():
 
     results, too_big, wrong = [], [], []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, bf16, "
-             "times in a CUDA graph (median); GB/s counts the weights once; "
-             "tiles (BLOCK_M, N, K, warps, dot[, split_k])", ""]
+             "times in a CUDA graph (median, per call); GB/s counts the weights once; "
+             "tiles (BLOCK_M, N, K, warps, dot[, split_k]); weights "
+             + ("repeated (in L2)" if args.weights_in_l2 else "cycled through copies past L2 (from HBM)"), ""]
     lines += HEADER
     for (name, n, k, kw), m in itertools.product(LAYERS, rows):
         glu = kw.get("glu", False)
         ops = operands(m, n, k, **kw)
-        ref_us = graph_us(lambda: decode_linear_reference(**ops), args.rep_ms)
+        copies = weight_copies(ops, 1 if args.weights_in_l2 else copies_past_l2(n * k * 2 * (2 if glu else 1)))
+
+        def us(fn):     # per call of fn, each call on the next copy of the weights
+            return graph_us(lambda: [fn(c) for c in copies], args.rep_ms) / len(copies)
+
+        ref_us = us(lambda c: decode_linear_reference(**c))
         now = _tiles(m, n, k, glu)
-        now_us = graph_us(lambda: decode_linear_triton(**ops, tiles=now), args.rep_ms)
+        now_us = us(lambda c: decode_linear_triton(**c, tiles=now))
         expected = decode_linear_reference(**ops)
         timed = []
         for tiles in candidates(m, n, k, glu):
-            call = lambda: decode_linear_triton(**ops, tiles=tiles)  # noqa: E731
             try:
-                fits = runs(call, expected)
+                fits = runs(lambda: decode_linear_triton(**ops, tiles=tiles), expected)
             except AssertionError as e:
                 wrong.append(f"{name} {m} rows {tiles}: {e}")
                 continue
             if fits:
-                timed.append((graph_us(call, args.rep_ms), tiles))
+                timed.append((us(lambda c: decode_linear_triton(**c, tiles=tiles)), tiles))
             else:
                 too_big.append(f"{name} {m} rows {tiles}")
         results.append(summarize(name, m, n, k, glu, ref_us, now, now_us, timed))

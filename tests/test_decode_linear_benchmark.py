@@ -15,7 +15,7 @@ import decode_linear_tiles as sweep  # noqa: E402
 def test_candidates_of_both_forms():
     """On the 385M layers: broadcast tiles at every row count, tl.dot tiles from 5 rows (rows padded to 16, every
     block at least 16, as decode_linear_triton requires), all with at least 32 programs and K tiles no wider than
-    K's power of two; K split over 2 or 4 programs only for tiles of fewer than 264 column tiles, into parts of at
+    K's power of two; K split over 2, 4 or 8 programs only for tiles of fewer than 264 column tiles, into parts of at
     least one K tile, and each split candidate also unsplit."""
     for name, n, k, kw in sweep.LAYERS:
         for m in (1, 4, 5, 8, 16):
@@ -29,7 +29,7 @@ def test_candidates_of_both_forms():
                 assert block_k <= max(128, triton.next_power_of_2(k))
                 assert not dot or (block_m == 16 and block_n in (16, 32, 64) and 128 <= block_k <= 1024)
                 if split_k:
-                    assert split_k[0] in (2, 4) and triton.cdiv(n, block_n) < 264
+                    assert split_k[0] in (2, 4, 8) and triton.cdiv(n, block_n) < 264
                     assert triton.cdiv(k, block_k) >= split_k[0]
 
 
