@@ -20,6 +20,10 @@ import_kernel_module("tnllm_kernels.decode_linear.triton_gemv")
 import tnllm_kernels.decode_linear as decode_linear_pkg  # noqa: E402
 from tnllm_kernels.decode_linear import (MAX_ROWS, decode_linear, decode_linear_applies,  # noqa: E402
                                         decode_linear_reference)
+import_kernel_module("tnllm_kernels.decode_linear.triton_embedding")
+from tnllm_kernels.decode_linear import (decode_embedding, decode_embedding_applies,  # noqa: E402
+                                        decode_embedding_reference)
+from tnllm_kernels.decode_linear.triton_embedding import decode_embedding_triton  # noqa: E402
 from tnllm_kernels.decode_linear.triton_gemv import _tiles, decode_linear_triton  # noqa: E402
 
 EPS = 1e-6
@@ -265,3 +269,85 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,
                              max_shared=SM90_SHARED)
     assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]
+
+
+# ------------------------------------------------------------------------------------------------ the embedding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("scale", [1.0, 32.0, 1000 ** 0.5])
+def test_embedding_equals_the_composition(dtype, rows, scale, kernel_on_cpu):
+    """decode_embedding: the rows times the scale, rounded once as the composition's multiply rounds: equal bit for bit,
+    int64 and int32 ids, a width over two column tiles (2100 > 2048) and an odd one; sqrt(1000) rounds differently
+    from a power of two."""
+    g = torch.Generator().manual_seed(rows)
+    for vocab, d in [(50, 37), (7, 2100)]:
+        weight = (torch.randn(vocab, d, generator=g) * 3).to(DEV, dtype)
+        tokens = torch.randint(0, vocab, (rows, 1), generator=g).to(DEV)
+        assert decode_embedding_applies(weight, tokens)
+        want = decode_embedding_reference(weight, tokens, scale)
+        for ids in (tokens, tokens.int()):
+            got = decode_embedding_triton(weight, ids, scale)
+            assert got.dtype == dtype and got.shape == (rows, 1, d) and torch.equal(got, want)
+        if scale != 1.0:
+            assert not torch.equal(want, decode_embedding_reference(weight, tokens))    # the scale matters
+
+
+def test_embedding_ids_outside_the_vocabulary_give_nan(kernel_on_cpu):
+    """An id the model's check would refuse (a replayed graph does not check) gives a row of NaN, not another row."""
+    weight = torch.randn(10, 24).to(DEV)
+    got = decode_embedding_triton(weight, torch.tensor([[3], [10], [-1]], device=DEV), 2.0)
+    assert torch.equal(got[0, 0], weight[3] * 2.0)
+    assert torch.isnan(got[1:]).all()
+
+
+def test_embedding_dispatch(kernel_on_cpu):
+    """Only [B, 1] ids of at most MAX_ROWS rows take the kernel; anything else gets the composition itself."""
+    weight = torch.randn(10, 8).to(DEV)
+    ids = torch.randint(0, 10, (3, 1)).to(DEV)
+    assert decode_embedding_applies(weight, ids)
+    for bad in (ids.view(1, 3), ids.repeat(MAX_ROWS, 1), ids.float()):
+        assert not decode_embedding_applies(weight, bad)
+    assert not decode_embedding_applies(weight.double(), ids)
+    assert not decode_embedding_applies(weight.t().contiguous().t(), ids)
+    many = ids.repeat(MAX_ROWS, 1)
+    assert torch.equal(decode_embedding(weight, many, 3.0), decode_embedding_reference(weight, many, 3.0))
+
+
+@torch.no_grad()
+def test_model_embeds_a_decoding_token_with_the_kernel(kernel_on_cpu, monkeypatch):
+    """TransNormerLLM._embed: the kernel for one token a row without gradients (the same values as the composition),
+    the composition for a prompt, with gradients, or with a hook on the embedding (finite.py's checks see its
+    output)."""
+    from tnllm_kernels import decode_linear as pkg
+    from tnllm_plugin import model as model_module
+    from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+    calls = []
+    real = model_module.decode_embedding
+    monkeypatch.setattr(model_module, "decode_embedding", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pkg, "interpret_on_cpu", True)
+    model = TransNormerLLM(TransNormerConfig(vocab_size=97, d_model=48, n_layers=1, n_heads=3, glu_dim=80)).to(DEV)
+    tok = torch.randint(0, 97, (4, 1)).to(DEV)
+    want = model.embed_tokens(tok) * model.embed_scale
+    assert model.embed_scale != 1.0 and torch.equal(model._embed(tok), want) and len(calls) == 1
+    model._embed(tok.repeat(1, 3))
+    with torch.enable_grad():
+        assert model._embed(tok).requires_grad
+    handle = model.embed_tokens.register_forward_hook(lambda *a: None)
+    model._embed(tok)
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_embedding_compiles_for_sm90_without_a_gpu():
+    """The embedding kernel for sm_90 in bf16, fp16 and fp32, with and without PDL: it waits once for the previous
+    kernel before it reads the ids."""
+    cases = []
+    for dt, pdl in [("bf16", True), ("fp16", True), ("fp32", False)]:
+        sig = dict(W=f"*{dt}", T="*i64", Y=f"*{dt}", V="i32", D="i32", stride_w="i32", stride_t="i32",
+                   stride_y="i32", scale="fp32", RNE="constexpr", BLOCK_D="constexpr", PDL="constexpr")
+        cases.append((sig, dict(RNE=False, BLOCK_D=1024, PDL=pdl), 4))
+    waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_embedding", "_embedding_kernel", cases,
+                             divisible=("W", "Y", "D", "stride_w", "stride_y"), max_shared=SM90_SHARED)
+    assert waits == [1, 1, 0]

@@ -23,7 +23,7 @@ from torch import nn
 from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
                            linear_cross_entropy, srms_norm, srms_norm_gate)
 from tnllm_kernels.srmsnorm import srms_norm_vjp
-from tnllm_kernels.decode_linear import decode_linear, decode_linear_applies
+from tnllm_kernels.decode_linear import decode_embedding, decode_embedding_applies, decode_linear, decode_linear_applies
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
 from .recompute import Product, linears_after
@@ -514,12 +514,23 @@ class TransNormerLLM(nn.Module):
     def _blocks(self, tokens, kv, positions, padding_mask, state_in_place: bool = False):
         """Embedding, the blocks and the final norm. positions: an int offset or per-row start positions [B].
         ``state_in_place``: the layers may write their new states into ``kv``'s tensors (only decode_step_)."""
-        x = self.dropout(self.embed_tokens(tokens) * self.embed_scale)
+        x = self.dropout(self._embed(tokens))
         new_kv = []
         for i, layer in enumerate(self.layers):
             x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask, state_in_place=state_in_place)
             new_kv.append(layer_state)
         return self.final_norm(x), new_kv
+
+    def _embed(self, tokens):
+        """embed_tokens(tokens) * embed_scale; for one decoding token a row one kernel (decode_embedding) instead
+        of torch's gather and a multiply, where nothing hooks or replaces the embedding (finite.py's hooks, a
+        vocab-parallel shard) and no gradient is wanted (nn.Embedding's backward skips the padding row)."""
+        e = self.embed_tokens
+        if (type(e) is nn.Embedding and e.max_norm is None and not e._forward_hooks and not e._forward_pre_hooks
+                and not (torch.is_grad_enabled() and e.weight.requires_grad)
+                and decode_embedding_applies(e.weight, tokens)):        # tokens [B, 1], B <= MAX_ROWS, on CUDA
+            return decode_embedding(e.weight, tokens, self.embed_scale)
+        return e(tokens) * self.embed_scale
 
     def decode_step_(self, tokens, state: DecodeState):
         """One recurrence step for tokens [B, 1] that updates ``state`` in place (its kv tensors and its per-row

@@ -1,11 +1,12 @@
 """The linear layers of a one-token decoding step with their neighbours fused in (the block's norm before QKVU,
 GLA's output norm and gate before W_o, SGLU's pair and product, the residual adds after W_o and W_3): PyTorch
-reference, and one Triton GEMV kernel on CUDA (triton_gemv.py)."""
+reference, and one Triton GEMV kernel on CUDA (triton_gemv.py). Also the step's scaled embedding lookup in one
+kernel (triton_embedding.py)."""
 import importlib.util
 
 import torch
 
-from .reference import decode_linear_reference
+from .reference import decode_embedding_reference, decode_linear_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,4 +50,24 @@ def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=No
     return decode_linear_reference(x, weight, norm_eps, gate, weight2, residual)
 
 
-__all__ = ["MAX_ROWS", "decode_linear", "decode_linear_applies", "decode_linear_reference"]
+def decode_embedding_applies(weight, tokens) -> bool:
+    """Whether decode_embedding would run the Triton kernel: CUDA (or the tests' interpreter), tokens [B, 1] of at
+    most MAX_ROWS int32/int64 ids on the weight's device, a float weight [vocab, d] with contiguous rows."""
+    if not _HAS_TRITON or not (weight.is_cuda or (interpret_on_cpu and weight.device.type == "cpu")):
+        return False
+    return (weight.dtype in _DTYPES and weight.dim() == 2 and weight.stride(-1) == 1
+            and tokens.device == weight.device and tokens.dtype in (torch.int32, torch.int64)
+            and tokens.dim() == 2 and tokens.shape[1] == 1 and 0 < tokens.shape[0] <= MAX_ROWS)
+
+
+def decode_embedding(weight, tokens, scale: float = 1.0):
+    """decode_embedding_reference's value (weight's rows for tokens [B, 1], times scale), in one Triton kernel where
+    decode_embedding_applies, else the reference. Not differentiable (decoding only)."""
+    if decode_embedding_applies(weight, tokens):
+        from .triton_embedding import decode_embedding_triton
+        return decode_embedding_triton(weight, tokens, scale)
+    return decode_embedding_reference(weight, tokens, scale)
+
+
+__all__ = ["MAX_ROWS", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference", "decode_linear",
+           "decode_linear_applies", "decode_linear_reference"]

@@ -1,6 +1,6 @@
 """What a decoding layer does around its token and channel mixers, as the model composes it in PyTorch: one
 function for the four linear layers of a block (QKVU, W_o, the SGLU pair, W_3) with what comes before and after
-each of them."""
+each of them, and the scaled embedding lookup before the first block."""
 import torch.nn.functional as F
 
 from ..srmsnorm.reference import srms_norm_reference
@@ -22,3 +22,9 @@ def decode_linear_reference(x, weight, norm_eps=None, gate=None, weight2=None, r
     if residual is not None:
         y = residual + y
     return y
+
+
+def decode_embedding_reference(weight, tokens, scale: float = 1.0):
+    """The embedding rows of tokens [B, 1] (weight [vocab, d]) times scale: [B, 1, d] in weight's dtype, the product
+    rounded to it (the model's nn.Embedding then ``* embed_scale``)."""
+    return F.embedding(tokens, weight) * scale
