@@ -367,7 +367,10 @@ def run_one(name, run, s, args, data, work: Path, out: Path, params, gpu=None, d
         import shutil
         shutil.rmtree(rdir)
     rdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_models import REFUSE_BLOCK_FORM_ENV
+    # the user dir refuses lightning attention's PyTorch block form on CUDA in these runs: they train the Triton path
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **{REFUSE_BLOCK_FORM_ENV: "1"})
     env.setdefault("OMP_NUM_THREADS", "2")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -107,6 +107,27 @@ def test_block_form_refused_on_cuda_tensors():
         dispatch.lightning_attention_chunk = original
 
 
+def test_guard_goes_up_only_in_the_benchmarks_runs(monkeypatch):
+    """Importing quality_models on a GPU machine leaves the dispatcher alone (the tests import it beside GPU tests that
+    run the block form on CUDA on purpose); in a run quality.py starts (its environment variable set) the guard goes
+    up."""
+    import importlib
+
+    import quality_models
+    dispatch = importlib.import_module("tnllm_kernels.lightning_attention")
+    original = dispatch.lightning_attention_chunk
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(quality_models.REFUSE_BLOCK_FORM_ENV, raising=False)
+    quality_models.announce_kernels()
+    assert dispatch.lightning_attention_chunk is original
+    monkeypatch.setenv(quality_models.REFUSE_BLOCK_FORM_ENV, "1")
+    try:
+        quality_models.announce_kernels()
+        assert dispatch.lightning_attention_chunk is not original
+    finally:
+        dispatch.lightning_attention_chunk = original
+
+
 def synthetic_data_bin(path: Path, vocab=60):
     """A fairseq data-bin of counting sequences over `vocab` symbols (something learnable), lines ending in </s>."""
     import prepare_corpus

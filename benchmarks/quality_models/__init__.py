@@ -45,10 +45,17 @@ def refuse_block_form_on_cuda():
     return block_form
 
 
+# set by quality.py for the fairseq runs it starts: the processes in which the guard below goes up when this package
+# is imported (fairseq imports it as the --user-dir)
+REFUSE_BLOCK_FORM_ENV = "TNLLM_REFUSE_BLOCK_FORM_ON_CUDA"
+
+
 def announce_kernels():
-    """On a CUDA machine, import the Triton kernels TransNormerLLM dispatches to, refuse the block form there, and
-    say so in the training log (quality.py records it with each run)."""
-    if not torch.cuda.is_available():
+    """On a CUDA machine, in a benchmark's process (REFUSE_BLOCK_FORM_ENV=1), import the Triton kernels TransNormerLLM
+    dispatches to, refuse the block form there, and say so in the training log (quality.py records it with each
+    run). Only there: the guard holds for the whole process, and the tests import this package for its CPU pieces
+    beside GPU tests that run the block form on CUDA on purpose (float64)."""
+    if not torch.cuda.is_available() or os.environ.get(REFUSE_BLOCK_FORM_ENV) != "1":
         return
     from tnllm_kernels.lightning_attention.triton_chunk import lightning_attention_triton  # noqa: F401
     from tnllm_kernels.srmsnorm.triton_srmsnorm import srms_norm_triton  # noqa: F401
