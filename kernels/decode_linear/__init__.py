@@ -13,7 +13,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # decoding batches; larger ones keep cuBLAS. Up to 4 rows the kernel sums broadcast products, from 5 it runs tl.dot
 # on tensor cores (K split over programs for the narrow layers): on an H200 one block's four layers of the 385M model
 # took 12.2 us at 1 row and 18.6 at 16 against 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels
-# around it, and the CUDA-graph decode step at batch 16 went from 1.17 to 0.87 ms (with the tuned token-mixer step;
+# around it, and the CUDA-graph decode step at batch 16 went from 1.17 to 0.86-0.92 ms (with the tuned token-mixer step;
 # benchmarks/RESULTS.md). tests/test_decode_linear.py passed on that GPU.
 MAX_ROWS = 16
 
