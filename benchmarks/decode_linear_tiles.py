@@ -8,8 +8,8 @@ decode step (24 layers, 0.67 GB); ``--weights-in-l2`` times one copy, as the swe
 (a 2-8 MB layer repeated stays in the H200's 50 MB L2: faster than in a decode, and favouring other tiles).
 
 Its sweeps chose _tiles's table. Each candidate's output is checked against the composition too (a wrong one
-is listed, not timed). Run it again after a change to the kernel. Compiling the ~760 variants
-of the default rows takes minutes in one process, so --jobs processes compile them first (into Triton's cache),
+is listed, not timed). Run it again after a change to the kernel. Compiling the ~1000 variants
+of 8 and 16 rows takes minutes in one process, so --jobs processes compile them first (into Triton's cache),
 then this one times them. Candidates that do not fit the GPU (OutOfResources: tl.dot's widest tiles, staged through
 shared memory) are listed and skipped.
 
