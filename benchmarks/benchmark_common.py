@@ -63,6 +63,12 @@ def graph_us(fn, rep_ms: int) -> float:
     return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
 
 
+def cycled_us(fn, copies, rep_ms: int) -> float:
+    """Median microseconds per call of fn(c) for each operand set c of ``copies`` in turn, replayed in a CUDA graph
+    (graph_us over the whole cycle): with copies_past_l2 of them, each call finds its operands in HBM."""
+    return graph_us(lambda: [fn(c) for c in copies], rep_ms) / len(copies)
+
+
 def copies_past_l2(nbytes: int, times: int = 4) -> int:
     """How many copies of ``nbytes`` of operands a timing cycles through so that each call reads them from HBM, as a
     decode step does (24 layers' weights and states, ~0.9 GB at 16 rows, stream past the 50 MB L2 of an H200): enough

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tnllm_kernels.decode_linear import decode_linear_reference  # noqa: E402
-from benchmark_common import copies_past_l2, graph_us, report_sweep  # noqa: E402
+from benchmark_common import copies_past_l2, cycled_us, report_sweep  # noqa: E402
 
 # the 385M block: (layer, N, K, what the kernel folds in)
 LAYERS = [("qkvu", 4096, 1024, dict(norm=True)), ("out_proj", 1024, 1024, dict(norm=True, gate=True, residual=True)),
@@ -191,7 +191,7 @@ def main():
         copies = weight_copies(ops, 1 if args.weights_in_l2 else copies_past_l2(n * k * 2 * (2 if glu else 1)))
 
         def us(fn):     # per call of fn, each call on the next copy of the weights
-            return graph_us(lambda: [fn(c) for c in copies], args.rep_ms) / len(copies)
+            return cycled_us(fn, copies, args.rep_ms)
 
         ref_us = us(lambda c: decode_linear_reference(**c))
         now = _tiles(m, n, k, glu)
