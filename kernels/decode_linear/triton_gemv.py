@@ -232,10 +232,12 @@ def _split_k_counts(device, tiles):
 
 def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None):
     """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's).
-    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k]) instead of _tiles's choice (benchmarks sweep
-    them; the kernel tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns a program).
+    ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k[, num_stages]]) instead of _tiles's choice
+    (benchmarks sweep them; the kernel tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns
+    a program).
     BLOCK_M at least the rows; with dot, every block at least 16 (tl.dot's smallest tile). split_k (default 1): K
-    cut into that many parts of whole BLOCK_K tiles, one program each, summed by the last (_sum_split_k)."""
+    cut into that many parts of whole BLOCK_K tiles, one program each, summed by the last (_sum_split_k).
+    num_stages: the depth of Triton's software pipeline over the K loop (default: Triton's, 3 on sm_90)."""
     m, k = x.shape
     n = weight.shape[0]
     if norm_eps is not None and not float(norm_eps) >= 0:
@@ -247,6 +249,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
             tiles = (tiles[0], max(tiles[1], 16)) + tuple(tiles[2:])
     block_m, block_n, block_k, num_warps, dot = tiles[:5]
     split_k = tiles[5] if len(tiles) > 5 else 1
+    stages = {"num_stages": tiles[6]} if len(tiles) > 6 else {}       # else Triton's default
     if block_m < m:
         raise ValueError(f"decode_linear: BLOCK_M {block_m} < {m} rows")
     if dot and min(block_m, block_n, block_k) < 16:
@@ -275,7 +278,7 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
         RNE=interp and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interp, SPLIT_K=split_k, PDL=pdl,
-        num_warps=4 if interp else num_warps, **({"launch_pdl": True} if pdl else {}))
+        num_warps=4 if interp else num_warps, **stages, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
