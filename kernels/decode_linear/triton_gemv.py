@@ -188,7 +188,10 @@ def _tiles(m: int, n: int, k: int, glu: bool):
 
     * 1 row: 8 columns a program (4 with SGLU's pair), 2048 of K a step (1024 with the pair), 128 products a thread
       (third sweep: 12.2 us a block against 14.3 for the second sweep's 4 columns x 64 products);
-    * 2-4 rows: 4 columns (2 with the pair), 1024 of K, 128 products a thread (second sweep);
+    * 2-4 rows: 4 columns (2 with the pair), 1024 of K, 128 products a thread (second sweep); at 3-4 rows 2 warps
+      (256 products a thread) and K split into its 1024-wide tiles where it has several (W_3), 4 warps there: swept
+      inside the decode step (benchmarks/decode_tiles_in_step.py, twelfth session), 0.670 ms a token at 4 rows
+      against 0.748 with 4 warps and K whole (W_3's split alone -49 us);
     * 5-16 rows, tl.dot: rows padded to 16, 32 columns a program; for layers of at least 2048 outputs 256 of K a
       step and 4 warps (20.8 us a block at 16 rows against 66.1 for cuBLAS with the norm, gate, product and add
       kernels around it, and 131 for the broadcast form); narrower layers (W_o, W_3: 32 programs) split K in 4
@@ -212,6 +215,9 @@ def _tiles(m: int, n: int, k: int, glu: bool):
     else:
         block_n, block_k = 4 // two, 1024
     block_k = max(16, min(triton.next_power_of_2(k), block_k))
+    if block_m == 4:        # 3-4 rows: 2 warps, K over its BLOCK_K tiles (at most 8 programs) with 4 warps
+        split_k = min(8, triton.cdiv(k, block_k))
+        return (block_m, block_n, block_k, 4 if split_k > 1 else 2, False) + ((split_k,) if split_k > 1 else ())
     num_warps = max(2, min(8, block_m * block_n * block_k * two // (32 * 128)))
     return block_m, block_n, block_k, triton.next_power_of_2(num_warps), False
 

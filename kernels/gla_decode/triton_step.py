@@ -186,14 +186,17 @@ def _norm_gate_kernel(O, U, Y, D, stride_ub, eps, RNE: tl.constexpr, BLOCK_D: tl
 
 
 def _step_tiles(rows_heads: int, head_dim: int, lrpe: bool):
-    """(BLOCK_V, num_warps): columns of the state per program and warps. The widest power of two whose state tile
-    holds at most 16384 fp32 values (Dk x BLOCK_V: 128 columns of a 128-wide head, 64 with LRPE's Dk = 256) and still
-    gives 128 programs, at least 16 columns; 4 warps. Chosen from benchmarks/decode_step_tiles.py on an H200 (385M:
-    8 heads of 128, bf16; 2026-11-30, benchmarks/RESULTS.md): the fastest of 20 tiles at each of 1, 4, 8 and 16 rows,
-    with and without LRPE (16 rows without LRPE: 3.95 us against 4.77 for the 32 columns taken before; with LRPE
-    6.53 against 9.10; 1 row: 16 columns, 64 programs, the fastest too)."""
+    """(BLOCK_V, num_warps): columns of the state per program and warps. The widest power of two up to 64 columns
+    whose state tile holds at most 16384 fp32 values (Dk x BLOCK_V: 64 columns of a 128-wide head, 64 with LRPE's
+    Dk = 256) and still gives 128 programs, at least 16 columns; 4 warps.
+
+    Kernel alone (benchmarks/decode_step_tiles.py, H200, 385M: 8 heads of 128, bf16; tenth and eleventh sessions)
+    128 columns were fastest at 16 rows. Inside the CUDA-graph decode step (benchmarks/decode_tiles_in_step.py,
+    twelfth session, benchmarks/RESULTS.md), where the next kernels' programs start beside this one's, 64 columns
+    took 54 us less a token at 16 rows (0.773 against 0.827 ms; 32: -16 us), and this rule's choices were the fastest
+    or within 7 us at 4 and 8 rows (1 row: 16 columns, 64 programs)."""
     block_e = max(16, triton.next_power_of_2(head_dim))
-    bv = max(16, min(block_e, 16384 // (block_e * (2 if lrpe else 1))))
+    bv = max(16, min(64, block_e, 16384 // (block_e * (2 if lrpe else 1))))
     while bv > 16 and rows_heads * triton.cdiv(head_dim, bv) < 128:
         bv //= 2
     return bv, 4
