@@ -133,7 +133,7 @@ def test_k_split_over_programs(variant, dtype, m, tiles, kernel_on_cpu):
 
 def test_tiles_choose_the_form():
     """_tiles: broadcast products up to 4 rows, tl.dot from 5 (rows padded to 16, every block at least 16; K split in 4
-    for layers of fewer than 2048 outputs; at 3-4 rows in 1024-wide parts), on the 385M shapes and the tests';
+    for layers of fewer than 2048 outputs; at 1 and 3-4 rows in BLOCK_K-wide parts), on the 385M shapes and the tests';
     decode_linear_triton refuses tiles its forms cannot take."""
     for m in range(1, 17):
         for n, k, glu in [(4096, 1024, False), (1024, 1024, False), (2816, 1024, True), (1024, 2816, False),
@@ -141,8 +141,9 @@ def test_tiles_choose_the_form():
             block_m, block_n, block_k, _, dot, *split = _tiles(m, n, k, glu)
             assert dot == (m > 4) and block_m >= m
             assert not dot or min(block_m, block_n, block_k) >= 16
-            # K split for tl.dot's narrow layers, and at 3-4 rows where K spans several of the broadcast's tiles
-            assert split == ([4] if dot and n < 2048 else [3] if m in (3, 4) and k > 1024 else [])
+            # K split for tl.dot's narrow layers, and at 1 and 3-4 rows where K spans several of the broadcast's tiles
+            assert split == ([4] if dot and n < 2048 else [3] if m in (3, 4) and k > 1024 else
+                             [2] if m == 1 and k > 2048 else [])
     args, _ = make("l3", 13, 37, 150, torch.float32, seed=2)
     with pytest.raises(ValueError, match="at least 16"):
         decode_linear_triton(**args, tiles=(16, 8, 32, 4, True))
@@ -264,8 +265,8 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
                       BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", SPLIT_K=split[0] if split else 1, PDL=pdl)
         cases.append((sig, consts, warps))
     assert sum(consts["DOT"] for _, consts, _ in cases) == 9
-    # 3 given, 5 of _tiles's: tl.dot's at N = 1024, the broadcast form's at 3 rows (K = 2816 in 1024-wide parts)
-    assert sum(consts["SPLIT_K"] > 1 for _, consts, _ in cases) == 8
+    # 3 given, 7 of _tiles's: tl.dot's at N = 1024, the broadcast form's at 1 and 3 rows (K = 2816 in parts)
+    assert sum(consts["SPLIT_K"] > 1 for _, consts, _ in cases) == 10
     aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "K", "K_SPLIT", "stride_x", "stride_g", "stride_w1",
                "stride_w2", "stride_r", "stride_y")
     waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,

@@ -187,7 +187,9 @@ def _tiles(m: int, n: int, k: int, glu: bool):
     benchmarks/RESULTS.md), each rule within 5% of the sweep's best for each of a block's four layers:
 
     * 1 row: 8 columns a program (4 with SGLU's pair), 2048 of K a step (1024 with the pair), 128 products a thread
-      (third sweep: 12.2 us a block against 14.3 for the second sweep's 4 columns x 64 products);
+      (third sweep: 12.2 us a block against 14.3 for the second sweep's 4 columns x 64 products); K split into its
+      2048-wide parts where it has several (W_3: 2 programs a column tile; inside the decode step 0.464 against 0.509
+      ms a token, twelfth session);
     * 2-4 rows: 4 columns (2 with the pair), 1024 of K, 128 products a thread (second sweep); at 3-4 rows 2 warps
       (256 products a thread) and K split into its 1024-wide tiles where it has several (W_3), 4 warps there: swept
       inside the decode step (benchmarks/decode_tiles_in_step.py, twelfth session), 0.670 ms a token at 4 rows
@@ -215,11 +217,13 @@ def _tiles(m: int, n: int, k: int, glu: bool):
     else:
         block_n, block_k = 4 // two, 1024
     block_k = max(16, min(triton.next_power_of_2(k), block_k))
-    if block_m == 4:        # 3-4 rows: 2 warps, K over its BLOCK_K tiles (at most 8 programs) with 4 warps
-        split_k = min(8, triton.cdiv(k, block_k))
-        return (block_m, block_n, block_k, 4 if split_k > 1 else 2, False) + ((split_k,) if split_k > 1 else ())
+    # 1 and 3-4 rows (swept inside the decode step; 2 rows was not): K over its BLOCK_K tiles where it spans several
+    split_k = 1 if block_m == 2 else min(8, triton.cdiv(k, block_k))
+    split = (split_k,) if split_k > 1 else ()
+    if block_m == 4:        # 3-4 rows: 2 warps, 4 with K split
+        return (block_m, block_n, block_k, 4 if split_k > 1 else 2, False) + split
     num_warps = max(2, min(8, block_m * block_n * block_k * two // (32 * 128)))
-    return block_m, block_n, block_k, triton.next_power_of_2(num_warps), False
+    return (block_m, block_n, block_k, triton.next_power_of_2(num_warps), False) + split
 
 
 # per device: one count per column tile for the split-K programs (_sum_split_k), zero between launches (the last
