@@ -23,11 +23,16 @@ MAX_ROWS = 16
 interpret_on_cpu = False
 
 
+def _kernels_run_on(t) -> bool:
+    """Whether this package's Triton kernels can take t's device: CUDA, or the CPU in the tests' interpreter."""
+    return _HAS_TRITON and (t.is_cuda or (interpret_on_cpu and t.device.type == "cpu"))
+
+
 def decode_linear_applies(x, weight, norm_eps=None, gate=None, weight2=None, residual=None) -> bool:
     """Whether decode_linear would run the Triton kernel: CUDA, at most MAX_ROWS rows, one float dtype for every
     tensor (fp32, bf16, fp16), contiguous rows, shapes that fit, autocast off (under autocast the composition's
     matmuls would run in another dtype than its tensors)."""
-    if not _HAS_TRITON or not (x.is_cuda or (interpret_on_cpu and x.device.type == "cpu")):
+    if not _kernels_run_on(x):
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
@@ -54,7 +59,7 @@ def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=No
 def decode_embedding_applies(weight, tokens) -> bool:
     """Whether decode_embedding would run the Triton kernel: CUDA (or the tests' interpreter), tokens [B, 1] of at
     most MAX_ROWS int32/int64 ids on the weight's device, a float weight [vocab, d] with contiguous rows."""
-    if not _HAS_TRITON or not (weight.is_cuda or (interpret_on_cpu and weight.device.type == "cpu")):
+    if not _kernels_run_on(weight):
         return False
     return (weight.dtype in _DTYPES and weight.dim() == 2 and weight.stride(-1) == 1
             and tokens.device == weight.device and tokens.dtype in (torch.int32, torch.int64)
