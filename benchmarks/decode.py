@@ -574,8 +574,6 @@ def header(device, args):
         from tnllm_kernels.gla_decode.triton_step import pdl_launch
         pdl = pdl_launch(torch.empty(0, device=device))
         parts.append("decode kernels: " + ("programmatic dependent launch" if pdl else "launched one after the other"))
-        parts.append("channel mixer: " + ("two GEMV kernels" if os.environ.get("TNLLM_FUSED_SGLU") == "0"
-                                          else "one kernel from 5 rows"))
     return ", ".join(parts)
 
 
@@ -599,9 +597,6 @@ def main():
     ap.add_argument("--no-pdl", action="store_true",
                     help="the decode kernels launched one after the other (TNLLM_PDL=0) instead of with programmatic "
                          "dependent launch, where each starts loading its weights while the one before finishes")
-    ap.add_argument("--two-kernel-mixer", action="store_true",
-                    help="our channel mixer as two fused GEMVs (SGLU's pair, then W_3 with the residual; "
-                         "TNLLM_FUSED_SGLU=0) instead of one kernel from 5 rows (the A/B of that change)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile our CUDA-graph decode step (kernels per token) at each --batches size")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="where decode.md/json go (default $OUT)")
@@ -622,8 +617,6 @@ def main():
             tnllm_plugin.model.gla_decode_step_applies = lambda *a, **k: False
     if args.no_pdl:
         os.environ["TNLLM_PDL"] = "0"       # read at each launch (tnllm_kernels.gla_decode.triton_step.pdl_launch)
-    if args.two_kernel_mixer:
-        os.environ["TNLLM_FUSED_SGLU"] = "0"    # read at each call (tnllm_kernels.decode_linear.decode_sglu_applies)
     if args.fake_oom is None:
         args.fake_oom = s["fake_oom"]
     if args.smoke:

@@ -19,10 +19,7 @@ import_kernel_module("tnllm_kernels.gla_decode.triton_step")
 import_kernel_module("tnllm_kernels.decode_linear.triton_gemv")
 import tnllm_kernels.decode_linear as decode_linear_pkg  # noqa: E402
 from tnllm_kernels.decode_linear import (MAX_ROWS, decode_linear, decode_linear_applies,  # noqa: E402
-                                        decode_linear_reference, decode_sglu, decode_sglu_applies,
-                                        decode_sglu_reference)
-import_kernel_module("tnllm_kernels.decode_linear.triton_sglu")
-from tnllm_kernels.decode_linear import triton_sglu  # noqa: E402
+                                        decode_linear_reference)
 import_kernel_module("tnllm_kernels.decode_linear.triton_embedding")
 from tnllm_kernels.decode_linear import (decode_embedding, decode_embedding_applies,  # noqa: E402
                                         decode_embedding_reference)
@@ -67,11 +64,11 @@ def kernel_on_cpu(monkeypatch):
         monkeypatch.setattr(decode_linear_pkg, "interpret_on_cpu", True)
 
 
-def assert_like_the_composition(y, args, wide, reference=decode_linear_reference):
-    """y against the composition (``reference``) in its dtype (fp32: the order of sums only; bf16: a rounding flipped
-    now and then) and in float64 (no further off than the composition itself)."""
-    same = reference(**args)
-    y64 = reference(**wide)
+def assert_like_the_composition(y, args, wide):
+    """y against the composition in its dtype (fp32: the order of sums only; bf16: a rounding flipped now and then)
+    and in float64 (no further off than the composition itself)."""
+    same = decode_linear_reference(**args)
+    y64 = decode_linear_reference(**wide)
     assert y.dtype == same.dtype and y.shape == same.shape and torch.isfinite(y).all()
     if y.dtype == torch.float32:
         assert rel(y, same) < 2e-6
@@ -83,8 +80,6 @@ def assert_like_the_composition(y, args, wide, reference=decode_linear_reference
         size = same.double().abs()
         if args.get("residual") is not None:
             size = torch.maximum(size, decode_linear_reference(**dict(args, residual=None)).double().abs())
-        if reference is decode_sglu_reference:      # the residual add after W_3: W_3's output rounds before it
-            size = torch.maximum(size, (same.double() - args["x"].double()).abs())
         step = ULP[y.dtype] * size.clamp_min(1e-3)
         assert (off <= 4 * step).all(), off.max().item()
         assert (off > 0).double().mean().item() <= 0.05      # order-of-sums flips are rare, a wrong op changes most
@@ -199,143 +194,12 @@ def test_385m_shapes_in_bf16(variant, n, k, m):
     assert_like_the_composition(decode_linear_triton(**args), args, wide)
 
 
-# ------------------------------------------------------------------------------- the channel mixer in one kernel
-
-
-def make_sglu(m, d, f, dtype, seed):
-    """The channel mixer's operands: hidden rows x [m, d] (also the residual), the pair [f, d] and W_3 [d, f]."""
-    g = torch.Generator().manual_seed(seed)
-    args = dict(x=torch.randn(m, d, generator=g) * 3.0, weight1=torch.randn(f, d, generator=g) * d ** -0.5,
-                weight2=torch.randn(f, d, generator=g) * d ** -0.5, weight3=torch.randn(d, f, generator=g) * f ** -0.5,
-                norm_eps=EPS)
-    cast = {key: (v.to(DEV, dtype) if torch.is_tensor(v) else v) for key, v in args.items()}
-    wide = {key: (v.to(DEV, torch.float64) if torch.is_tensor(v) else v) for key, v in cast.items()}
-    return cast, wide
-
-
-@pytest.mark.parametrize("d,f", [(40, 150), (150, 40), (40, 300)], ids=["5-programs", "2-programs", "10-programs"])
-@pytest.mark.parametrize("m", [5, 13, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sglu_kernel_equals_the_composition(d, f, m, dtype, kernel_on_cpu):
-    """The whole channel mixer in one kernel against its composition (the pair's GEMV, then W_3's with the residual):
-    FFN widths not a multiple of the 32 columns a program takes (5, 2 and 10 programs: the partials summed in one load
-    of 8 programs, or two), d_model over several of W_3's 128-output steps and K tiles (150), several phase-2 column
-    slices per program (2 programs, 10 slices of 16), 5 and 13 rows padded to 16. Twice in a row: the workspace is
-    written afresh, nothing carries over."""
-    args, wide = make_sglu(m, d, f, dtype, seed=m + d)
-    assert decode_sglu_applies(**args)
-    for _ in range(2):
-        assert_like_the_composition(triton_sglu.decode_sglu_triton(**args), args, wide, decode_sglu_reference)
-
-
-def test_sglu_every_operand_matters(kernel_on_cpu):
-    """Each operand changes the result and the kernel follows the reference there: a kernel that dropped the norm,
-    a matrix or the residual would pass nothing above by accident."""
-    args, _ = make_sglu(6, 40, 70, torch.float32, seed=3)
-    base = triton_sglu.decode_sglu_triton(**args)
-    for key in ("x", "weight1", "weight2", "weight3"):
-        bumped = dict(args, **{key: args[key] * 1.5 + 0.1})
-        got = triton_sglu.decode_sglu_triton(**bumped)
-        assert rel(got, base) > 1e-3, key
-        assert rel(got, decode_sglu_reference(**bumped)) < 2e-6, key
-    eps = dict(args, x=args["x"] * 1e-4, norm_eps=1e-6)     # eps matters where the rows are small
-    assert rel(triton_sglu.decode_sglu_triton(**eps), decode_sglu_reference(**eps)) < 2e-6
-    wider = dict(eps, norm_eps=1e-2)
-    assert rel(triton_sglu.decode_sglu_triton(**wider), triton_sglu.decode_sglu_triton(**eps)) > 1e-3
-    assert rel(triton_sglu.decode_sglu_triton(**wider), decode_sglu_reference(**wider)) < 2e-6
-
-
-def test_sglu_dispatch(kernel_on_cpu, monkeypatch):
-    """decode_sglu takes the one kernel from 5 rows; 1-4 rows, a W_3 of another shape or dtype, or TNLLM_FUSED_SGLU=0
-    go to the two GEMVs (the same values: their own tests check them); a grid wider than the GPU's SM count is refused
-    before launch (the barrier would never open)."""
-    args, _ = make_sglu(5, 40, 70, torch.float32, seed=4)
-    assert decode_sglu_applies(**args)
-    four = dict(args, x=args["x"][:4])
-    assert not decode_sglu_applies(**four)
-    assert rel(decode_sglu(**four), decode_sglu_reference(**four)) < 2e-6
-    assert not decode_sglu_applies(**dict(args, weight3=args["weight3"].t()))       # [f, d]: not W_3's shape
-    assert not decode_sglu_applies(**dict(args, weight3=args["weight3"].double()))
-    assert not decode_sglu_applies(**dict(args, x=args["x"].repeat(4, 1)))           # more than MAX_ROWS rows
-    calls = []
-    monkeypatch.setattr(triton_sglu, "decode_sglu_triton", lambda *a, **k: calls.append(1))
-    decode_sglu(**args)
-    assert calls == [1]
-    monkeypatch.setenv("TNLLM_FUSED_SGLU", "0")
-    assert not decode_sglu_applies(**args)
-    assert rel(decode_sglu(**args), decode_sglu_reference(**args)) < 2e-6 and calls == [1]
-
-
-def test_sglu_refuses_a_grid_the_gpu_cannot_hold(monkeypatch):
-    """More programs than SMs: decode_sglu_triton raises (outside the interpreter) naming both counts, and
-    decode_sglu_applies says no on CUDA tensors, so the model keeps the two GEMVs."""
-    monkeypatch.setattr(triton_sglu, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_sglu, "multiprocessors", lambda index: 2)
-    args, _ = make_sglu(5, 40, 70, torch.float32, seed=4)      # 3 programs
-    with pytest.raises(ValueError, match="3 programs for an FFN width of 70 exceed the GPU's 2 SMs"):
-        triton_sglu.decode_sglu_triton(**args)
-    if CUDA:
-        assert not decode_sglu_applies(**args)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
-@pytest.mark.parametrize("m", [5, 8, 16])
-def test_sglu_385m_shapes_in_bf16_and_in_a_cuda_graph(m):
-    """The 385M model's channel mixer (d 1024, FFN 2816: 88 programs), bf16, against the composition; then captured
-    in a CUDA graph and replayed 50 times with new rows each time (the barrier opened launch after launch, the
-    workspace rewritten): every replay equal to the eager kernel on the same rows."""
-    args, wide = make_sglu(m, 1024, 2816, torch.bfloat16, seed=m)
-    assert decode_sglu_applies(**args)
-    y = triton_sglu.decode_sglu_triton(**args)
-    assert_like_the_composition(y, args, wide, decode_sglu_reference)
-    static_x = args["x"].clone()
-    graph = torch.cuda.CUDAGraph()
-    triton_sglu.decode_sglu_triton(**dict(args, x=static_x))            # compiled before capture
-    with torch.cuda.graph(graph):
-        out = triton_sglu.decode_sglu_triton(**dict(args, x=static_x))
-    g = torch.Generator(device="cuda").manual_seed(m)
-    for _ in range(50):
-        static_x.copy_(torch.randn(static_x.shape, generator=g, device="cuda") * 3)
-        graph.replay()
-        assert torch.equal(out, triton_sglu.decode_sglu_triton(**dict(args, x=static_x.clone())))
-
-
-def test_sglu_compiles_for_sm90_without_a_gpu():
-    """The one-kernel mixer compiled for sm_90 as the GPU runs it (both phases and the barrier, 385M alignment) in
-    bf16, fp16 and fp32, with and without PDL, within an H200's shared memory: with PDL the PTX waits once for the
-    previous kernel; and in each, the barrier's count (an acq_rel atomic at GPU scope), its release of the
-    generation and the generation's acquire reads are there."""
-    cases = []
-    for dt, pdl in [("bf16", True), ("fp16", False), ("fp32", True)]:
-        sig = dict(X=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", W3=f"*{dt}", Y=f"*{dt}", WS="*fp32", BAR="*i32", M="i32",
-                   D="i32", F="i32", stride_x="i32", stride_w1="i32", stride_w2="i32", stride_w3="i32",
-                   stride_y="i32", eps="fp32", **{c: "constexpr" for c in (
-                       "RNE", "BLOCK_M", "BLOCK_F", "BLOCK_K", "BLOCK_D", "BLOCK_C", "PARTS", "F32_DOT", "PHASE",
-                       "PDL")})
-        consts = dict(RNE=False, BLOCK_M=16, BLOCK_F=triton_sglu.BLOCK_F, BLOCK_K=triton_sglu.BLOCK_K,
-                      BLOCK_D=triton_sglu.BLOCK_D, BLOCK_C=triton_sglu.BLOCK_C, PARTS=triton_sglu.PARTS,
-                      F32_DOT=dt == "fp32", PHASE=0, PDL=pdl)
-        cases.append((sig, consts, triton_sglu.NUM_WARPS))
-    aligned = ("X", "W1", "W2", "W3", "Y", "WS", "BAR", "D", "F", "stride_x", "stride_w1", "stride_w2", "stride_w3",
-               "stride_y")
-    module, kernel = "tnllm_kernels.decode_linear.triton_sglu", "_sglu_kernel"
-    waits = compile_for_sm90(module, kernel, cases, divisible=aligned, max_shared=SM90_SHARED)
-    assert waits == [1, 0, 1]
-    assert all(compile_for_sm90(module, kernel, cases, "atom.global.gpu.acq_rel.add", divisible=aligned))
-    assert all(compile_for_sm90(module, kernel, cases, "red.global.gpu.release.add", divisible=aligned))
-    # the generation read before counting in and in the spin: loads with acquire at GPU scope (an add of 0)
-    assert all(n == 2 for n in compile_for_sm90(module, kernel, cases, "ld.global.gpu.acquire", divisible=aligned))
-
-
-@pytest.mark.parametrize("dtype,batch", [(torch.float32, 3), (torch.bfloat16, 3), (torch.bfloat16, 5),
-                                         (torch.float32, 6)])
+@pytest.mark.parametrize("dtype,batch", [(torch.float32, 3), (torch.bfloat16, 3), (torch.bfloat16, 5)])
 @torch.no_grad()
 def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, kernel_on_cpu, monkeypatch):
-    """The model's one-token step with every block fused (four GEMV kernels and the GLA step per layer; from 5 rows
-    two GEMVs, the GLA step and the one-kernel channel mixer) against the same model's composition, from one prefill,
-    5 greedy steps: logits and states to the dtype's rounding, the same tokens; each kernel ran as often as the
-    layers and steps say. Batch 3 (broadcast form), 5 and 6 (tl.dot, one-kernel mixer)."""
+    """The model's one-token step with every block fused (four GEMV kernels and the GLA step per layer) against the
+    same model's composition, from one prefill, 5 greedy steps: logits and states to the dtype's rounding, the same
+    tokens; the GEMVs ran four times per layer and step. Batch 3 (broadcast form) and 5 (tl.dot)."""
     import tnllm_kernels.decode_linear.triton_gemv as gemv
     import tnllm_kernels.gla_decode as gla_decode
     from tnllm_plugin import model as model_module
@@ -348,10 +212,6 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, 
     calls = []
     real = gemv.decode_linear_triton
     monkeypatch.setattr(gemv, "decode_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    mixer_calls = []
-    real_mixer = triton_sglu.decode_sglu_triton
-    monkeypatch.setattr(triton_sglu, "decode_sglu_triton",
-                        lambda *a, **k: mixer_calls.append(1) or real_mixer(*a, **k))
     prompt = torch.randint(3, 97, (batch, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
     _, state = model(prompt, use_cache=True)
     fused_state = composed_state = state
@@ -367,9 +227,7 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, 
         assert rel(got, want) < tol
         assert all(rel(a, b) < tol for a, b in zip(fused_state.kv, composed_state.kv))
         tok = want[:, -1:].argmax(-1)
-    one_kernel_mixer = batch >= 5
-    assert len(calls) == (2 if one_kernel_mixer else 4) * 3 * 5
-    assert len(mixer_calls) == (3 * 5 if one_kernel_mixer else 0)
+    assert len(calls) == 4 * 3 * 5
 
 
 SM90_SHARED = 227 * 1024     # bytes of shared memory a block may have on an H100/H200

@@ -23,8 +23,7 @@ from torch import nn
 from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
                            linear_cross_entropy, srms_norm, srms_norm_gate)
 from tnllm_kernels.srmsnorm import srms_norm_vjp
-from tnllm_kernels.decode_linear import (decode_embedding, decode_embedding_applies, decode_linear,
-                                        decode_linear_applies, decode_sglu)
+from tnllm_kernels.decode_linear import decode_embedding, decode_embedding_applies, decode_linear, decode_linear_applies
 from tnllm_kernels.fused_cross_entropy import DEFAULT_CHUNK
 
 from .recompute import Product, linears_after
@@ -369,8 +368,8 @@ class TransNormerBlock(nn.Module):
         else:       # the step's kernels do not take these inputs: its composition, from the same QKVU
             mixed, state = mixer.mix(qkvu[:, None], state, offset, None, state_in_place)
             h = h + mixed[:, 0]
-        # from 5 rows the channel mixer is one kernel (triton_sglu), else its pair's and W_3's GEMVs
-        h = decode_sglu(h, glu.l1.weight, glu.l2.weight, glu.l3.weight, self.channel_norm.eps)
+        product = decode_linear(h, glu.l1.weight, norm_eps=self.channel_norm.eps, weight2=glu.l2.weight)
+        h = decode_linear(product, glu.l3.weight, residual=h)
         return h[:, None], state
 
 

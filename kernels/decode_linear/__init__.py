@@ -1,14 +1,12 @@
 """The linear layers of a one-token decoding step with their neighbours fused in (the block's norm before QKVU,
 GLA's output norm and gate before W_o, SGLU's pair and product, the residual adds after W_o and W_3): PyTorch
-reference, and one Triton GEMV kernel on CUDA (triton_gemv.py). The whole channel mixer (norm, pair, product, W_3,
-residual) in one kernel from 5 rows (triton_sglu.py). Also the step's scaled embedding lookup in one kernel
-(triton_embedding.py)."""
+reference, and one Triton GEMV kernel on CUDA (triton_gemv.py). Also the step's scaled embedding lookup in one
+kernel (triton_embedding.py)."""
 import importlib.util
-import os
 
 import torch
 
-from .reference import decode_embedding_reference, decode_linear_reference, decode_sglu_reference
+from .reference import decode_embedding_reference, decode_linear_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,34 +56,6 @@ def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=No
     return decode_linear_reference(x, weight, norm_eps, gate, weight2, residual)
 
 
-def decode_sglu_applies(x, weight1, weight2, weight3, norm_eps) -> bool:
-    """Whether decode_sglu would run its one kernel: where decode_linear would run the pair's (see there), from
-    triton_gemv.DOT_FROM_ROWS rows (the kernel's products are tl.dot's), W_3 [D, F] alike, the grid of one program per
-    32 FFN columns within the GPU's SM count (the kernel's barrier needs every program resident), and not switched
-    off with TNLLM_FUSED_SGLU=0 (benchmarks' A/B: the pair's and W_3's GEMV kernels instead)."""
-    if os.environ.get("TNLLM_FUSED_SGLU", "1") == "0":
-        return False
-    if not decode_linear_applies(x, weight1, norm_eps, weight2=weight2):
-        return False
-    from .triton_gemv import DOT_FROM_ROWS
-    from .triton_sglu import multiprocessors, programs_for
-    f, d = weight1.shape
-    if not (x.shape[0] >= DOT_FROM_ROWS and weight3.shape == (d, f) and weight3.dtype == x.dtype
-            and weight3.device == x.device and weight3.stride(-1) == 1):
-        return False
-    return not x.is_cuda or programs_for(f) <= multiprocessors(x.device.index)
-
-
-def decode_sglu(x, weight1, weight2, weight3, norm_eps):
-    """decode_sglu_reference's value (x + W_3(SGLU(srms_norm(x)))), in one Triton kernel where decode_sglu_applies,
-    else in the two GEMV kernels (or references) of decode_linear. Not differentiable (decoding only)."""
-    if decode_sglu_applies(x, weight1, weight2, weight3, norm_eps):
-        from .triton_sglu import decode_sglu_triton
-        return decode_sglu_triton(x, weight1, weight2, weight3, norm_eps)
-    product = decode_linear(x, weight1, norm_eps=norm_eps, weight2=weight2)
-    return decode_linear(product, weight3, residual=x)
-
-
 def decode_embedding_applies(weight, tokens) -> bool:
     """Whether decode_embedding would run the Triton kernel: CUDA (or the tests' interpreter), tokens [B, 1] of at
     most MAX_ROWS int32/int64 ids on the weight's device, a float weight [vocab, d] with contiguous rows."""
@@ -106,5 +76,4 @@ def decode_embedding(weight, tokens, scale: float = 1.0):
 
 
 __all__ = ["MAX_ROWS", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference", "decode_linear",
-           "decode_linear_applies", "decode_linear_reference", "decode_sglu", "decode_sglu_applies",
-           "decode_sglu_reference"]
+           "decode_linear_applies", "decode_linear_reference"]

@@ -24,13 +24,6 @@ def decode_linear_reference(x, weight, norm_eps=None, gate=None, weight2=None, r
     return y
 
 
-def decode_sglu_reference(x, weight1, weight2, weight3, norm_eps):
-    """A block's channel mixer with its norm and residual, as the model composes it: x + W_3(SGLU pair's product of
-    srms_norm(x)). x [B, D], weight1 and weight2 [F, D], weight3 [D, F], one dtype, each op rounded to it."""
-    product = decode_linear_reference(x, weight1, norm_eps, weight2=weight2)
-    return decode_linear_reference(product, weight3, residual=x)
-
-
 def decode_embedding_reference(weight, tokens, scale: float = 1.0):
     """The embedding rows of tokens [B, 1] (weight [vocab, d]) times scale: [B, 1, d] in weight's dtype, the product
     rounded to it (the model's nn.Embedding then ``* embed_scale``)."""

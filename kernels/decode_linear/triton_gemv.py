@@ -87,35 +87,6 @@ def _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT: t
 
 
 @triton.jit
-def _row_sums(X, G, w1_cols, w2_cols, w1_first, w2_first, rows, rm, cm, ks, k_lo, k_hi, K, stride_x, stride_g, eps,
-              DT: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RNE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-              F32_DOT: tl.constexpr):
-    """The fp32 sums [BLOCK_M, BLOCK_N] of the rows of X (normalised over all K, gated by G) times the columns'
-    weights over K from k_lo to k_hi, the first tile's weights (w1_first, w2_first) already loaded; w2's only with
-    GLU. Shared by the GEMV and the one-kernel SGLU mixer (triton_sglu.py)."""
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
-    g_rows = G + rows.to(tl.int64)[:, None] * stride_g
-    r = 1.0     # read with NORM only
-    if NORM:    # every program reads its rows whole once more for the norm: K values, from L2, against N/BLOCK_N
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(x_rows + (k0 + ks)[None, :], mask=rm[:, None] & (k0 + ks < K)[None, :], other=0.0)
-            xk = xk.to(tl.float32)
-            ss += tl.sum(xk * xk, axis=1)
-        r = tl.rsqrt(ss / K + eps)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1, acc2 = _accumulate_tile(acc1, acc2, w1_first, w2_first, x_rows, g_rows, k_lo, ks, rm, k_hi, r, DT, NORM,
-                                  GATE, GLU, RNE, DOT, F32_DOT)
-    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        w1, w2 = _weight_tiles(w1_cols, w2_cols, cm, k0, ks, k_hi, GLU)
-        acc1, acc2 = _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, k_hi, r, DT, NORM, GATE, GLU,
-                                      RNE, DOT, F32_DOT)
-    return acc1, acc2
-
-
-@triton.jit
 def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride_g, stride_w1, stride_w2, stride_r,
                  stride_y, eps, NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
                  RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -136,8 +107,24 @@ def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride
     # in it would be carried from step to step.
     w1_first, w2_first = _weight_tiles(w1_cols, w2_cols, cm, k_lo, ks, k_hi, GLU)
     _pdl_handoff(PDL)
-    acc1, acc2 = _row_sums(X, G, w1_cols, w2_cols, w1_first, w2_first, rows, rm, cm, ks, k_lo, k_hi, K, stride_x,
-                           stride_g, eps, DT, NORM, GATE, GLU, RNE, BLOCK_M, BLOCK_N, BLOCK_K, DOT, F32_DOT)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
+    g_rows = G + rows.to(tl.int64)[:, None] * stride_g
+    r = 1.0     # read with NORM only
+    if NORM:    # every program reads its rows whole once more for the norm: K values, from L2, against N/BLOCK_N
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xk = tl.load(x_rows + (k0 + ks)[None, :], mask=rm[:, None] & (k0 + ks < K)[None, :], other=0.0)
+            xk = xk.to(tl.float32)
+            ss += tl.sum(xk * xk, axis=1)
+        r = tl.rsqrt(ss / K + eps)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1, acc2 = _accumulate_tile(acc1, acc2, w1_first, w2_first, x_rows, g_rows, k_lo, ks, rm, k_hi, r, DT, NORM,
+                                  GATE, GLU, RNE, DOT, F32_DOT)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        w1, w2 = _weight_tiles(w1_cols, w2_cols, cm, k0, ks, k_hi, GLU)
+        acc1, acc2 = _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, k_hi, r, DT, NORM, GATE, GLU,
+                                      RNE, DOT, F32_DOT)
     om = rm[:, None] & cm[None, :]
     if SPLIT_K > 1:
         last, acc1, acc2 = _sum_split_k(acc1, acc2, WS, CNT, rows, cols, cm, N, BLOCK_M, SPLIT_K, GLU)
