@@ -147,12 +147,6 @@ class SRMSNormGate:
         return srms_norm_vjp(o, u, self.eps)
 
 
-def unhooked(module: nn.Module, cls: type) -> bool:
-    """Whether module is exactly a cls with no forward hooks (finite.py's watch them): a fused decoding kernel may
-    then compute what its forward would."""
-    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-
-
 def make_norm(cfg: TransNormerConfig, dim: int) -> nn.Module:
     if cfg.norm == "srms":
         return SRMSNorm(cfg.norm_eps)
@@ -511,40 +505,28 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"positions must be [batch]={tokens.shape[0]}, got shape {tuple(positions.shape)}")
         kv = state.kv if state is not None else None
         x, new_kv = self._blocks(tokens, kv, offset if positions is None else positions, padding_mask)
-        out = self.final_norm(x) if return_hidden else self._norm_and_head(x)
+        out = x if return_hidden else self.lm_head(x)
         if state is None and not use_cache:
             return out, None
         n = tokens.shape[1]
         return out, DecodeState(kv=new_kv, offset=offset + n, positions=None if positions is None else positions + n)
 
     def _blocks(self, tokens, kv, positions, padding_mask, state_in_place: bool = False):
-        """Embedding and the blocks (the final norm is the caller's). positions: an int offset or per-row start
-        positions [B].
+        """Embedding, the blocks and the final norm. positions: an int offset or per-row start positions [B].
         ``state_in_place``: the layers may write their new states into ``kv``'s tensors (only decode_step_)."""
         x = self.dropout(self._embed(tokens))
         new_kv = []
         for i, layer in enumerate(self.layers):
             x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask, state_in_place=state_in_place)
             new_kv.append(layer_state)
-        return x, new_kv
-
-    def _norm_and_head(self, x):
-        """lm_head(final_norm(x)); for one decoding token (x [B, 1, d], at most decode_linear.MAX_ROWS rows, on
-        CUDA, no gradient) one GEMV kernel with the norm in its prologue instead of the norm's kernel and cuBLAS's
-        GEMM: a kernel boundary less per token, and the head's weights stream in while the last block finishes."""
-        head, norm = self.lm_head, self.final_norm
-        if (x.shape[1] == 1 and unhooked(head, nn.Linear) and head.bias is None and unhooked(norm, SRMSNorm)
-                and not (torch.is_grad_enabled() and (x.requires_grad or head.weight.requires_grad))
-                and decode_linear_applies(x[:, 0], head.weight, norm.eps)):
-            return decode_linear(x[:, 0], head.weight, norm_eps=norm.eps)[:, None]
-        return head(norm(x))
+        return self.final_norm(x), new_kv
 
     def _embed(self, tokens):
         """embed_tokens(tokens) * embed_scale; for one decoding token a row one kernel (decode_embedding) instead
         of torch's gather and a multiply, where nothing hooks or replaces the embedding (finite.py's hooks, a
         vocab-parallel shard) and no gradient is wanted (nn.Embedding's backward skips the padding row)."""
         e = self.embed_tokens
-        if (unhooked(e, nn.Embedding) and e.max_norm is None
+        if (type(e) is nn.Embedding and e.max_norm is None and not e._forward_hooks and not e._forward_pre_hooks
                 and not (torch.is_grad_enabled() and e.weight.requires_grad)
                 and decode_embedding_applies(e.weight, tokens)):        # tokens [B, 1], B <= MAX_ROWS, on CUDA
             return decode_embedding(e.weight, tokens, self.embed_scale)
@@ -562,7 +544,7 @@ class TransNormerLLM(nn.Module):
             if new is not static:       # the fused CUDA step updated it in place already
                 static.copy_(new)
         state.positions.add_(1)
-        return self._norm_and_head(x)
+        return self.lm_head(x)
 
     def chunked_lm_loss(self, hidden, target, ignore_index: int = -100, reduction: str = "sum",
                         chunk_size: int = DEFAULT_CHUNK):
