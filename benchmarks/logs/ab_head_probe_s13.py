@@ -1,6 +1,10 @@
 """One process: (1) A/B of the decoding step's final norm + LM head as one GEMV (today's tree) against the norm
 kernel + cuBLAS (the composition), each in a freshly captured graph decoder, alternated, device and wall ms as
-decode_tiles_in_step.measure; (2) where the wall time of one graph decoder call goes at batch 16 (host side)."""
+decode_tiles_in_step.measure; (2) where the wall time of one graph decoder call goes at batch 16 (host side).
+
+Ran (session 13, call 3) at commit 8aa5cc1, whose model has _norm_and_head (reverted in eef5b9a). Kept as
+the record of the A/B and of the host-side breakdown, not a tool.
+"""
 import json, os, statistics, sys, time
 import torch
 sys.path.insert(0, "benchmarks")

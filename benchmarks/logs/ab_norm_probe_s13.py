@@ -1,5 +1,9 @@
 """A/B in one process: the GEMV's norm loop reading BLOCK_K a load (before) against NORM_K (after), each in a freshly
-captured graph decoder, alternated; device and wall ms per token as decode_tiles_in_step.measure times them."""
+captured graph decoder, alternated; device and wall ms per token as decode_tiles_in_step.measure times them.
+
+Ran (session 13, call 2) against a working-tree variant of kernels/decode_linear/triton_gemv.py with a NORM_K
+constexpr and its rule _norm_k (not committed; main reads BLOCK_K a load). Kept as the record of the A/B, not a tool.
+"""
 import json, os, statistics, sys
 import torch
 sys.path.insert(0, "benchmarks")
