@@ -131,6 +131,60 @@ def test_k_split_over_programs(variant, dtype, m, tiles, kernel_on_cpu):
         decode_linear_triton(**args, tiles=tiles[:5] + (0,))
 
 
+def parts_of(x, parts):
+    """x's rows' sums of squares in ``parts`` parts of (nearly) equal width, fp32 [B, parts], as a producer hands
+    them on."""
+    return torch.stack([c.float().square().sum(-1) for c in x.tensor_split(parts, dim=1)], dim=1).contiguous()
+
+
+@pytest.mark.parametrize("variant", ["qkvu", "out_proj", "sglu_pair"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,tiles", [(3, None), (13, None), (13, (16, 16, 32, 4, True, 3))],
+                         ids=["broadcast", "dot", "dot-split"])
+def test_norm_from_sumsq_parts(variant, dtype, m, tiles, kernel_on_cpu):
+    """x_sumsq: the norm from the rows' sums of squares in parts (5 parts here; 1 as the references give it) is the
+    composition's; parts that are not x's (scaled by 4: the norm halves) give another output, so the kernel reads
+    them and does not recompute the norm from x."""
+    args, wide = make(variant, m, 37, 150, dtype, seed=30 + m)
+    tiles = tiles or _tiles(m, 37, 150, variant == "sglu_pair")
+    for parts in (5, 1):
+        y = decode_linear_triton(**args, tiles=tiles, x_sumsq=parts_of(args["x"], parts))
+        assert_like_the_composition(y, args, wide)
+    wrong = decode_linear_triton(**args, tiles=tiles, x_sumsq=4 * parts_of(args["x"], 5))
+    assert rel(wrong, decode_linear_reference(**args)) > 0.1
+
+
+@pytest.mark.parametrize("variant", ["out_proj", "l3", "qkvu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,tiles", [(3, None), (13, None), (13, (16, 16, 32, 4, True, 3))],
+                         ids=["broadcast", "dot", "dot-split"])
+def test_with_sumsq_returns_the_outputs_sums_of_squares(variant, dtype, m, tiles, kernel_on_cpu):
+    """with_sumsq: y as without it, and one part per column tile whose sum is y's rows' sums of squares (of the
+    stored values, in fp32), also where K is split over programs (only the last of a column tile writes)."""
+    args, _ = make(variant, m, 37, 150, dtype, seed=40 + m)
+    tiles = tiles or _tiles(m, 37, 150, False)
+    y, parts = decode_linear_triton(**args, tiles=tiles, with_sumsq=True)
+    assert torch.equal(y, decode_linear_triton(**args, tiles=tiles))
+    assert parts.dtype == torch.float32 and parts.shape == (m, -(-37 // tiles[1]))
+    assert rel(parts.sum(1), y.float().square().sum(1)) < 2e-6
+
+
+def test_sumsq_through_the_dispatch(kernel_on_cpu):
+    """decode_linear passes x_sumsq and with_sumsq to the kernel, and the reference gives [B, 1] parts; x_sumsq that
+    is not fp32 [B, parts] on x's device is refused with a message naming it."""
+    args, _ = make("out_proj", 3, 24, 40, torch.float32, seed=7)
+    y, parts = decode_linear(**args, x_sumsq=parts_of(args["x"], 2), with_sumsq=True)
+    assert rel(y, decode_linear_reference(**args)) < 2e-6 and rel(parts.sum(1), y.square().sum(1)) < 2e-6
+    wide = dict(args, x=args["x"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1], gate=args["gate"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1],
+                residual=args["residual"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1])      # the reference's path
+    y, parts = decode_linear(**wide, with_sumsq=True)
+    assert parts.shape == (MAX_ROWS + 1, 1) and torch.equal(parts[:, 0], y.square().sum(1))
+    for bad in (parts_of(args["x"], 2).double(), parts_of(args["x"], 2)[:2], parts_of(args["x"], 2).t(),
+                parts_of(args["x"], 2)[:, 0]):
+        with pytest.raises(ValueError, match="x_sumsq"):
+            decode_linear(**args, x_sumsq=bad)
+
+
 def test_tiles_choose_the_form():
     """_tiles: broadcast products up to 4 rows, tl.dot from 5 (rows padded to 16, every block at least 16; K split in 4
     for layers of fewer than 2048 outputs; at 1 and 3-4 rows in BLOCK_K-wide parts), on the 385M shapes and the tests';
@@ -257,21 +311,35 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         norm, gate, glu, residual = VARIANTS[variant]
         block_m, block_n, block_k, warps, dot, *split = tiles or _tiles(m, n, k, glu)
         sig = dict(X=f"*{dt}", G=f"*{dt}", W1=f"*{dt}", W2=f"*{dt}", R=f"*{dt}", Y=f"*{dt}", WS="*fp32", CNT="*i32",
-                   M="i32", N="i32", K="i32", K_SPLIT="i32", stride_x="i32", stride_g="i32", stride_w1="i32",
-                   stride_w2="i32", stride_r="i32", stride_y="i32",
+                   SSQ_IN="*fp32", SSQ_OUT="*fp32", M="i32", N="i32", K="i32", K_SPLIT="i32", SSQ_IN_PARTS="i32",
+                   stride_x="i32", stride_g="i32", stride_w1="i32", stride_w2="i32", stride_r="i32", stride_y="i32",
                    eps="fp32", **{c: "constexpr" for c in ("NORM", "GATE", "GLU", "RESIDUAL", "RNE", "BLOCK_M",
-                                                           "BLOCK_N", "BLOCK_K", "DOT", "F32_DOT", "SPLIT_K", "PDL")})
+                                                           "BLOCK_N", "BLOCK_K", "DOT", "F32_DOT", "SPLIT_K", "PDL",
+                                                           "SSQ_IN_BLOCK", "SSQ_OUT_ON", "PREFETCH")})
+        # the block's sums of squares in parts (the model's: W_o and SGLU read them, W_o and W_3 write them) in
+        # half of the cases
+        ssq = len(cases) % 2 == 0
         consts = dict(NORM=norm, GATE=gate, GLU=glu, RESIDUAL=residual, RNE=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", SPLIT_K=split[0] if split else 1, PDL=pdl)
+                      BLOCK_K=block_k, DOT=dot, F32_DOT=dt == "fp32", SPLIT_K=split[0] if split else 1, PDL=pdl,
+                      SSQ_IN_BLOCK=32 if ssq and norm else 0, SSQ_OUT_ON=ssq and residual,
+                      PREFETCH=pdl and dot and block_k < k)      # as the launcher sets it: K over several tiles
         cases.append((sig, consts, warps))
     assert sum(consts["DOT"] for _, consts, _ in cases) == 9
     # 3 given, 7 of _tiles's: tl.dot's at N = 1024, the broadcast form's at 1 and 3 rows (K = 2816 in parts)
     assert sum(consts["SPLIT_K"] > 1 for _, consts, _ in cases) == 10
-    aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "K", "K_SPLIT", "stride_x", "stride_g", "stride_w1",
+    aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "SSQ_IN", "SSQ_OUT", "K", "K_SPLIT", "stride_x", "stride_g", "stride_w1",
                "stride_w2", "stride_r", "stride_y")
     waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,
                              max_shared=SM90_SHARED)
     assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]
+    # the L2 prefetch of the rest of a program's weights, where the launcher asks for it (tl.dot's 4 warps hold a
+    # 16 x 32 x 256 tile's lines one per thread; at BLOCK_K 32 one per column)
+    assert sum(consts["PREFETCH"] for _, consts, _ in cases) == 7
+    some = [c for c in cases if c[1]["PREFETCH"]][:2] + [c for c in cases if not c[1]["PREFETCH"]][:1]
+    narrow = (some[0][0], dict(some[0][1], BLOCK_N=16, BLOCK_K=32), 4)
+    prefetches = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", some + [narrow],
+                                  count_in_ptx="prefetch.global.L2", divisible=aligned)
+    assert all(p > 0 for p in prefetches[:2]) and prefetches[2] == 0 and prefetches[3] > 0, prefetches
 
 
 # ------------------------------------------------------------------------------------------------ the embedding

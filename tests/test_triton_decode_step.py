@@ -128,6 +128,32 @@ def test_without_the_norm_gives_o(dtype):
     run_steps(2, 2, 16, True, "silu", dtype, [0.0, 0.4], "row", 2, True, norm=False, seed=3)
 
 
+@pytest.mark.parametrize("B,H,E,lrpe,tiles", [(2, 2, 16, True, None), (3, 3, 12, False, None),
+                                               (2, 2, 48, False, (16, 4))])
+def test_with_sumsq_returns_o_and_its_sums_of_squares(B, H, E, lrpe, tiles):
+    """with_sumsq: the same o and state, and one part per (head, column tile) whose sum is o's rows' sums of squares
+    (of o as stored, in fp32): E not a power of two, 3 column tiles a head. With the norm it is refused (the step
+    then returns srms_norm(o) * u, not o)."""
+    g, state, theta = make_inputs(B, H, E, lrpe, torch.bfloat16, seed=11)
+    slope = torch.linspace(0.1, 2.0, H, device=DEV)
+    qkvu = next_qkvu(g, B, H, E, torch.bfloat16)
+    pos = torch.arange(B, device=DEV) + 3
+    o, new = gla_decode_step_triton(qkvu, state, slope, pos, theta, "silu", None, tiles=tiles)
+    o2, new2, parts = gla_decode_step_triton(qkvu, state, slope, pos, theta, "silu", None, tiles=tiles,
+                                             with_sumsq=True)
+    assert torch.equal(o, o2) and torch.equal(new, new2)
+    bv = tiles[0] if tiles else None
+    assert parts.dtype == torch.float32 and parts.shape[0] == B
+    if bv:
+        assert parts.shape[1] == H * -(-E // bv)
+    assert rel(parts.sum(1), o.float().square().sum(1)) <= SAME_FP32
+    with pytest.raises(ValueError, match="with_sumsq"):
+        gla_decode_step_triton(qkvu, state, slope, pos, theta, "silu", EPS, with_sumsq=True)
+    ref = gla_decode_step(qkvu.cpu(), state.cpu(), slope.cpu(), pos.cpu(), None if theta is None else theta.cpu(),
+                          "silu", None, with_sumsq=True)
+    assert ref[2].shape == (B, 1) and torch.equal(ref[2][:, 0], ref[0].float().square().sum(1))
+
+
 def test_far_lrpe_positions():
     """Angles p theta of tens of thousands of radians (the released theta's first frequency is 1): the kernel's
     cos/sin reduce them as torch does."""
@@ -365,10 +391,11 @@ for dt, lrpe, row_pos, act, pdl in (("bf16", True, True, 1, True), ("fp32", Fals
                                    ("fp16", True, False, 0, True)):
     ints = ["pos0", "H", "E", "HIDDEN", "stride_xb"] + [f"stride_{a}{b}" for a in "io" for b in "bhkv"]
     sig = dict(QKVU=f"*{dt}", S_IN="*fp32", S_OUT="*fp32", SLOPE="*fp32", POS="*i64" if row_pos else "*fp32",
-               THETA=f"*{dt}", O=f"*{dt}", **{n: "i32" for n in ints},
-               **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V", "PDL")})
+               THETA=f"*{dt}", O=f"*{dt}", SSQ="*fp32", **{n: "i32" for n in ints},
+               **{n: "constexpr" for n in ("ACT", "LRPE", "ROW_POS", "LIBDEVICE", "RNE", "BLOCK_E", "BLOCK_V", "PDL",
+                                           "SSQ_ON")})
     consts = dict(ACT=act, LRPE=lrpe, ROW_POS=row_pos, LIBDEVICE=True, RNE=False, BLOCK_E=128,
-                  PDL=pdl)
+                  PDL=pdl, SSQ_ON=pdl)
     consts["BLOCK_V"], num_warps = m._step_tiles(8, 128, lrpe)
     ptx = triton.compile(ASTSource(m._step_kernel, sig, consts), target=target,
                          options=dict(num_warps=num_warps)).asm["ptx"]

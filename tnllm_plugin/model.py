@@ -288,11 +288,12 @@ class GatedLinearAttention(nn.Module):
             y = self.out_norm(y) * qkvu.chunk(4, dim=-1)[3]
         return self.out_proj(y), state
 
-    def state_step(self, qkvu, state, offset, in_place, norm_eps=None):
+    def state_step(self, qkvu, state, offset, in_place, norm_eps=None, with_sumsq=False):
         """The fused step's state update from qkvu [B, 4 * hidden]: (o [B, hidden], or srms_norm(o) * u with
-        ``norm_eps``; the new state)."""
+        ``norm_eps``; the new state[; o's rows' sums of squares in parts, with ``with_sumsq``])."""
         theta = None if self.lrpe is None else self.lrpe.theta
-        return gla_decode_step(qkvu, state, self.slope, offset, theta, self.qk_act, norm_eps, in_place=in_place)
+        return gla_decode_step(qkvu, state, self.slope, offset, theta, self.qk_act, norm_eps, in_place=in_place,
+                               with_sumsq=with_sumsq)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class TransNormerBlock(nn.Module):
 
     def forward(self, x, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
         if state is not None and x.shape[1] == 1 and padding_mask is None and self._fused_decode_applies(x, state):
-            return self._fused_decode(x, state, offset, state_in_place)
+            return self._fused_decode(x, state, offset, state_in_place)[:2]
         # each norm runs inside its mixer, as the first step of the mixer's input projections (recomputed there
         # in backward rather than kept)
         mixed, state = self.token_mixer(x, state, offset, padding_mask, norm=self.token_norm,
@@ -353,24 +354,36 @@ class TransNormerBlock(nn.Module):
             return False
         return decode_linear_applies(x[:, 0], mixer.qkvu_proj.weight, self.token_norm.eps)
 
-    def _fused_decode(self, x, state, offset, state_in_place):
+    def _fused_decode(self, x, state, offset, state_in_place, x_sumsq=None):
         """The block for one token in five kernels (tnllm_kernels.decode_linear, gla_decode) instead of 13:
         each linear layer is one GEMV with the norm, gate, SGLU product or residual add beside it folded in. Under
-        a CUDA graph a decode step at small batch costs launches and gaps between kernels more than bandwidth."""
+        a CUDA graph a decode step at small batch costs launches and gaps between kernels more than bandwidth.
+        Returns (output [B, 1, d], new state, the output's rows' sums of squares in parts).
+        Each norm's sums of squares come in parts from the kernel that wrote its input (``x_sumsq`` from the block
+        before, see TransNormerLLM._blocks; with_sumsq / x_sumsq inside): a GEMV then need not read its rows twice."""
         mixer, glu = self.token_mixer, self.channel_mixer
         h = x[:, 0]
-        qkvu = decode_linear(h, mixer.qkvu_proj.weight, norm_eps=self.token_norm.eps)
+        qkvu = decode_linear(h, mixer.qkvu_proj.weight, norm_eps=self.token_norm.eps, x_sumsq=x_sumsq)
+        h_sumsq = None
         if mixer._fused_step_applies(qkvu[:, None], state, offset):
-            o, state = mixer.state_step(qkvu, state, offset, state_in_place)
+            o, state, o_sumsq = mixer.state_step(qkvu, state, offset, state_in_place, with_sumsq=True)
             hidden = o.shape[-1]
-            h = decode_linear(o, mixer.out_proj.weight, norm_eps=mixer.out_norm.eps, gate=qkvu[:, 3 * hidden:],
-                              residual=h)
+            h, h_sumsq = decode_linear(o, mixer.out_proj.weight, norm_eps=mixer.out_norm.eps,
+                                       gate=qkvu[:, 3 * hidden:], residual=h, x_sumsq=o_sumsq, with_sumsq=True)
         else:       # the step's kernels do not take these inputs: its composition, from the same QKVU
             mixed, state = mixer.mix(qkvu[:, None], state, offset, None, state_in_place)
             h = h + mixed[:, 0]
-        product = decode_linear(h, glu.l1.weight, norm_eps=self.channel_norm.eps, weight2=glu.l2.weight)
-        h = decode_linear(product, glu.l3.weight, residual=h)
-        return h[:, None], state
+        product = decode_linear(h, glu.l1.weight, norm_eps=self.channel_norm.eps, weight2=glu.l2.weight,
+                                x_sumsq=h_sumsq)
+        h, h_sumsq = decode_linear(product, glu.l3.weight, residual=h, with_sumsq=True)
+        return h[:, None], state, h_sumsq
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or global ones) that calling one of its methods would skip."""
+    from torch.nn.modules import module as torch_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,8 +529,16 @@ class TransNormerLLM(nn.Module):
         ``state_in_place``: the layers may write their new states into ``kv``'s tensors (only decode_step_)."""
         x = self.dropout(self._embed(tokens))
         new_kv = []
+        x_sumsq = None      # a fused block's output rows' sums of squares in parts, for the next one's first norm
         for i, layer in enumerate(self.layers):
-            x, layer_state = layer(x, kv[i] if kv else None, positions, padding_mask, state_in_place=state_in_place)
+            state = kv[i] if kv else None
+            if (type(layer) is TransNormerBlock and not _has_hooks(layer) and state is not None and x.shape[1] == 1 and padding_mask is None
+                    and layer._fused_decode_applies(x, state)):
+                # the block's forward would take this path too; called here to hand the sums on (no hook skipped)
+                x, layer_state, x_sumsq = layer._fused_decode(x, state, positions, state_in_place, x_sumsq)
+            else:
+                x, layer_state = layer(x, state, positions, padding_mask, state_in_place=state_in_place)
+                x_sumsq = None
             new_kv.append(layer_state)
         return self.final_norm(x), new_kv
 

@@ -47,13 +47,41 @@ def decode_linear_applies(x, weight, norm_eps=None, gate=None, weight2=None, res
             and (residual is None or residual.shape == (b, n)))
 
 
-def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=None):
+def check_sumsq_parts(x_sumsq, x, where: str):
+    """x_sumsq, when given, must be x's rows' sums of squares in parts: fp32 [B, parts] (1 <= parts <= 4096),
+    contiguous, on x's device (what decode_linear and gla_decode_step return with ``with_sumsq``)."""
+    if x_sumsq is None:
+        return
+    if not isinstance(x_sumsq, torch.Tensor) or x_sumsq.dtype != torch.float32 or x_sumsq.dim() != 2:
+        raise ValueError(f"{where}: x_sumsq must be a float32 tensor [B, parts] of the rows' sums of squares, got "
+                         f"{getattr(x_sumsq, 'dtype', type(x_sumsq).__name__)} {tuple(getattr(x_sumsq, 'shape', ()))}")
+    if x_sumsq.shape[0] != x.shape[0] or not 1 <= x_sumsq.shape[1] <= 4096 or not x_sumsq.is_contiguous() \
+            or x_sumsq.device != x.device:
+        raise ValueError(f"{where}: x_sumsq {tuple(x_sumsq.shape)} on {x_sumsq.device} must be contiguous [B={x.shape[0]}, "
+                         f"1..4096 parts] on {x.device}")
+
+
+def row_sumsq(y):
+    """y's rows' sums of squares as one part ([B, 1] fp32): what the references return with ``with_sumsq``."""
+    return y.float().square().sum(-1, keepdim=True)
+
+
+def decode_linear(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, x_sumsq=None,
+                  with_sumsq: bool = False):
     """decode_linear_reference's value (see there), in one Triton kernel where decode_linear_applies, else the
-    reference. Not differentiable (decoding only)."""
+    reference. Not differentiable (decoding only).
+
+    ``x_sumsq`` (optional, read with ``norm_eps`` only): x's rows' sums of squares in parts, as the kernel that wrote
+    x returned them; the kernel's norm then sums those parts instead of reading x's rows once more (on an H200 that
+    second read was ~80 us of the 385M decode step at 16 rows, benchmarks/RESULTS.md). The reference computes the
+    norm from x. ``with_sumsq``: return (y, y's rows' sums of squares in parts) for the next kernel's norm."""
+    check_sumsq_parts(x_sumsq, x, "decode_linear")
     if decode_linear_applies(x, weight, norm_eps, gate, weight2, residual):
         from .triton_gemv import decode_linear_triton      # a real import error here is a bug: let it surface
-        return decode_linear_triton(x, weight, norm_eps, gate, weight2, residual)
-    return decode_linear_reference(x, weight, norm_eps, gate, weight2, residual)
+        return decode_linear_triton(x, weight, norm_eps, gate, weight2, residual, x_sumsq=x_sumsq,
+                                    with_sumsq=with_sumsq)
+    y = decode_linear_reference(x, weight, norm_eps, gate, weight2, residual)
+    return (y, row_sumsq(y)) if with_sumsq else y
 
 
 def decode_embedding_applies(weight, tokens) -> bool:
@@ -75,5 +103,5 @@ def decode_embedding(weight, tokens, scale: float = 1.0):
     return decode_embedding_reference(weight, tokens, scale)
 
 
-__all__ = ["MAX_ROWS", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference", "decode_linear",
+__all__ = ["MAX_ROWS", "check_sumsq_parts", "row_sumsq", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference", "decode_linear",
            "decode_linear_applies", "decode_linear_reference"]

@@ -32,7 +32,18 @@ flight).
 Nothing allocates by value or reads back to the host: CUDA graphs capture it. On sm_90+ it launches with
 programmatic dependent launch (gla_decode.triton_step.pdl_launch): each program loads its first weight tiles, which
 no kernel writes, before it waits for the kernel before it, so the weights of the next layer stream in while the
-previous one finishes.
+previous one finishes; where its K spans more tiles (the tl.dot form) it also asks L2 for the rest of its weights
+there (``prefetch.global.L2``, no registers held), so its K loop after the wait reads L2 instead of HBM.
+
+The norm's sum of squares: a program needs its rows' whole sums of squares before its first product, and reading the
+rows once more for them cost ~80 us of the 385M decode step at 16 rows on an H200 (the rows come from L2, but in 4-8
+loads one after the other, after the wait). So the kernel that writes a norm's input also hands on its rows' sums of
+squares in parts, one per program (``with_sumsq``: this kernel's epilogue, one part per column tile;
+gla_decode's step kernel, one per head and column tile), and the norm sums the parts in one load (``x_sumsq``). The
+parts are of the stored (rounded) values in fp32, so the norm differs from the composition's by the order of fp32
+sums only. In one process on an H200 (benchmarks/RESULTS.md, fourteenth session), the decode step with both against
+neither: 0.729 against 0.786 ms a token at 16 rows, 0.661 against 0.724 at 8, 0.659 against 0.687 at 4 (the parts
+only: one K tile a program there), 0.465 against 0.464 at 1.
 """
 import torch
 import triton
@@ -68,6 +79,20 @@ def _weight_tiles(w1_cols, w2_cols, cm, k0, ks, K, GLU: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_to_l2(W, w_cols, cm, k_from, k_hi, BLOCK_K: tl.constexpr, STEP: tl.constexpr):
+    """Ask L2 for this program's weights in K [k_from, k_hi), one ``prefetch.global.L2`` per STEP elements (a 128-byte
+    line, or the whole tile if narrower): nothing comes into registers, and the loads of the K loop after the wait
+    find the weights in L2 instead of going to HBM one tile at a time. Lanes past N or K ask for W's first line (a
+    prefetch needs an address inside the tensor)."""
+    at_k = tl.arange(0, BLOCK_K // STEP) * STEP
+    for k0 in range(k_from, k_hi, BLOCK_K):
+        inside = cm[:, None] & (k0 + at_k < k_hi)[None, :]
+        at = tl.where(inside, w_cols + (k0 + at_k)[None, :], W).to(tl.int64)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT: tl.constexpr, NORM: tl.constexpr,
                      GATE: tl.constexpr, GLU: tl.constexpr, RNE: tl.constexpr, DOT: tl.constexpr,
                      F32_DOT: tl.constexpr):
@@ -87,10 +112,12 @@ def _accumulate_tile(acc1, acc2, w1, w2, x_rows, g_rows, k0, ks, rm, K, r, DT: t
 
 
 @triton.jit
-def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride_g, stride_w1, stride_w2, stride_r,
-                 stride_y, eps, NORM: tl.constexpr, GATE: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                 RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT: tl.constexpr, F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, SSQ_IN, SSQ_OUT, M, N, K, K_SPLIT, SSQ_IN_PARTS, stride_x, stride_g,
+                 stride_w1, stride_w2, stride_r, stride_y, eps, NORM: tl.constexpr, GATE: tl.constexpr,
+                 GLU: tl.constexpr, RESIDUAL: tl.constexpr, RNE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, F32_DOT: tl.constexpr,
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, SSQ_IN_BLOCK: tl.constexpr, SSQ_OUT_ON: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     DT = Y.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     rm = rows < M
@@ -106,11 +133,21 @@ def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride
     # weights); the loop below loads each later tile itself. Own names: a tile assigned before the loop and again
     # in it would be carried from step to step.
     w1_first, w2_first = _weight_tiles(w1_cols, w2_cols, cm, k_lo, ks, k_hi, GLU)
+    if PREFETCH:    # the rest of this program's weights into L2, also before the wait
+        STEP: tl.constexpr = min(BLOCK_K, 1024 // W1.dtype.element_ty.primitive_bitwidth)
+        _prefetch_to_l2(W1, w1_cols, cm, k_lo + BLOCK_K, k_hi, BLOCK_K, STEP)
+        if GLU:
+            _prefetch_to_l2(W2, w2_cols, cm, k_lo + BLOCK_K, k_hi, BLOCK_K, STEP)
     _pdl_handoff(PDL)
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
     g_rows = G + rows.to(tl.int64)[:, None] * stride_g
     r = 1.0     # read with NORM only
-    if NORM:    # every program reads its rows whole once more for the norm: K values, from L2, against N/BLOCK_N
+    if NORM and SSQ_IN_BLOCK > 0:   # the rows' sums of squares in parts, from the kernel that wrote them: one load
+        parts = tl.arange(0, SSQ_IN_BLOCK)
+        ssq = tl.load(SSQ_IN + rows[:, None] * SSQ_IN_PARTS + parts[None, :],
+                      mask=rm[:, None] & (parts < SSQ_IN_PARTS)[None, :], other=0.0)
+        r = tl.rsqrt(tl.sum(ssq, axis=1) / K + eps)
+    elif NORM:    # every program reads its rows whole once more for the norm: K values, from L2, against N/BLOCK_N
         ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             xk = tl.load(x_rows + (k0 + ks)[None, :], mask=rm[:, None] & (k0 + ks < K)[None, :], other=0.0)
@@ -129,9 +166,10 @@ def _gemv_kernel(X, G, W1, W2, R, Y, WS, CNT, M, N, K, K_SPLIT, stride_x, stride
     if SPLIT_K > 1:
         last, acc1, acc2 = _sum_split_k(acc1, acc2, WS, CNT, rows, cols, cm, N, BLOCK_M, SPLIT_K, GLU)
         if last:
-            _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE)
+            _epilogue(acc1, acc2, R, Y, SSQ_OUT, rows, rm, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE,
+                      SSQ_OUT_ON)
     else:
-        _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE)
+        _epilogue(acc1, acc2, R, Y, SSQ_OUT, rows, rm, cols, om, stride_r, stride_y, DT, GLU, RESIDUAL, RNE, SSQ_OUT_ON)
 
 
 @triton.jit
@@ -165,9 +203,11 @@ def _sum_split_k(acc1, acc2, WS, CNT, rows, cols, cm, N, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT: tl.constexpr, GLU: tl.constexpr,
-              RESIDUAL: tl.constexpr, RNE: tl.constexpr):
-    """The sums rounded to DT, SGLU's product, the residual added, each rounded as the composition rounds; stored."""
+def _epilogue(acc1, acc2, R, Y, SSQ_OUT, rows, rm, cols, om, stride_r, stride_y, DT: tl.constexpr, GLU: tl.constexpr,
+              RESIDUAL: tl.constexpr, RNE: tl.constexpr, SSQ_OUT_ON: tl.constexpr):
+    """The sums rounded to DT, SGLU's product, the residual added, each rounded as the composition rounds; stored.
+    With SSQ_OUT_ON also this column tile's part of each row's sum of squares (of the stored values, in fp32) into
+    SSQ_OUT [M, column tiles]: the next kernel's norm then sums the parts instead of reading the rows again."""
     y = _round(acc1, DT, RNE)
     if GLU:
         y = _round(y * _round(acc2, DT, RNE), DT, RNE)
@@ -175,6 +215,9 @@ def _epilogue(acc1, acc2, R, Y, rows, cols, om, stride_r, stride_y, DT: tl.const
         res = tl.load(R + rows.to(tl.int64)[:, None] * stride_r + cols[None, :], mask=om, other=0.0)
         y = _round(res.to(tl.float32) + y, DT, RNE)
     tl.store(Y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(DT), mask=om)
+    if SSQ_OUT_ON:
+        tl.store(SSQ_OUT + rows * tl.num_programs(0) + tl.program_id(0), tl.sum(tl.where(om, y * y, 0.0), axis=1),
+                 mask=rm)
 
 
 DOT_FROM_ROWS = 5       # from this many rows the product runs as tl.dot (see _tiles)
@@ -240,8 +283,12 @@ def _split_k_counts(device, tiles):
     return counts
 
 
-def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None):
+def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, residual=None, tiles=None,
+                         x_sumsq=None, with_sumsq=False):
     """Same contract as decode_linear_reference; the checks are decode_linear_applies's (the caller's).
+    ``x_sumsq``: [B, parts] fp32, x's rows' sums of squares in parts (what the kernel that wrote x returned with
+    ``with_sumsq``); the norm sums them instead of reading x's rows a second time. ``with_sumsq``: return (y, y's
+    rows' sums of squares in parts, one per column tile [B, N / BLOCK_N] fp32).
     ``tiles``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot[, split_k[, num_stages]]) instead of _tiles's choice
     (benchmarks sweep them; the kernel tests pass the GPU's tiles to the interpreter, which otherwise takes 16 columns
     a program).
@@ -278,18 +325,24 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
         counts = _split_k_counts(x.device, col_tiles)
     else:
         ws = counts = any_
+    ssq_in = x_sumsq if norm_eps is not None else None
+    ssq_out = torch.empty(m, col_tiles, dtype=torch.float32, device=x.device) if with_sumsq else None
     pdl = pdl_launch(x)
     _gemv_kernel[(col_tiles, split_k)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
-        residual if residual is not None else any_, y, ws, counts, m, n, k, k_split,
+        residual if residual is not None else any_, y, ws, counts, ssq_in if ssq_in is not None else ws,
+        ssq_out if ssq_out is not None else ws, m, n, k, k_split, ssq_in.shape[1] if ssq_in is not None else 0,
         x.stride(0), gate.stride(0) if gate is not None else 0, weight.stride(0),
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,
         NORM=norm_eps is not None, GATE=gate is not None, GLU=weight2 is not None, RESIDUAL=residual is not None,
         RNE=interp and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT=bool(dot), F32_DOT=x.dtype == torch.float32 or interp, SPLIT_K=split_k, PDL=pdl,
+        PREFETCH=pdl and triton.cdiv(k_split, block_k) > 1,
+        SSQ_IN_BLOCK=triton.next_power_of_2(ssq_in.shape[1]) if ssq_in is not None else 0,
+        SSQ_OUT_ON=ssq_out is not None,
         num_warps=4 if interp else num_warps, **stages, **({"launch_pdl": True} if pdl else {}))
-    return y
+    return (y, ssq_out) if with_sumsq else y
 
 
 __all__ = ["decode_linear_triton"]

@@ -30,13 +30,20 @@ def gla_decode_step_applies(qkvu, state, positions=0, theta=None) -> bool:
 
 
 def gla_decode_step(qkvu, state, slope, positions=0, theta=None, act: str = "silu", norm_eps=None,
-                    in_place: bool = False):
+                    in_place: bool = False, with_sumsq: bool = False):
     """(y [B, hidden], new state): see gla_decode_step_reference for the contract. The Triton kernels where
-    gla_decode_step_applies, else the reference. Not differentiable (decoding only)."""
+    gla_decode_step_applies, else the reference. Not differentiable (decoding only). ``with_sumsq`` (without
+    norm_eps): (o, new state, o's rows' sums of squares in parts [B, parts] fp32), for the next kernel's norm
+    (tnllm_kernels.decode_linear's ``x_sumsq``)."""
+    if with_sumsq and norm_eps is not None:
+        raise ValueError("gla_decode_step: with_sumsq returns o's sums of squares; with norm_eps the step returns "
+                         "the normalised o instead")
     if gla_decode_step_applies(qkvu, state, positions, theta):
         from .triton_step import gla_decode_step_triton
-        return gla_decode_step_triton(qkvu, state, slope, positions, theta, act, norm_eps, in_place)
-    return gla_decode_step_reference(qkvu, state, slope, positions, theta, act, norm_eps, in_place)
+        return gla_decode_step_triton(qkvu, state, slope, positions, theta, act, norm_eps, in_place,
+                                      with_sumsq=with_sumsq)
+    out = gla_decode_step_reference(qkvu, state, slope, positions, theta, act, norm_eps, in_place)
+    return (*out, out[0].float().square().sum(-1, keepdim=True)) if with_sumsq else out
 
 
 __all__ = ["ACTIVATIONS", "gla_decode_step", "gla_decode_step_applies", "gla_decode_step_reference"]

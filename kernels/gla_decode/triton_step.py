@@ -109,12 +109,13 @@ def _act_round(x, ACT: tl.constexpr, LIBDEVICE: tl.constexpr, DT: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["pos0"])
-def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
+def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O, SSQ,
                  pos0, H, E, HIDDEN, stride_xb,
                  stride_ib, stride_ih, stride_ik, stride_iv,
                  stride_ob, stride_oh, stride_ok, stride_ov,
                  ACT: tl.constexpr, LRPE: tl.constexpr, ROW_POS: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 RNE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+                 RNE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr,
+                 SSQ_ON: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -164,7 +165,11 @@ def _step_kernel(QKVU, S_IN, S_OUT, SLOPE, POS, THETA, O,
         s1 = lam * s1 + k[:, None] * v[None, :]
         tl.store(s_out, s1, mask=m)
         o = tl.sum(q[:, None] * s1, axis=0)
-    tl.store(O + b.to(tl.int64) * HIDDEN + h * E + cols, _round(o, DT, RNE).to(DT), mask=cm)
+    o = _round(o, DT, RNE)
+    tl.store(O + b.to(tl.int64) * HIDDEN + h * E + cols, o.to(DT), mask=cm)
+    if SSQ_ON:  # this program's part of its row's sum of squares of o: SSQ [B, H * column tiles]
+        tiles = tl.num_programs(1)
+        tl.store(SSQ + b.to(tl.int64) * H * tiles + h * tiles + tl.program_id(1), tl.sum(tl.where(cm, o * o, 0.0)))
 
 
 @triton.jit
@@ -244,10 +249,11 @@ def check_inputs(qkvu, state, slope, positions, theta, act):
 
 
 def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str = "silu", norm_eps=None,
-                           in_place: bool = False, tiles=None):
+                           in_place: bool = False, tiles=None, with_sumsq: bool = False):
     """Same contract as gla_decode_step_reference. ``positions``: an int, or a tensor [B] on the device (what a
     CUDA graph needs: the value is read by the kernel at replay). ``tiles``: (BLOCK_V, num_warps) of the step kernel
-    instead of _step_tiles's (benchmarks/decode_step_tiles.py sweeps them)."""
+    instead of _step_tiles's (benchmarks/decode_step_tiles.py sweeps them). ``with_sumsq`` (without norm_eps):
+    also return o's rows' sums of squares in parts, [B, H * Dv / BLOCK_V] fp32, for the next kernel's norm."""
     b, h, e, hidden = check_inputs(qkvu, state, slope, positions, theta, act)
     new_state = state if in_place else torch.empty_like(state)
     o = torch.empty(b, hidden, dtype=qkvu.dtype, device=qkvu.device)
@@ -259,16 +265,22 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     if not (bv >= 1 and bv & (bv - 1) == 0 and num_warps >= 1 and num_warps & (num_warps - 1) == 0):
         raise ValueError(f"gla_decode_step_triton: tiles (BLOCK_V, num_warps) must be powers of two, got {tiles}")
     block_e = max(16, triton.next_power_of_2(e))
+    if with_sumsq and norm_eps is not None:
+        raise ValueError("gla_decode_step_triton: with_sumsq returns o's sums of squares; with norm_eps the step "
+                         "returns the normalised o instead")
+    ssq = torch.empty(b, h * triton.cdiv(e, bv), dtype=torch.float32, device=qkvu.device) if with_sumsq else None
     pdl = pdl_launch(qkvu)
     if b > 0:
         _step_kernel[(b * h, triton.cdiv(e, bv))](
             qkvu, state, new_state, slope, positions if row_pos else slope, theta_arg, o,
+            ssq if ssq is not None else slope,
             0 if row_pos else int(positions), h, e, hidden, qkvu.stride(0),
             *state.stride(), *new_state.stride(),
             ACT=_ACT_CODE[act], LRPE=theta is not None, ROW_POS=row_pos, LIBDEVICE=not interpreting(), RNE=rne,
-            BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+            BLOCK_E=block_e, BLOCK_V=bv, PDL=pdl, SSQ_ON=ssq is not None, num_warps=num_warps,
+            **({"launch_pdl": True} if pdl else {}))
     if norm_eps is None:
-        return o, new_state
+        return (o, new_state, ssq) if with_sumsq else (o, new_state)
     if not float(norm_eps) >= 0:
         raise ValueError(f"gla_decode_step_triton: norm_eps must be >= 0, got {norm_eps}")
     y = torch.empty_like(o)
