@@ -14,8 +14,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # on tensor cores (K split over programs for the narrow layers): on an H200 one block's four layers of the 385M model
 # took 12.2 us at 1 row and 18.6 at 16 against 60.6 and 66.1 for cuBLAS with the norm, gate, product and add kernels
 # around it, and the CUDA-graph decode step at batch 16 went from 1.17 to 0.86-0.92 ms (with the tuned token-mixer step;
-# 0.80-0.87 with the tiles of the twelfth session's in-step sweep; benchmarks/RESULTS.md). tests/test_decode_linear.py
-# passed on that GPU.
+# 0.80-0.87 with the tiles of the twelfth session's in-step sweep, 0.76-0.83 with the norms' sums of squares handed on
+# and the weights prefetched into L2, fourteenth session; benchmarks/RESULTS.md). tests/test_decode_linear.py passed
+# on that GPU.
 MAX_ROWS = 16
 
 # Tests set this (with TRITON_INTERPRET=1 before the kernel module is imported) to run the kernel on CPU tensors in
