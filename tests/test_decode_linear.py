@@ -175,8 +175,8 @@ def test_sumsq_through_the_dispatch(kernel_on_cpu):
     args, _ = make("out_proj", 3, 24, 40, torch.float32, seed=7)
     y, parts = decode_linear(**args, x_sumsq=parts_of(args["x"], 2), with_sumsq=True)
     assert rel(y, decode_linear_reference(**args)) < 2e-6 and rel(parts.sum(1), y.square().sum(1)) < 2e-6
-    wide = dict(args, x=args["x"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1], gate=args["gate"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1],
-                residual=args["residual"].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1])      # the reference's path
+    wide = {key: args[key].repeat(MAX_ROWS, 1)[:MAX_ROWS + 1] for key in ("x", "gate", "residual")}
+    wide = dict(args, **wide)       # more rows than the kernel takes: the reference's path
     y, parts = decode_linear(**wide, with_sumsq=True)
     assert parts.shape == (MAX_ROWS + 1, 1) and torch.equal(parts[:, 0], y.square().sum(1))
     for bad in (parts_of(args["x"], 2).double(), parts_of(args["x"], 2)[:2], parts_of(args["x"], 2).t(),
@@ -327,8 +327,8 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     assert sum(consts["DOT"] for _, consts, _ in cases) == 9
     # 3 given, 7 of _tiles's: tl.dot's at N = 1024, the broadcast form's at 1 and 3 rows (K = 2816 in parts)
     assert sum(consts["SPLIT_K"] > 1 for _, consts, _ in cases) == 10
-    aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "SSQ_IN", "SSQ_OUT", "K", "K_SPLIT", "stride_x", "stride_g", "stride_w1",
-               "stride_w2", "stride_r", "stride_y")
+    aligned = ("X", "G", "W1", "W2", "R", "Y", "WS", "CNT", "SSQ_IN", "SSQ_OUT", "K", "K_SPLIT", "stride_x", "stride_g",
+               "stride_w1", "stride_w2", "stride_r", "stride_y")
     waits = compile_for_sm90("tnllm_kernels.decode_linear.triton_gemv", "_gemv_kernel", cases, divisible=aligned,
                              max_shared=SM90_SHARED)
     assert waits == [1 if consts["PDL"] else 0 for _, consts, _ in cases]

@@ -532,8 +532,8 @@ class TransNormerLLM(nn.Module):
         x_sumsq = None      # a fused block's output rows' sums of squares in parts, for the next one's first norm
         for i, layer in enumerate(self.layers):
             state = kv[i] if kv else None
-            if (type(layer) is TransNormerBlock and not _has_hooks(layer) and state is not None and x.shape[1] == 1 and padding_mask is None
-                    and layer._fused_decode_applies(x, state)):
+            if (type(layer) is TransNormerBlock and not _has_hooks(layer) and state is not None and x.shape[1] == 1
+                    and padding_mask is None and layer._fused_decode_applies(x, state)):
                 # the block's forward would take this path too; called here to hand the sums on (no hook skipped)
                 x, layer_state, x_sumsq = layer._fused_decode(x, state, positions, state_in_place, x_sumsq)
             else:

@@ -58,8 +58,8 @@ def check_sumsq_parts(x_sumsq, x, where: str):
                          f"{getattr(x_sumsq, 'dtype', type(x_sumsq).__name__)} {tuple(getattr(x_sumsq, 'shape', ()))}")
     if x_sumsq.shape[0] != x.shape[0] or not 1 <= x_sumsq.shape[1] <= 4096 or not x_sumsq.is_contiguous() \
             or x_sumsq.device != x.device:
-        raise ValueError(f"{where}: x_sumsq {tuple(x_sumsq.shape)} on {x_sumsq.device} must be contiguous [B={x.shape[0]}, "
-                         f"1..4096 parts] on {x.device}")
+        raise ValueError(f"{where}: x_sumsq {tuple(x_sumsq.shape)} on {x_sumsq.device} must be contiguous "
+                         f"[B={x.shape[0]}, 1..4096 parts] on {x.device}")
 
 
 def row_sumsq(y):
@@ -104,5 +104,5 @@ def decode_embedding(weight, tokens, scale: float = 1.0):
     return decode_embedding_reference(weight, tokens, scale)
 
 
-__all__ = ["MAX_ROWS", "check_sumsq_parts", "row_sumsq", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference", "decode_linear",
-           "decode_linear_applies", "decode_linear_reference"]
+__all__ = ["MAX_ROWS", "check_sumsq_parts", "decode_embedding", "decode_embedding_applies", "decode_embedding_reference",
+           "decode_linear", "decode_linear_applies", "decode_linear_reference", "row_sumsq"]
