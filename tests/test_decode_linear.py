@@ -284,6 +284,43 @@ def test_model_decode_with_the_fused_block_equals_the_composition(dtype, batch, 
     assert len(calls) == 4 * 3 * 5
 
 
+@torch.no_grad()
+def test_model_decode_hands_the_sums_on_and_keeps_hooks(kernel_on_cpu, monkeypatch):
+    """Between fused blocks the model hands W_3's sums of squares to the next block's QKVU (every QKVU but the
+    first gets parts), and a block with a forward hook goes through its forward: the hook runs once a step, that
+    block's QKVU and the next one's read their rows themselves, and the logits are the same."""
+    import tnllm_kernels.decode_linear.triton_gemv as gemv
+    import tnllm_kernels.gla_decode as gla_decode
+    from tnllm_plugin.model import TransNormerConfig, TransNormerLLM
+    if not CUDA:
+        monkeypatch.setattr(gla_decode, "interpret_on_cpu", True)
+    torch.manual_seed(0)
+    cfg = TransNormerConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=3, glu_dim=80)
+    model = TransNormerLLM(cfg).to(DEV).eval()
+    qkvu_parts = []         # per QKVU call (N = 4 * d_model): whether it was given its input's parts
+    real = gemv.decode_linear_triton
+
+    def spy(x, weight, *a, **k):
+        if weight.shape[0] == 4 * cfg.d_model:
+            qkvu_parts.append(k.get("x_sumsq") is not None)
+        return real(x, weight, *a, **k)
+    monkeypatch.setattr(gemv, "decode_linear_triton", spy)
+    prompt = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEV)
+    _, state = model(prompt, use_cache=True)
+    tok = prompt[:, -1:]
+    plain, _ = model(tok, state)
+    assert qkvu_parts == [False, True, True]
+    seen = []
+    handle = model.layers[1].register_forward_hook(lambda *_: seen.append(1))
+    try:
+        qkvu_parts.clear()
+        hooked, _ = model(tok, state)
+    finally:
+        handle.remove()
+    assert seen == [1] and qkvu_parts == [False, False, False]     # the hooked block hands nothing on either
+    assert rel(hooked, plain) < 1e-6
+
+
 SM90_SHARED = 227 * 1024     # bytes of shared memory a block may have on an H100/H200
 
 

@@ -547,7 +547,7 @@ class TransNormerLLM(nn.Module):
         of torch's gather and a multiply, where nothing hooks or replaces the embedding (finite.py's hooks, a
         vocab-parallel shard) and no gradient is wanted (nn.Embedding's backward skips the padding row)."""
         e = self.embed_tokens
-        if (type(e) is nn.Embedding and e.max_norm is None and not e._forward_hooks and not e._forward_pre_hooks
+        if (type(e) is nn.Embedding and e.max_norm is None and not _has_hooks(e)
                 and not (torch.is_grad_enabled() and e.weight.requires_grad)
                 and decode_embedding_applies(e.weight, tokens)):        # tokens [B, 1], B <= MAX_ROWS, on CUDA
             return decode_embedding(e.weight, tokens, self.embed_scale)
