@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module      # the global forward hooks (_has_hooks)
 
 from tnllm_kernels import (gla_decode_step, gla_decode_step_applies, lightning_attention, lightning_attention_step,
                            linear_cross_entropy, srms_norm, srms_norm_gate)
@@ -328,7 +329,7 @@ class TransNormerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, state=None, offset=0, padding_mask=None, state_in_place: bool = False):
-        if state is not None and x.shape[1] == 1 and padding_mask is None and self._fused_decode_applies(x, state):
+        if self._fused_decode_applies(x, state, padding_mask):
             return self._fused_decode(x, state, offset, state_in_place)[:2]
         # each norm runs inside its mixer, as the first step of the mixer's input projections (recomputed there
         # in backward rather than kept)
@@ -338,10 +339,12 @@ class TransNormerBlock(nn.Module):
         x = x + self.dropout(self.channel_mixer(x, norm=self.channel_norm))
         return x, state
 
-    def _fused_decode_applies(self, x, state) -> bool:
+    def _fused_decode_applies(self, x, state, padding_mask=None) -> bool:
         # decoding only, on the layer the released models have (SRMSNorm everywhere, plain linear layers without
         # bias: a tensor-parallel shard's layers communicate and keep the composition), where the kernel runs (CUDA,
         # at most decode_linear.MAX_ROWS rows: larger batches keep cuBLAS, see there)
+        if state is None or x.shape[1] != 1 or padding_mask is not None:      # one unpadded token with a state
+            return False
         mixer, glu = self.token_mixer, self.channel_mixer
         if torch.is_grad_enabled() and (x.requires_grad or state.requires_grad):
             return False
@@ -381,9 +384,8 @@ class TransNormerBlock(nn.Module):
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling the module runs hooks (its own or global ones) that calling one of its methods would skip."""
-    from torch.nn.modules import module as torch_module
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -532,8 +534,8 @@ class TransNormerLLM(nn.Module):
         x_sumsq = None      # a fused block's output rows' sums of squares in parts, for the next one's first norm
         for i, layer in enumerate(self.layers):
             state = kv[i] if kv else None
-            if (type(layer) is TransNormerBlock and not _has_hooks(layer) and state is not None and x.shape[1] == 1
-                    and padding_mask is None and layer._fused_decode_applies(x, state)):
+            if (type(layer) is TransNormerBlock and not _has_hooks(layer)
+                    and layer._fused_decode_applies(x, state, padding_mask)):
                 # the block's forward would take this path too; called here to hand the sums on (no hook skipped)
                 x, layer_state, x_sumsq = layer._fused_decode(x, state, positions, state_in_place, x_sumsq)
             else:

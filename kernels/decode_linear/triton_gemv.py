@@ -330,8 +330,8 @@ def decode_linear_triton(x, weight, norm_eps=None, gate=None, weight2=None, resi
     pdl = pdl_launch(x)
     _gemv_kernel[(col_tiles, split_k)](
         x, gate if gate is not None else any_, weight, weight2 if weight2 is not None else weight,
-        residual if residual is not None else any_, y, ws, counts, ssq_in if ssq_in is not None else ws,
-        ssq_out if ssq_out is not None else ws, m, n, k, k_split, ssq_in.shape[1] if ssq_in is not None else 0,
+        residual if residual is not None else any_, y, ws, counts, ssq_in if ssq_in is not None else any_,
+        ssq_out if ssq_out is not None else any_, m, n, k, k_split, ssq_in.shape[1] if ssq_in is not None else 0,
         x.stride(0), gate.stride(0) if gate is not None else 0, weight.stride(0),
         weight2.stride(0) if weight2 is not None else 0, residual.stride(0) if residual is not None else 0,
         y.stride(0), float(norm_eps) if norm_eps is not None else 0.0,

@@ -4,7 +4,8 @@ import importlib.util
 
 import torch
 
-from .reference import ACTIVATIONS, gla_decode_step_reference
+from ..decode_linear import row_sumsq
+from .reference import ACTIVATIONS, check_with_sumsq, gla_decode_step_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,15 +36,13 @@ def gla_decode_step(qkvu, state, slope, positions=0, theta=None, act: str = "sil
     gla_decode_step_applies, else the reference. Not differentiable (decoding only). ``with_sumsq`` (without
     norm_eps): (o, new state, o's rows' sums of squares in parts [B, parts] fp32), for the next kernel's norm
     (tnllm_kernels.decode_linear's ``x_sumsq``)."""
-    if with_sumsq and norm_eps is not None:
-        raise ValueError("gla_decode_step: with_sumsq returns o's sums of squares; with norm_eps the step returns "
-                         "the normalised o instead")
+    check_with_sumsq(with_sumsq, norm_eps, "gla_decode_step")
     if gla_decode_step_applies(qkvu, state, positions, theta):
         from .triton_step import gla_decode_step_triton
         return gla_decode_step_triton(qkvu, state, slope, positions, theta, act, norm_eps, in_place,
                                       with_sumsq=with_sumsq)
     out = gla_decode_step_reference(qkvu, state, slope, positions, theta, act, norm_eps, in_place)
-    return (*out, out[0].float().square().sum(-1, keepdim=True)) if with_sumsq else out
+    return (*out, row_sumsq(out[0])) if with_sumsq else out
 
 
 __all__ = ["ACTIVATIONS", "gla_decode_step", "gla_decode_step_applies", "gla_decode_step_reference"]

@@ -42,6 +42,13 @@ def lrpe(x: torch.Tensor, theta: torch.Tensor, positions) -> torch.Tensor:
     return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
 
 
+def check_with_sumsq(with_sumsq: bool, norm_eps, where: str):
+    """The step hands on o's sums of squares only where it returns o itself (without the output norm)."""
+    if with_sumsq and norm_eps is not None:
+        raise ValueError(f"{where}: with_sumsq returns o's sums of squares; with norm_eps the step returns the "
+                         f"normalised o instead")
+
+
 def gla_decode_step_reference(qkvu, state, slope, positions=0, theta=None, act: str = "silu", norm_eps=None,
                               in_place: bool = False):
     """Returns (y [B, hidden] in qkvu's dtype, new state fp32). ``state`` [B, H, Dk, E]; ``theta`` (LRPE's

@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._interpreter import interpreting
+from .reference import check_with_sumsq
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -265,9 +266,7 @@ def gla_decode_step_triton(qkvu, state, slope, positions=0, theta=None, act: str
     if not (bv >= 1 and bv & (bv - 1) == 0 and num_warps >= 1 and num_warps & (num_warps - 1) == 0):
         raise ValueError(f"gla_decode_step_triton: tiles (BLOCK_V, num_warps) must be powers of two, got {tiles}")
     block_e = max(16, triton.next_power_of_2(e))
-    if with_sumsq and norm_eps is not None:
-        raise ValueError("gla_decode_step_triton: with_sumsq returns o's sums of squares; with norm_eps the step "
-                         "returns the normalised o instead")
+    check_with_sumsq(with_sumsq, norm_eps, "gla_decode_step_triton")
     ssq = torch.empty(b, h * triton.cdiv(e, bv), dtype=torch.float32, device=qkvu.device) if with_sumsq else None
     pdl = pdl_launch(qkvu)
     if b > 0:
