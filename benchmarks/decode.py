@@ -14,7 +14,10 @@ For each model, batch (1, 16) and prompt length (1k, 8k, 32k, 128k random tokens
   (`model(tok, state=state)`); LLaMA: `model(input_ids=tok, past_key_values=cache, use_cache=True)` with HF's
   DynamicCache (the default; it grows by a concatenation per step) or, with --llama-cache static, a StaticCache
   sized for the run. If tnllm_plugin.generation has a CUDA-graph decoder, its per-token ms is one more column
-  (it continues from the state the eager steps left; our step's cost does not depend on the position).
+  (it continues from the state the eager steps left; our step's cost does not depend on the position; a step is
+  the decoder's call, synchronized, as above), and the generation loop's is another: the mean per token of
+  `generation.decode_from`, greedy, as generate() runs it (the next step queued before the host reads a step's
+  tokens), continuing from the graph decoder's state.
 * peak GB: torch.cuda.max_memory_allocated during the decode steps (weights, state/cache, step temporaries;
   GB = 1e9 bytes). state bytes: our DecodeState (fp32 [B, H, Dk, Dv] per layer, the same for every prompt
   length) or LLaMA's KV cache after the prefill.
@@ -244,17 +247,45 @@ def measure_cell(runner, s, batch, length, device, fake_oom, graph):
 
 def graph_cell(graph, runner, holder, tok, s, device):
     """Per-token ms of the graph decoder, continuing from the state the eager steps reached (our step costs the
-    same at every position). Its errors are recorded, never raised: it is another module's work."""
+    same at every position), then of the generation loop from where the graph decoder left off. Their errors
+    are recorded, never raised: it is another module's work."""
     try:
         decoder = graph(runner.model, with_positions(holder.pop(), device))
         free_memory(device)
         reset_peak(device)
-        times, _, _ = decode(lambda _, t: (None, decoder(t[:, 0])), None, tok, s["warmup"], s["steps"], device)
-        return dict(graph_per_token_ms=statistics.median(times), graph_peak_gb=peak_gb(device))
+        last = {}
+
+        def step(_, t):
+            last["logits"] = decoder(t[:, 0])
+            return None, last["logits"]
+
+        times, _, _ = decode(step, None, tok, s["warmup"], s["steps"], device)
+        r = dict(graph_per_token_ms=statistics.median(times), graph_peak_gb=peak_gb(device))
     except Exception as e:          # an OOM here too: the eager numbers of the cell stay
         if not is_oom(e):
             traceback.print_exc()
         return dict(graph_error=short_error(e))
+    state, logits = decoder.state, last["logits"]
+    del decoder, last
+    return {**r, **loop_cell(runner, state, logits, s, device)}
+
+
+def loop_cell(runner, state, logits, s, device):
+    """Per-token ms of the generation loop that generate() runs (tnllm_plugin.generation.decode_from: greedy,
+    through its CUDA-graph decoder on a GPU, each step queued before the host reads the tokens of the one before):
+    the mean time from one step's tokens on the host to the next's over s["steps"] steps after s["warmup"] (a
+    pipelined loop is judged by its rate; a median of the intervals could hide a stall)."""
+    try:
+        from tnllm_plugin.generation import SamplingConfig, decode_from
+        stamps = []
+        greedy = SamplingConfig(max_new_tokens=s["warmup"] + s["steps"] + 1)
+        for _ in decode_from(runner.model, state, logits, greedy, cuda_graph=device.type == "cuda"):
+            stamps.append(time.perf_counter())
+        return dict(loop_per_token_ms=(stamps[-1] - stamps[s["warmup"]]) * 1e3 / s["steps"])
+    except Exception as e:
+        if not is_oom(e):
+            traceback.print_exc()
+        return dict(loop_error=short_error(e))
 
 
 def is_oom(e):
@@ -360,23 +391,24 @@ def fmt_bytes(n):
 
 
 def table_lines(results, s, with_graph):
-    head = "| model | batch | prompt | prefill ms | per-token ms |" + (" per-token ms (CUDA graph) |" * with_graph)
+    head = "| model | batch | prompt | prefill ms | per-token ms |" + (
+        " per-token ms (CUDA graph) | per-token ms (generation loop) |" * with_graph)
     lines = [head + " peak GB (decode) | state / KV bytes |",
-             "|---|---|---|---|---|" + "---|" * with_graph + "---|---|"]
+             "|---|---|---|---|---|" + "---|---|" * with_graph + "---|---|"]
     for name, res in results.items():
         for key, r in res.get("cells", {}).items():
             b, n = key_of(key)
-            graph = f" {graph_text(name, r)} |"
+            graph = f" {graph_text(name, r, 'graph')} | {graph_text(name, r, 'loop')} |"
             lines.append(f"| {name} | {b} | {n} | {fmt_cell(r, 'prefill_ms', '.1f')} | "
                          f"{fmt_cell(r, 'per_token_ms', '.3f')} |" + (graph * with_graph) +
                          f" {fmt_cell(r, 'peak_gb', '.3f')} | {fmt_bytes(r.get('state_bytes'))} |")
     return lines
 
 
-def graph_text(name, r):
+def graph_text(name, r, column):
     if name != OURS:
         return "-"
-    return "error" if "graph_error" in r else fmt_cell(r, "graph_per_token_ms", ".3f")
+    return "error" if f"{column}_error" in r else fmt_cell(r, f"{column}_per_token_ms", ".3f")
 
 
 def cell_key(batch, length):
@@ -399,7 +431,11 @@ def fmt_ratio(x, good):
 
 
 # (label, key) of the decode metrics the issue's checks compare; the graph one only where it was measured
-METRICS = (("per-token ms", "per_token_ms"), ("per-token ms (graph)", "graph_per_token_ms"), ("peak GB", "peak_gb"))
+# (label, our key, LLaMA's key to compare with, whether every cell has it)
+METRICS = (("per-token ms", "per_token_ms", "per_token_ms", True),
+           ("per-token ms (graph)", "graph_per_token_ms", "per_token_ms", False),
+           ("per-token ms (generation loop)", "loop_per_token_ms", "per_token_ms", False),
+           ("peak GB", "peak_gb", "peak_gb", True))
 
 
 def flat_lines(results, s):
@@ -410,7 +446,7 @@ def flat_lines(results, s):
     for b in s["batches"]:
         a, z = ours.get(cell_key(b, lo), {}), ours.get(cell_key(b, hi), {})
         parts = [f"{what} {fmt_ratio(ratio(z.get(k), a.get(k)), lambda x: x <= 1.10)}"
-                 for what, k in METRICS if k in a or k in z or "graph" not in k]
+                 for what, k, _, always in METRICS if always or k in a or k in z]
         lines.append(f"ours batch {b}, prompt {hi} / {lo}: " + ", ".join(parts))
     return lines
 
@@ -426,7 +462,7 @@ def versus_lines(results, s):
             if "oom" in l and "per_token_ms" in o:
                 parts.append(f"prompt {n}: LLaMA OOM (ok)")
                 continue
-            pairs = [(what, k, k.replace("graph_", "")) for what, k in METRICS if k in o or "graph" not in k]
+            pairs = [(what, k, kl) for what, k, kl, always in METRICS if always or k in o]
             parts.append(f"prompt {n}: " + ", ".join(
                 f"{what} {fmt_ratio(ratio(o.get(k), l.get(kl)), lambda x: x < 1)}" for what, k, kl in pairs))
         lines.append(f"ours / LLaMA, batch {b}: " + "; ".join(parts))
@@ -449,8 +485,8 @@ def report(results, s, meta):
     lines += [f"{name}: skipped ({res['skipped']})" for name, res in results.items() if "skipped" in res]
     lines += [""] + table_lines(results, s, with_graph) + [""]
     lines += flat_lines(results, s) + versus_lines(results, s)
-    notes = [f"{name} {key}: {r['graph_error']}" for name, res in results.items()
-             for key, r in res.get("cells", {}).items() if "graph_error" in r][:3]
+    notes = [f"{name} {key}: {r[err]}" for name, res in results.items()
+             for key, r in res.get("cells", {}).items() for err in ("graph_error", "loop_error") if err in r][:3]
     notes += [f"{name} {key}: {r.get('oom') or r.get('error')}" for name, res in results.items()
               for key, r in res.get("cells", {}).items() if "oom" in r or "error" in r]
     lines += [""] + ["OOM* = not attempted: the KV cache alone exceeds the free device memory."] + notes

@@ -302,6 +302,55 @@ def test_stream_yields_what_generate_returns_lazily():
     assert torch.is_grad_enabled()                       # no_grad did not leak out of the suspended generator
 
 
+def test_running_ahead_gives_the_same_steps_and_stays_one_step_ahead(monkeypatch):
+    """The loop as it runs on CUDA (step i + 1 queued before step i's tokens are read), forced on the CPU: the same
+    tokens and logits as the loop that waits, for greedy, seeded sampling and stop tokens that end rows at different
+    steps; a consumer that stops early has paid for one step beyond what it took, not more."""
+    from tnllm_plugin import generation
+    model = tiny()
+    prompts = prompts_of([3, 8, 20], seed=5)
+    free = generate(model, prompts, SamplingConfig(max_new_tokens=10))
+    settings = [SamplingConfig(max_new_tokens=10), SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20,
+                                                                  seed=4),
+                SamplingConfig(max_new_tokens=10, stop_tokens=[free[0][2], free[1][5]])]
+    waiting = [run_steps(model, prompts, sampling) + (generate(model, prompts, sampling),) for sampling in settings]
+    monkeypatch.setattr(generation, "runs_ahead", lambda device: True)
+    for sampling, (want_tokens, want_logits, want_out) in zip(settings, waiting):
+        tokens, logits = run_steps(model, prompts, sampling)
+        assert tokens == want_tokens and torch.equal(logits, want_logits)
+        assert generate(model, prompts, sampling) == want_out
+    assert waiting[2][2][0] == free[0][:2]                  # the stops did end rows early
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    first = list(itertools.islice(stream(model, prompts[0], SamplingConfig(max_new_tokens=1000)), 3))
+    assert first == free[0][:3] and len(calls) == 4         # prefill + 2 steps + the one queued ahead
+    calls.clear()
+    assert generate(model, prompts, SamplingConfig(max_new_tokens=5)) == [f[:5] for f in free]
+    assert len(calls) == 5                                  # prefill + 4 steps: nothing queued past the last
+    calls.clear()
+    firsts = SamplingConfig(max_new_tokens=5, stop_tokens=[f[0] for f in free])
+    assert generate(model, prompts, firsts) == [[], [], []]
+    assert len(calls) == 1                  # every row ended at its first token: no step ahead, no decoder built
+
+
+def test_decode_from_continues_a_prefill():
+    """decode_from(model, state, logits) after prefill is decode_steps; its logits must be a prefill's last ones."""
+    from tnllm_plugin.generation import check_prompts, decode_from, prefill
+    model = tiny()
+    prompts = prompts_of([4, 9], seed=7)
+    sampling = SamplingConfig(max_new_tokens=8)
+    want = list(decode_steps(model, prompts, sampling))
+    with torch.no_grad():
+        logits, state = prefill(model, check_prompts(prompts, VOCAB))
+    got = list(decode_from(model, state, logits, sampling))
+    assert [s.chosen for s in got] == [s.chosen for s in want]
+    assert torch.equal(torch.stack([s.logits for s in got]), torch.stack([s.logits for s in want]))
+    with pytest.raises(ValueError, match=r"logits must be \[batch, vocab=97\]"):
+        next(decode_from(model, state, logits[:, :-1], sampling))
+    with pytest.raises(ValueError, match="top_p"):
+        next(decode_from(model, state, logits, SamplingConfig(top_p=0)))
+
+
 def test_on_token_is_called_in_production_order():
     model = tiny()
     prompts = prompts_of([2, 6, 13], seed=9)

@@ -233,42 +233,110 @@ class CudaGraphDecoder:
         return self.logits.clone()        # the static buffer is overwritten by the next replay
 
 
+class TokensToHost:
+    """Chosen tokens [B] on their way to the host without stopping the device's queue: on CUDA a copy into pinned
+    memory queued behind the work that makes them, and an event to wait for. Waiting for the event (not for the
+    stream) lets the next decode step, queued after the copy, run while the host reads these tokens. One pinned
+    buffer serves every step: the host reads it before it queues the next copy into it."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.pinned = torch.empty(batch, dtype=torch.long, pin_memory=True) if self.on_cuda else None
+        self.event = torch.cuda.Event() if self.on_cuda else None
+        self.tokens = None
+
+    def send(self, tokens: torch.Tensor):
+        if self.on_cuda:
+            self.pinned.copy_(tokens, non_blocking=True)
+            self.event.record()
+            tokens = self.pinned
+        self.tokens = tokens
+
+    def receive(self) -> List[int]:
+        if self.on_cuda:
+            self.event.synchronize()
+        return self.tokens.tolist()
+
+
+def runs_ahead(device: torch.device) -> bool:
+    """Whether decode_from queues the next step before it waits for this step's tokens: on CUDA, where the device
+    computes while the host waits; on a CPU the step would only run before the host's own work, for nothing, and
+    a consumer that stops early would have paid for it."""
+    return device.type == "cuda"
+
+
 def decode_steps(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  cuda_graph: Optional[bool] = None) -> Iterator[DecodeStep]:
-    """The generation loop, one DecodeStep per produced position, lazily (what generate and stream consume).
-    Rows that ended keep decoding (their tokens are ignored) so that the batch shape, and a CUDA graph, stay fixed;
-    the loop stops when every row has ended or after max_new_tokens."""
+    """The generation loop, one DecodeStep per produced position, lazily (what generate and stream consume):
+    prefill, then decode_from."""
     model = unwrap_model(model)
+    prompts = check_prompts(prompts, model.cfg.vocab_size)
+    check_decoding(model, sampling, cuda_graph)          # before the prefill, which may be long
+    # no_grad per block, never across a yield: grad mode is thread-global and the caller runs between yields
+    with torch.no_grad():
+        logits, state = prefill(model, prompts)
+    yield from decode_from(model, state, logits, sampling, cuda_graph)
+
+
+def check_decoding(model: TransNormerLLM, sampling: SamplingConfig, cuda_graph: Optional[bool]) -> bool:
+    """A ValueError for a setting the loop cannot run with; returns whether it decodes through a CUDA graph."""
     if model.training and model.cfg.dropout > 0:
         raise ValueError("the model is in training mode with dropout: call model.eval() before generating")
-    prompts = check_prompts(prompts, model.cfg.vocab_size)
     sampling.validate(model.cfg.vocab_size)
     device = model.lm_head.weight.device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    return device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+
+
+def decode_from(model, state: DecodeState, logits: torch.Tensor, sampling: SamplingConfig,
+                cuda_graph: Optional[bool] = None) -> Iterator[DecodeStep]:
+    """Decoding from a prefill's state (with per-row positions) and its last logits [B, vocab]; ``state`` is the
+    loop's from then on. Rows that ended keep decoding (their tokens are ignored) so that the batch shape, and a
+    CUDA graph, stay fixed; the loop stops when every row has ended or after max_new_tokens.
+
+    On CUDA (runs_ahead), once the decoder exists, step i + 1 is queued on the device before the host waits for
+    step i's tokens (they come back through pinned memory), so the host's work between steps (launches, the stop
+    check, the caller's code) runs while the device computes. On a stop the step queued ahead is dropped: the same
+    tokens as waiting at every step, one step of device work more."""
+    model = unwrap_model(model)
+    use_graph = check_decoding(model, sampling, cuda_graph)
+    if logits.dim() != 2 or logits.shape[1] != model.cfg.vocab_size:
+        raise ValueError(f"logits must be [batch, vocab={model.cfg.vocab_size}] (a prefill's last), got "
+                         f"{tuple(logits.shape)}")
+    device = logits.device
     generator = make_generator(sampling.seed, device)
     stop = {int(t) for t in sampling.stop_tokens}
-    ended = [False] * len(prompts)
-    # no_grad per block, never across a yield: grad mode is thread-global and the caller runs between yields
-    with torch.no_grad():
-        logits, state = prefill(model, prompts)
+    ended = [False] * logits.shape[0]
+    to_host = TokensToHost(logits.shape[0], device)
+    run_ahead = runs_ahead(device)
     decoder = None
-    for i in range(sampling.max_new_tokens):
+
+    def next_step(chosen_t):
+        """The next step's (logits, chosen tokens), queued."""
+        nonlocal decoder
         with torch.no_grad():
-            chosen_t = choose_next(logits, sampling, generator)
-        chosen = chosen_t.tolist()
+            if decoder is None:
+                decoder = CudaGraphDecoder(model, state) if use_graph else EagerDecoder(model, state)
+            logits = decoder(chosen_t)
+            return logits, choose_next(logits, sampling, generator)
+
+    with torch.no_grad():
+        chosen_t = choose_next(logits, sampling, generator)
+    for i in range(sampling.max_new_tokens):
+        last = i + 1 == sampling.max_new_tokens
+        to_host.send(chosen_t)
+        # ahead only once the decoder exists: a loop that ends at its first token never builds (captures) one
+        ahead = next_step(chosen_t) if run_ahead and decoder is not None and not last else None
+        chosen = to_host.receive()
         emitted = []
         for r, token in enumerate(chosen):
             ended[r] = ended[r] or token in stop
             emitted.append(not ended[r])
         yield DecodeStep(chosen, emitted, logits)
-        if all(ended) or i + 1 == sampling.max_new_tokens:
+        if all(ended) or last:
             return
-        with torch.no_grad():
-            if decoder is None:
-                decoder = CudaGraphDecoder(model, state) if use_graph else EagerDecoder(model, state)
-            logits = decoder(chosen_t)
+        logits, chosen_t = ahead if ahead is not None else next_step(chosen_t)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
