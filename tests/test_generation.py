@@ -602,6 +602,27 @@ def test_cuda_graph_decoding_equals_eager(lrpe_layers, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_decoders_leave_no_memory_behind():
+    """Every decoder warms up on one stream per device: with a new stream each, cuBLAS kept another 32 MiB workspace
+    per decoder built (its LM head's product runs in the warm-up), so memory grew with every generate() call."""
+    import gc
+    from tnllm_plugin.generation import CudaGraphDecoder, check_prompts, prefill
+    model = tiny(**GPU_SHAPE).cuda()
+    with torch.no_grad():
+        logits, state = prefill(model, check_prompts(prompts_of([3, 40], seed=2), VOCAB))
+        tok = logits.argmax(-1)
+        left = []
+        for _ in range(4):
+            decoder = CudaGraphDecoder(model, state)
+            decoder(tok)
+            del decoder
+            gc.collect()
+            torch.cuda.synchronize()
+            left.append(torch.cuda.memory_allocated())
+    assert left[1:] == left[:1] * 3, [f"{b / 2**20:.1f} MiB" for b in left]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(), dict(lrpe_layers=(0, 1, 2), qk_act="1+elu"), dict(norm="rms", qk_act="none")])
 def test_cuda_fused_step_equals_the_composition_and_the_block_form(kw, monkeypatch):
     """fp32 on CUDA: the graphed decode with the fused Triton step (what the model takes there) gives the tokens and,

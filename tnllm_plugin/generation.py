@@ -12,6 +12,7 @@ prompt alone (up to float rounding):
     single-prompt run; per-row positions keep them identical, and a device tensor of positions is also what a
     CUDA graph needs (a Python int offset would be frozen into the captured graph).
 """
+import functools
 import numbers
 import operator
 from dataclasses import dataclass
@@ -200,6 +201,15 @@ class EagerDecoder:
         return logits[:, -1]
 
 
+@functools.lru_cache(maxsize=None)
+def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per device that every CudaGraphDecoder warms up on. cuBLAS keeps a workspace (32 MiB on
+    an H200) for each stream it has run on, until the process ends: with a new stream per decoder, each
+    generate() call on CUDA left 32 MiB more allocated (torch 2.11; benchmarks/RESULTS.md, fifteenth session). The
+    capture itself stays on torch.cuda.graph's own stream, so no graph holds the warm-up stream's workspace."""
+    return torch.cuda.Stream(device=device)
+
+
 class CudaGraphDecoder:
     """The decode step captured once in a CUDA graph and replayed per token: a [B, 1] token buffer in, the static
     state tensors (kv and per-row positions) updated in place by ``model.decode_step_``, static logits out."""
@@ -213,7 +223,7 @@ class CudaGraphDecoder:
                                  positions=state.positions.clone())
         # warm up on a side stream (Triton compiles and autotunes, cuBLAS picks its workspaces: none of that may
         # happen during capture)
-        side = torch.cuda.Stream()
+        side = warmup_stream(state.positions.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
