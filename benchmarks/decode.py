@@ -472,7 +472,9 @@ def versus_lines(results, s):
 def legend(s):
     return (f"bf16 weights, greedy. prefill ms: ours in pieces of <= {s['tokens_per_call']} tokens per call "
             f"carrying its state, LLaMA in one call; both timed after an untimed prefill of the same shape. "
-            f"per-token ms: median of {s['steps']} steps after {s['warmup']} warm-up steps. peak GB: "
+            f"per-token ms: median of {s['steps']} steps after {s['warmup']} warm-up steps, each synchronized "
+            f"(generation loop: the mean over as many steps of generation.decode_from, which does not wait for a "
+            f"step before queuing the next). peak GB: "
             f"torch.cuda.max_memory_allocated during the decode steps (1e9 bytes).")
 
 
