@@ -351,6 +351,15 @@ def test_decode_from_continues_a_prefill():
         next(decode_from(model, state, logits, SamplingConfig(top_p=0)))
 
 
+def test_a_vocab_parallel_shard_is_refused_before_the_prefill(monkeypatch):
+    from tnllm_plugin import generation
+    model = tiny()
+    model.vocab_parallel = True                 # what tnllm_plugin.parallel marks a tensor-parallel model with
+    monkeypatch.setattr(generation, "prefill", lambda *a, **k: pytest.fail("prefilled before the check"))
+    with pytest.raises(ValueError, match="vocab-parallel shard"):
+        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=2))
+
+
 def test_on_token_is_called_in_production_order():
     model = tiny()
     prompts = prompts_of([2, 6, 13], seed=9)

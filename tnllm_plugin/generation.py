@@ -292,6 +292,10 @@ def check_decoding(model: TransNormerLLM, sampling: SamplingConfig, cuda_graph: 
     """A ValueError for a setting the loop cannot run with; returns whether it decodes through a CUDA graph."""
     if model.training and model.cfg.dropout > 0:
         raise ValueError("the model is in training mode with dropout: call model.eval() before generating")
+    if getattr(model, "vocab_parallel", False):      # its LM head gives each rank a slice of the vocabulary
+        raise ValueError("this model's LM head is a vocab-parallel shard (tnllm_plugin.parallel): tokens chosen from "
+                         "a shard of the logits would be wrong; generate with the whole model, or through fairseq's "
+                         "generator, which gathers the logits")
     sampling.validate(model.cfg.vocab_size)
     device = model.lm_head.weight.device
     if cuda_graph and device.type != "cuda":
