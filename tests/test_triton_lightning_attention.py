@@ -312,3 +312,28 @@ def test_gpu_every_autotune_config_is_correct():
         else:
             os.environ["TNLLM_TRITON_AUTOTUNE"] = saved
         tc._force_configs(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,DK,DV,N,segments", [
+    (torch.bfloat16, 128, 128, 1000, 3),       # the benchmark's tiles, a partial last chunk, pre-pass and scan
+    (torch.float32, 64, 64, 333, 2),           # fp32 lines hold half as many features
+    (torch.float16, 32, 16, 129, None),        # tiles narrower than a line
+])
+def test_gpu_prefetch_changes_no_result(dtype, DK, DV, N, segments, monkeypatch):
+    """The L2 prefetch of the next chunk (pre-pass and walks) moves no data into the computation: outputs, final
+    state and every gradient are bit for bit those with it turned off, on strided inputs (a view of a wider tensor,
+    as the model's q/k/v split gives) with several segments."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    B, H = 2, 3
+    _, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, [0.0, 0.05, 0.5], seed=N)
+    g = torch.Generator(device=DEV).manual_seed(N)
+    wide = torch.randn(B, N, H, 2 * DK + DV + 8, device=DEV, generator=g).to(dtype)
+    qkv = [wide[..., :DK], wide[..., DK:2 * DK], wide[..., 2 * DK:2 * DK + DV]]
+    results = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(tc, "_prefetches", lambda prefetch=prefetch: prefetch)
+        results.append(_run_ours(qkv, slope, s0, do, dht, num_segments=segments))
+    (o1, f1, g1, s1), (o2, f2, g2, s2) = results
+    for a, b in [(o1, o2), (f1, f2), *zip(g1, g2), (s1, s2)]:
+        assert torch.equal(a, b)

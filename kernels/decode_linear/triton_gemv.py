@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .._interpreter import interpreting
+from .._l2 import prefetch_l2
 from ..gla_decode.triton_step import _pdl_handoff, _round, pdl_launch
 
 
@@ -87,9 +88,7 @@ def _prefetch_to_l2(W, w_cols, cm, k_from, k_hi, BLOCK_K: tl.constexpr, STEP: tl
     at_k = tl.arange(0, BLOCK_K // STEP) * STEP
     for k0 in range(k_from, k_hi, BLOCK_K):
         inside = cm[:, None] & (k0 + at_k < k_hi)[None, :]
-        at = tl.where(inside, w_cols + (k0 + at_k)[None, :], W).to(tl.int64)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        prefetch_l2(tl.where(inside, w_cols + (k0 + at_k)[None, :], W))
 
 
 @triton.jit

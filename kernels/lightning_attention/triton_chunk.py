@@ -26,9 +26,9 @@ Design (chunks of C tokens, C = 64):
 * fp32 accumulation everywhere, fp32 states; matrix-unit operands in the input dtype (fp32 inputs use
   ``tf32x3``, about fp32 accuracy).
 
-Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.85 to 1.00
-ms of GPU time (N = 1k..32k); on one H100 (issue 3) 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla 0.6.0
-chunk_simple_gla, at half its peak memory.
+Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.79 to 0.95
+ms of GPU time (N = 1k..32k), about half of fla 0.6.0's; on one H100 (issue 3) 1.2 to 1.8 ms against 2.2 to 2.7
+ms for fla 0.6.0 chunk_simple_gla, at half its peak memory.
 """
 import functools
 import inspect
@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._interpreter import interpreting
+from .._l2 import prefetch_l2
 
 MAX_DK = 256
 MAX_DV = 128
@@ -137,6 +138,15 @@ def _store_rows(base, rows, s_n, cols, x, rmask, cmask):
 
 
 @triton.jit
+def _prefetch_rows(base, rows, s_n, s_d, W: tl.constexpr, BW: tl.constexpr):
+    """Ask L2 for the given rows of one head's [N, W] tile (BW: the tile's width in the kernel), one prefetch per
+    128-byte line. The rows must lie inside the tensor."""
+    STEP: tl.constexpr = max(1, 128 // (base.dtype.element_ty.primitive_bitwidth // 8))
+    cols = tl.minimum(tl.arange(0, max(1, BW // STEP)) * STEP, W - 1)
+    prefetch_l2(base + rows[:, None].to(tl.int64) * s_n + cols[None, :] * s_d)
+
+
+@triton.jit
 def _chunk_mask(sl2, offs_c, TRANSPOSED: tl.constexpr):
     """M[i, j] = lambda^(i - j) for j <= i, else 0 (the causal decay inside a chunk, the same for every chunk);
     M^T ([j, i]) when TRANSPOSED."""
@@ -181,7 +191,7 @@ def _seg_local_kernel(
     sab, san, sah, sad, sbb, sbn, sbh, sbd,
     N, H, NC, CPS, NSEG, SPLITS, CPSS,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Each segment that feeds another is cut into SPLITS pieces of CPSS chunks (the last ones shorter or empty):
     one program per piece, so that short pre-passes still fill the GPU. Forward (REVERSE=0): A=k, Bm=v; piece p of
@@ -209,6 +219,10 @@ def _seg_local_kernel(
     for c in range(c_lo, c_hi):
         rows = c * C + offs_c
         rmask = rows < N
+        if PREFETCH:        # the next chunk (see _walk_kernel)
+            rows_next = tl.minimum(tl.minimum(c + 1, c_hi - 1) * C + offs_c, N - 1)
+            _prefetch_rows(a_base, rows_next, san, sad, DK, BK)
+            _prefetch_rows(b_base + pid_v * BV * sbd, rows_next, sbn, sbd, DV - pid_v * BV, BV)
         a = _load_rows(a_base, rows, san, offs_k, sad, rmask, kmask)
         bb = _load_rows(b_base, rows, sbn, offs_v, sbd, rmask, vmask)
         if REVERSE:
@@ -286,11 +300,14 @@ def _walk_kernel(
     N, H, NC, CPS, NSEG,
     WX: tl.constexpr, WZ: tl.constexpr, DV: tl.constexpr, BX: tl.constexpr, BZ: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, STATE_T: tl.constexpr, HAS_T0: tl.constexpr, STORE_T: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """X and Y have WX features (all held), Z and OUT have WZ (this program's BZ tile). T0: each segment's
     starting state (t0_bh, t0_s: strides per batch*head and per segment). STORE_T: the state the walk ends with,
-    into TOUT [B*H, Dk, Dv] (the forward pass's final state; the dv walk's gradient of the initial state)."""
+    into TOUT [B*H, Dk, Dv] (the forward pass's final state; the dv walk's gradient of the initial state).
+    PREFETCH: ask L2 for the next chunk's rows at the start of each chunk. Triton 3.6's two-stage pipeline issues
+    the next chunk's loads only at the end of the current one, after its last product (sm_90 SASS), so each chunk
+    began by waiting for HBM: 29% of the walk's stall samples in Nsight Compute. From L2 that wait is shorter."""
     NZ: tl.constexpr = (WZ + BZ - 1) // BZ
     pid_bh = tl.program_id(0) // NZ
     pid_z = tl.program_id(0) % NZ
@@ -325,6 +342,15 @@ def _walk_kernel(
             c = c_lo + i
         rows = c * C + offs_c
         rmask = rows < N
+        if PREFETCH:
+            if REVERSE:
+                c_next = tl.maximum(c - 1, c_lo)
+            else:
+                c_next = tl.minimum(c + 1, c_hi - 1)
+            rows_next = tl.minimum(c_next * C + offs_c, N - 1)
+            _prefetch_rows(x_base, rows_next, sxn, sxd, WX, BX)
+            _prefetch_rows(y_base, rows_next, syn, syd, WX, BX)
+            _prefetch_rows(z_base + pid_z * BZ * szd, rows_next, szn, szd, WZ - pid_z * BZ, BZ)
         x = _load_rows(x_base, rows, sxn, offs_x, sxd, rmask, xmask)
         y = _load_rows(y_base, rows, syn, offs_x, syd, rmask, xmask)
         z = _load_rows(z_base, rows, szn, offs_z, szd, rmask, zmask)
@@ -506,12 +532,26 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     buf = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=a.device)
     _launch(_seg_local_kernel, (B * H, (NSEG - 1) * P["SPLITS"], P["NVP"]),
             (a, b, slope, sub, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG, P["SPLITS"], P["CPSS"]),
-            dict(DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec))
+            dict(DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec,
+                 PREFETCH=_prefetches()))
     blk = min(1024, triton.next_power_of_2(DK * DV))
     _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
         sub, edge if edge is not None else sub, buf, slope, H, N, NSEG, P["SPLITS"], P["CPS"], P["CPSS"], DK * DV,
         C=C, HAS_EDGE=edge is not None, REVERSE=reverse, BLOCK=blk)
     return (buf, *_segment_strides(P, DK, DV))
+
+
+def _prefetches():
+    """Whether the pre-pass and the walks ask L2 for their next chunk (their PREFETCH). Not in the CPU interpreter,
+    which runs no inline PTX. A function, so that a test can turn it off and compare."""
+    return not interpreting()
+
+
+def _walk_prefetches(reverse, transposed_state):
+    """_prefetches(), but never for the dv walk (reverse, carrying dS): at sm_90 it already holds 255 registers
+    (24 bytes spilled), the prefetch's addresses spilled 56 more, and it ran no faster (benchmarks/RESULTS.md,
+    sixteenth session)."""
+    return _prefetches() and not (reverse and not transposed_state)
 
 
 def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
@@ -527,7 +567,8 @@ def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
             (x, y, z, out, slope, t0_buf if t0_buf is not None else out, tout if tout is not None else out,
              *x.stride(), *y.stride(), *z.stride(), *out.stride()[:3], t0_bh, t0_s, N, H, P["NC"], P["CPS"], P["NSEG"]),
             dict(WX=WX, WZ=WZ, DV=WX if transposed_state else WZ, BX=BX, BZ=BZ, C=C, REVERSE=reverse,
-                 STATE_T=transposed_state, HAS_T0=t0_buf is not None, STORE_T=tout is not None, DOT_PREC=prec))
+                 STATE_T=transposed_state, HAS_T0=t0_buf is not None, STORE_T=tout is not None, DOT_PREC=prec,
+                 PREFETCH=_walk_prefetches(reverse, transposed_state)))
 
 
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
