@@ -30,3 +30,19 @@ def test_methods_flag_refuses_unknown_names_and_needs_ours():
                              capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and out.stderr.startswith("--methods:") and named in out.stderr, out.stderr
     assert set(la.METHOD_NAMES) == {"ours", "naive", "fla_g", "fla_g_gamma", "lightning_attn2", "sdpa"}
+
+
+def test_register_report_compiles_every_kernel_for_sm90():
+    """benchmarks/lightning_registers.py compiles the four walks and the pre-pass for sm_90a without a GPU and reads
+    ptxas's report: every kernel's constexprs must be given (a new one without a value fails here) and the counts
+    must parse. In a subprocess: the tests import the kernels under Triton's interpreter, which cannot compile."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lightning_registers.py"), "--configs", "8x1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| current |")]
+    assert [r[1] for r in rows] == ["walk o (forward)", "walk dq", "walk dk", "walk dv", "pre-pass (backward)"]
+    for r in rows:
+        regs, spills = int(r[3]), [int(x) for x in r[4].split(" / ")]
+        assert 0 < regs <= 255 and min(spills) >= 0 and float(r[5].strip(" |")) > 0, r

@@ -1,0 +1,119 @@
+"""Registers, spills and shared memory of the lightning-attention kernels compiled for sm_90a, without a GPU:
+Triton compiles each kernel to PTX here and its bundled ptxas reports (-v). The four walks and the pre-pass at the
+benchmark's tiles (bf16, 16 heads of 128, chunk 64, several segments), each autotune config. A register count at
+255 with bytes spilled is what made several variants slow on the H200 (benchmarks/RESULTS.md, issue 14), so a
+variant can be screened here before it costs GPU time. The counts are those of the installed Triton: use the GPU
+machine's version (3.6) for numbers that hold there.
+
+    python benchmarks/lightning_registers.py [OTHER_triton_chunk.py ...]
+"""
+import argparse
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
+
+H, N, D, C = 16, 4096, 128, 64
+STRIDES = dict(b=N * H * D, n=H * D, h=D, d=1)      # a contiguous [B, N, H, D] tensor
+
+
+def load(path, index):
+    spec = importlib.util.spec_from_file_location(f"tnllm_kernels.lightning_attention._other_{index}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ptxas_report(jit_fn, args, num_warps, num_stages):
+    """(registers, spill stores, spill loads, shared bytes) of jit_fn compiled for sm_90a. ``args``: name -> a
+    pointer type string ("*bf16"), an int, or a constexpr value; ints are specialised as the launcher does (1 as a
+    constant, multiples of 16 marked divisible by 16), parameters not given take their defaults."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(jit_fn.arg_names):
+        param = jit_fn.params[i]
+        value = args[name] if name in args else param.default
+        if value is inspect.Parameter.empty:
+            raise ValueError(f"{jit_fn.__name__}: no value given for its parameter {name}")
+        if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, str):
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    out = subprocess.run([get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                         text=True)
+    os.unlink(f.name)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if regs is None or spills is None:
+        raise RuntimeError(f"ptxas gave no register report:\n{text}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared
+
+
+def kernels_to_compile(mod):
+    """(label, jit function, arguments) for the four walks and the backward pre-pass, as _bwd and _fwd launch them."""
+    tensors = {}
+    for p in "xyzo":
+        tensors.update({f"s{p}b": STRIDES["b"], f"s{p}n": STRIDES["n"], f"s{p}h": STRIDES["h"]})
+        if p != "o":
+            tensors[f"s{p}d"] = STRIDES["d"]
+    walks = (("o (forward)", False, False), ("dq", False, True), ("dk", True, True), ("dv", True, False))
+    for label, reverse, transposed in walks:
+        args = dict(X="*bf16", Y="*bf16", Z="*bf16", OUT="*bf16", SLOPE="*fp32", T0="*fp32", TOUT="*fp32", **tensors,
+                    t0_bh=4 * D * D, t0_s=D * D, N=N, H=H, NC=N // C, CPS=N // C // 4, NSEG=4, WX=D, WZ=D, DV=D,
+                    BX=D, BZ=64, C=C, REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=False,
+                    DOT_PREC="tf32")
+        if "PREFETCH" in mod._walk_kernel.fn.arg_names and hasattr(mod, "_walk_prefetches"):
+            args["PREFETCH"] = mod._walk_prefetches(reverse, transposed)
+        yield f"walk {label}", mod._walk_kernel.fn, args
+    args = dict(A="*bf16", Bm="*bf16", SLOPE="*fp32", SUB="*fp32", sab=STRIDES["b"], san=STRIDES["n"], sah=D, sad=1,
+                sbb=STRIDES["b"], sbn=STRIDES["n"], sbh=D, sbd=1, N=N, H=H, NC=N // C, CPS=N // C // 4, NSEG=4,
+                SPLITS=2, CPSS=N // C // 8, DK=D, DV=D, BK=D, BV=D, C=C, REVERSE=True, DOT_PREC="tf32")
+    if "PREFETCH" in mod._seg_local_kernel.fn.arg_names and hasattr(mod, "_prefetches"):
+        args["PREFETCH"] = mod._prefetches()
+    yield "pre-pass (backward)", mod._seg_local_kernel.fn, args
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("others", nargs="*", help="other versions of triton_chunk.py")
+    ap.add_argument("--configs", default=None, metavar="WxS[,WxS]",
+                    help="warps x stages to compile (default: each version's autotune space)")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("lightning_registers.py: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
+    versions = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
+    versions["current"] = current
+    print(f"Triton {triton.__version__}, sm_90a, bf16, H={H}, D={D}, chunk {C}")
+    print("\n| version | kernel | warps x stages | registers | spilled bytes (stores / loads) | shared KB |")
+    print("|---|---|---|---|---|---|")
+    for name, mod in versions.items():
+        configs = [(c.num_warps, c.num_stages) for c in mod._configs()] if args.configs is None else \
+            [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+        for label, fn, kargs in kernels_to_compile(mod):
+            for warps, stages in configs:
+                regs, st, ld, smem = ptxas_report(fn, kargs, warps, stages)
+                print(f"| {name} | {label} | {warps} x {stages} | {regs} | {st} / {ld} | {smem / 1024:.1f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
