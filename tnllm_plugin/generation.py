@@ -278,14 +278,14 @@ def runs_ahead(device: torch.device) -> bool:
 def decode_steps(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  cuda_graph: Optional[bool] = None) -> Iterator[DecodeStep]:
     """The generation loop, one DecodeStep per produced position, lazily (what generate and stream consume):
-    prefill, then decode_from."""
+    prefill, then decode_from's loop (the checks made once, before the prefill)."""
     model = unwrap_model(model)
     prompts = check_prompts(prompts, model.cfg.vocab_size)
-    check_decoding(model, sampling, cuda_graph)          # before the prefill, which may be long
+    use_graph = check_decoding(model, sampling, cuda_graph)          # before the prefill, which may be long
     # no_grad per block, never across a yield: grad mode is thread-global and the caller runs between yields
     with torch.no_grad():
         logits, state = prefill(model, prompts)
-    yield from decode_from(model, state, logits, sampling, cuda_graph)
+    yield from _decode_loop(model, state, logits, sampling, use_graph)
 
 
 def check_decoding(model: TransNormerLLM, sampling: SamplingConfig, cuda_graph: Optional[bool]) -> bool:
@@ -318,6 +318,12 @@ def decode_from(model, state: DecodeState, logits: torch.Tensor, sampling: Sampl
     if logits.dim() != 2 or logits.shape[1] != model.cfg.vocab_size:
         raise ValueError(f"logits must be [batch, vocab={model.cfg.vocab_size}] (a prefill's last), got "
                          f"{tuple(logits.shape)}")
+    yield from _decode_loop(model, state, logits, sampling, use_graph)
+
+
+def _decode_loop(model: TransNormerLLM, state: DecodeState, logits: torch.Tensor, sampling: SamplingConfig,
+                 use_graph: bool) -> Iterator[DecodeStep]:
+    """decode_from's loop, on arguments decode_from or decode_steps has checked."""
     device = logits.device
     generator = make_generator(sampling.seed, device)
     stop = {int(t) for t in sampling.stop_tokens}
