@@ -8,16 +8,11 @@ walk profile (benchmarks/logs/lightning_walks_ncu_h200_s16.txt) came from
     ncu -i walks.ncu-rep --page source --csv --print-source sass > source.csv     # stall samples per instruction
 """
 import argparse
-import importlib.util
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tnllm_plugin.model import alibi_slopes  # noqa: E402
-
-H, D, TOKENS = 16, 128, 32768
+from compare_lightning_kernels import H, TOKENS, current, inputs, load     # its inputs and its way to load a version
+from tnllm_plugin.model import alibi_slopes
 
 
 def main():
@@ -25,19 +20,11 @@ def main():
     ap.add_argument("--ns", default="4096", help="sequence lengths, comma-separated")
     ap.add_argument("--kernel", default=None, help="another version of triton_chunk.py to profile instead")
     args = ap.parse_args()
-    if args.kernel:
-        spec = importlib.util.spec_from_file_location("tnllm_kernels.lightning_attention._other", args.kernel)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        from tnllm_kernels.lightning_attention import triton_chunk as mod
+    mod = load(args.kernel, 0) if args.kernel else current
     slopes = torch.tensor(alibi_slopes(H), device="cuda")
     for N in map(int, args.ns.split(",")):
         B = TOKENS // N
-        g = torch.Generator(device="cuda").manual_seed(N)
-        q, k = (torch.nn.functional.silu(torch.randn(B, N, H, D, device="cuda", generator=g)).bfloat16()
-                for _ in range(2))
-        v, do = (torch.randn(B, N, H, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+        q, k, v, do = inputs(B, N, N)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
         def step():

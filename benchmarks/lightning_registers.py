@@ -8,7 +8,6 @@ machine's version (3.6) for numbers that hold there.
     python benchmarks/lightning_registers.py [OTHER_triton_chunk.py ...]
 """
 import argparse
-import importlib.util
 import inspect
 import os
 import re
@@ -21,18 +20,10 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
+from compare_lightning_kernels import current, load     # its way to load another version
 
 H, N, D, C = 16, 4096, 128, 64
 STRIDES = dict(b=N * H * D, n=H * D, h=D, d=1)      # a contiguous [B, N, H, D] tensor
-
-
-def load(path, index):
-    spec = importlib.util.spec_from_file_location(f"tnllm_kernels.lightning_attention._other_{index}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ptxas_report(jit_fn, args, num_warps, num_stages):
