@@ -29,7 +29,7 @@ The contract (what a step_fn must do and what the caller must keep; ``CUDAGraphS
   optimizer, ``model.to(...)``) is not seen by the graph.
 * Random ops (dropout) draw new numbers at each replay, but not the numbers the eager step would have drawn.
 
-How: calls 1..warmup run step_fn eagerly on a side stream, real training steps on the real inputs (Triton
+How: calls 1..warmup run step_fn eagerly on a side stream (``warmup_stream``), real training steps on the real inputs (Triton
 autotuning, cuBLAS workspaces and the optimizer's state are created there, none of which may happen during a
 capture). Call warmup + 1 copies its inputs into static buffers, captures step_fn on them and replays the graph once
 (a capture records kernels without running them: that call's step must still happen). Later calls copy their inputs
@@ -40,9 +40,20 @@ Memory: the graph keeps the step's activations in a private pool for as long as 
 allocator's "allocated" counters may not show that pool (nothing is allocated at a replay); torch.cuda.memory_reserved
 does. Drop the CUDAGraphStep to free it.
 """
+import functools
 from typing import Callable, Optional
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per device that every CUDA graph of this package warms up on (CUDAGraphStep and
+    generation's CudaGraphDecoder). cuBLAS keeps a workspace (32 MiB on an H200) for each stream it has run on, until
+    the process ends: with a new stream per graph, each one built left 32 MiB more allocated (torch 2.11;
+    benchmarks/RESULTS.md, fifteenth and seventeenth sessions). The captures themselves run on torch.cuda.graph's own
+    stream, so no graph holds the warm-up stream's workspace."""
+    return torch.cuda.Stream(device=device)
 
 
 class CUDAGraphStep:
@@ -59,7 +70,6 @@ class CUDAGraphStep:
         self.check = check
         self.calls = 0                  # training steps done (eager, the capture's replay, replays)
         self.signature = None           # (shape, dtype, device) of each input, from the first call
-        self.stream = None              # side stream of the warm-up and the capture, made at the first call
         self.graph = None
         self.static_inputs = None
         self.static_loss = None
@@ -108,14 +118,13 @@ class CUDAGraphStep:
     def _eager_step(self, inputs):
         """step_fn as it is, on the side stream, ordered after the caller's work and before what the caller does
         next (PyTorch's "whole network capture" recipe: the warm-up runs on a side stream, as the capture will)."""
-        if self.stream is None:
-            self.stream = torch.cuda.Stream()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        side = warmup_stream(inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
             loss = self.step_fn(*inputs)
         # the caller's stream waits for the step, so its later work (and its freeing of the inputs and the loss,
         # whose blocks the side stream may reuse only after its own wait above) is ordered after it
-        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.current_stream().wait_stream(side)
         return loss.detach()
 
     def _capture(self, inputs):
@@ -127,8 +136,9 @@ class CUDAGraphStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # the warm-up's stream: cuBLAS keeps a workspace per stream, made there already, not during the capture
-        with torch.cuda.graph(graph, stream=self.stream):
+        # on torch.cuda.graph's own stream, not the warm-up's: a graph captured on a stream holds that stream's
+        # cuBLAS workspace, and the warm-up stream is shared (see warmup_stream)
+        with torch.cuda.graph(graph):
             loss = self.step_fn(*self.static_inputs)
         self.graph = graph                       # only a finished capture: a failed one is never replayed
         self.static_loss = loss.detach()         # its buffer in the pool, rewritten by every replay

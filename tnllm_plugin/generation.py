@@ -12,7 +12,6 @@ prompt alone (up to float rounding):
     single-prompt run; per-row positions keep them identical, and a device tensor of positions is also what a
     CUDA graph needs (a Python int offset would be frozen into the captured graph).
 """
-import functools
 import numbers
 import operator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .cuda_graph_step import warmup_stream
 from .model import DecodeState, TransNormerLLM
 
 
@@ -199,15 +199,6 @@ class EagerDecoder:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         logits, self.state = self.model(tokens[:, None], self.state)
         return logits[:, -1]
-
-
-@functools.lru_cache(maxsize=None)
-def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The one side stream per device that every CudaGraphDecoder warms up on. cuBLAS keeps a workspace (32 MiB on
-    an H200) for each stream it has run on, until the process ends: with a new stream per decoder, each
-    generate() call on CUDA left 32 MiB more allocated (torch 2.11; benchmarks/RESULTS.md, fifteenth session). The
-    capture itself stays on torch.cuda.graph's own stream, so no graph holds the warm-up stream's workspace."""
-    return torch.cuda.Stream(device=device)
 
 
 class CudaGraphDecoder:
