@@ -470,6 +470,10 @@ def memory_text(measurements):
     return f"{peak:.1f}" + (f" (reserved {max(reserved):.1f})" if reserved else "")
 
 
+# the other models our step is compared with (the fp32 LLaMA for the fp32 step; the bf16 steps take the bf16 LLaMA)
+ANCHORS = ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss", "fla_gla")
+
+
 def table(results, s, longest):
     seqs = s["seqs"]
     lines = ["| model | params | " + " | ".join(f"seq {n} tokens/s" for n in seqs) + " | peak memory (GB) |",
@@ -489,7 +493,7 @@ def table(results, s, longest):
             return "n/a"
         return f"{ours[n]['tokens_per_s'] / o['tokens_per_s']:.2f}x"
     lines.append("")
-    for other in ("llama_385m_sdpa", "fla_retnet", "fla_retnet_fused_loss", "fla_gla"):
+    for other in ANCHORS if ours else ():
         if other in results:
             lines.append(f"ours / {other}: " + ", ".join(f"seq {n}: {ratio(other, n)}" for n in seqs))
     def lever(label, before, after):      # one change of our step: what it does to speed, memory and the loss
@@ -511,10 +515,9 @@ def table(results, s, longest):
           "transnormer_llm_385m_bf16_recompute_product")
     for graph_row, eager_row in GRAPH_ROWS.items():
         lever("the whole step as one CUDA graph", eager_row, graph_row)
-    for mine, other in ((m, "llama_385m_sdpa_bf16") for m in ("transnormer_llm_385m_bf16",
-                                                              "transnormer_llm_385m_bf16_keep_inputs",
-                                                              "transnormer_llm_385m_bf16_recompute_product",
-                                                              *GRAPH_ROWS)):
+    for mine, other in ((m, a) for m in ("transnormer_llm_385m_bf16", "transnormer_llm_385m_bf16_keep_inputs",
+                                         "transnormer_llm_385m_bf16_recompute_product", *GRAPH_ROWS)
+                        for a in ("llama_385m_sdpa_bf16", *ANCHORS[1:])):
         a, b = (results.get(n, {}).get("seqs", {}) for n in (mine, other))
         both = [n for n in seqs if "tokens_per_s" in a.get(n, {}) and "tokens_per_s" in b.get(n, {})]
         if both:

@@ -128,3 +128,19 @@ def test_graph_row_trains_as_its_eager_row():
         result = tt.run_model(graph_row, dict(s, seqs=(64,)), cuda)
         measured = result["seqs"][64]
         assert measured["reserved_gb"] > 0 and measured["tokens_per_s"] > 0
+
+
+def test_table_gives_our_steps_against_every_anchor_measured():
+    """Each of our bf16 steps against the bf16 LLaMA and fla's models, where both were measured; no "ours" line
+    (the fp32 step's) when that step was not run: it printed "n/a" for every cell in the fifteenth and sixteenth
+    sessions' tables."""
+    def row(*tokens_per_s):
+        return {"params": 4e8, "seqs": {n: {"tokens_per_s": t, "peak_gb": 20.0, "loss": 1.0}
+                                        for n, t in zip((2048, 8192), tokens_per_s)}}
+    results = {"transnormer_llm_385m_bf16_graph": row(200e3, 180e3), "llama_385m_sdpa_bf16": row(100e3, 90e3),
+               "fla_retnet": row(80e3, 120e3), "fla_gla": row(50e3, 60e3)}
+    text = tt.table(results, dict(tt.FULL, seqs=[2048, 8192]), {})
+    assert "transnormer_llm_385m_bf16_graph / llama_385m_sdpa_bf16: seq 2048: 2.00x, seq 8192: 2.00x" in text
+    assert "transnormer_llm_385m_bf16_graph / fla_retnet: seq 2048: 2.50x, seq 8192: 1.50x" in text
+    assert "transnormer_llm_385m_bf16_graph / fla_gla: seq 2048: 4.00x, seq 8192: 3.00x" in text
+    assert "fla_retnet_fused_loss" not in text and "ours / " not in text
