@@ -29,9 +29,9 @@ The contract (what a step_fn must do and what the caller must keep; ``CUDAGraphS
   optimizer, ``model.to(...)``) is not seen by the graph.
 * Random ops (dropout) draw new numbers at each replay, but not the numbers the eager step would have drawn.
 
-How: calls 1..warmup run step_fn eagerly on a side stream (``warmup_stream``), real training steps on the real inputs (Triton
-autotuning, cuBLAS workspaces and the optimizer's state are created there, none of which may happen during a
-capture). Call warmup + 1 copies its inputs into static buffers, captures step_fn on them and replays the graph once
+How: calls 1..warmup run step_fn eagerly on a side stream (``warmup_stream``), real training steps on the real
+inputs (Triton autotuning, cuBLAS workspaces and the optimizer's state are created there, none of which may happen
+during a capture). Call warmup + 1 copies its inputs into static buffers, captures step_fn on them and replays the graph once
 (a capture records kernels without running them: that call's step must still happen). Later calls copy their inputs
 into the static buffers and replay. So every call is exactly one training step and a loss curve through
 CUDAGraphStep is comparable to the eager one step for step (on the same kernels, the same bits).
@@ -50,7 +50,7 @@ import torch
 def warmup_stream(device: torch.device) -> "torch.cuda.Stream":
     """The one side stream per device that every CUDA graph of this package warms up on (CUDAGraphStep and
     generation's CudaGraphDecoder). cuBLAS keeps a workspace (32 MiB on an H200) for each stream it has run on, until
-    the process ends: with a new stream per graph, each one built left 32 MiB more allocated (torch 2.11;
+    the process ends: with a new stream per graph, each one built left 32 MiB or more allocated (torch 2.11;
     benchmarks/RESULTS.md, fifteenth and seventeenth sessions). The captures themselves run on torch.cuda.graph's own
     stream, so no graph holds the warm-up stream's workspace."""
     return torch.cuda.Stream(device=device)
