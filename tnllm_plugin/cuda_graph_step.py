@@ -31,9 +31,9 @@ The contract (what a step_fn must do and what the caller must keep; ``CUDAGraphS
 
 How: calls 1..warmup run step_fn eagerly on a side stream (``warmup_stream``), real training steps on the real
 inputs (Triton autotuning, cuBLAS workspaces and the optimizer's state are created there, none of which may happen
-during a capture). Call warmup + 1 copies its inputs into static buffers, captures step_fn on them and replays the graph once
-(a capture records kernels without running them: that call's step must still happen). Later calls copy their inputs
-into the static buffers and replay. So every call is exactly one training step and a loss curve through
+during a capture). Call warmup + 1 copies its inputs into static buffers, captures step_fn on them and replays the
+graph once (a capture records kernels without running them: that call's step must still happen). Later calls copy
+their inputs into the static buffers and replay. So every call is exactly one training step and a loss curve through
 CUDAGraphStep is comparable to the eager one step for step (on the same kernels, the same bits).
 
 Memory: the graph keeps the step's activations in a private pool for as long as it lives. After the capture the
