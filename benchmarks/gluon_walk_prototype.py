@@ -17,7 +17,13 @@ spill; `python benchmarks/gluon_walk_prototype.py --registers`, no GPU needed) b
 Limits of the prototype: bf16, contiguous [B, N, H, 128] with N a multiple of 64, one segment (no starting or final
 state), and the dv walk scales dO as the dk walk does (the Triton kernel scales q there, for dv's error). The Gluon
 API changes between Triton versions (3.9 renamed the TMA copies): this file is written for Triton 3.6, the GPU
-machine's."""
+machine's. Ways found for the package's version, checked only by compiling:
+- any N and batch: 3-D descriptors over [B, N, H*D] with [1, 64, W] boxes, reshaped to [64, W] in shared memory. TMA
+  reads rows past a batch's N as zeros and does not write them. 234 / 236 registers, no spill, the same 112 KB. The
+  last chunk's key decays then use its own length, as the Triton walk's do.
+- the dv walk's rounding of q: the decayed q needs a [64, 128] buffer (16 KB) where zd_s and o_s (8 KB each) are now.
+  So that walk would store its output from registers rather than through o_s, to stay at two programs an SM
+  (2 x 113 KB of the SM's 228)."""
 import sys
 from pathlib import Path
 
