@@ -212,15 +212,10 @@ def main():
 
 def registers():
     """Registers, spilled bytes and shared memory of the forward and reverse walks compiled for sm_90a, without a
-    GPU (as lightning_registers.py does for the Triton walks)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+    GPU (lightning_registers.py's report, which does the same for the Triton walks)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from triton.experimental.gluon._runtime import GluonASTSource
+    from lightning_registers import compiled_report
     wide = repr(gl.NVMMASharedLayout.get_default_for([C, DK], gl.bfloat16))
     tile = repr(gl.NVMMASharedLayout.get_default_for([C, BZ], gl.bfloat16))
     signature = {"x_desc": f"tensordesc<bf16[{C}, {DK}],{wide}>", "y_desc": f"tensordesc<bf16[{C}, {DK}],{wide}>",
@@ -228,17 +223,9 @@ def registers():
                  "SLOPE": "*fp32", "N": "i32", "H": "i32", "REVERSE": "constexpr", "num_warps": "constexpr"}
     for reverse in (False, True):
         source = GluonASTSource(_walk, signature, {"REVERSE": reverse, "num_warps": 4}, {})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        out = subprocess.run([get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-        os.unlink(f.name)
-        text = out.stdout + out.stderr
-        regs = re.search(r"Used (\d+) registers", text).group(1)
-        spill = re.search(r"(\d+) bytes spill stores", text).group(1)
-        print(f"{'reverse' if reverse else 'forward'} walk: {regs} registers, {spill} bytes spilled, "
-              f"{compiled.metadata.shared / 1024:.1f} KB shared memory")
+        regs, spilled, _, shared = compiled_report(source, num_warps=4, num_stages=3)
+        print(f"{'reverse' if reverse else 'forward'} walk: {regs} registers, {spilled} bytes spilled, "
+              f"{shared / 1024:.1f} KB shared memory")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,13 @@ def ptxas_report(jit_fn, args, num_warps, num_stages):
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+    return compiled_report(ASTSource(jit_fn, signature, constexprs, attrs), num_warps, num_stages)
+
+
+def compiled_report(source, num_warps, num_stages):
+    """(registers, spill stores, spill loads, shared bytes) of a Triton or Gluon source compiled for sm_90a, from
+    its bundled ptxas's -v report."""
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
