@@ -121,3 +121,36 @@ def test_bf16_fused_decode_step_is_as_close_to_fp32_as_the_composition(lrpe_laye
         ref = decode(fp32, fused=False)
         fused, composed = decode(bf16, fused=True), decode(bf16, fused=False)
         assert rel(fused, ref) <= 1.5 * rel(composed, ref) + 1e-6, (batch, rel(fused, ref), rel(composed, ref))
+
+
+def test_bf16_step_with_gluon_walks_is_as_close_to_fp32_as_with_triton_walks(monkeypatch):
+    """Heads of 128 (256 with LRPE on layer 0), bf16 autocast: where the Gluon walks run (Hopper, Triton 3.6) they
+    take part of the step (counted), its loss matches the Triton walks' step and each gradient is as close to the
+    fp32 step's as the Triton walks' (within 2x: two bf16 roundings of one step)."""
+    from tnllm_kernels.lightning_attention import gluon_walk, triton_chunk
+    if not triton_chunk.gluon_walks_run_on("cuda"):
+        pytest.skip("the Gluon walks run on Hopper GPUs with Triton 3.6 only")
+    model = build(n_heads=2, lrpe_layers=(0,)).cuda()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 512, (2, 333), generator=g).cuda()
+
+    def run(autocast=True):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    launched = []
+    walk = gluon_walk.walk
+    monkeypatch.setattr(gluon_walk, "walk", lambda *a, **kw: launched.append(a[-2:]) or walk(*a, **kw))
+    gluon = run()
+    # layer 1: all four walks; layer 0 (q, k 256 wide): the dq and dk walks
+    assert len(launched) == 6, launched
+    monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
+    triton_walks, fp32 = run(), run(autocast=False)
+    assert len(launched) == 6
+    assert rel(gluon[0], triton_walks[0]) < 1e-3
+    for name in gluon[1]:
+        assert rel(gluon[1][name], fp32[1][name]) <= 2 * rel(triton_walks[1][name], fp32[1][name]) + 1e-6, name

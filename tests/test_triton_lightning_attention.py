@@ -38,8 +38,13 @@ def _inputs(B, N, H, DK, DV, dtype, slopes, seed, with_s0=True):
     return ([cast(t).to(dtype) for t in (q, k, v)], cast(slope), cast(s0), cast(do), cast(dht))
 
 
+def _leaf(t):
+    """A leaf copy of t with t's strides (clone() makes views of a wider tensor contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t).requires_grad_()
+
+
 def _run_ours(qkv, slope, s0, do, dht, **kw):
-    qkv = [t.detach().clone().requires_grad_() for t in qkv]
+    qkv = [_leaf(t.detach()) for t in qkv]
     s0r = s0.detach().clone().requires_grad_() if s0 is not None else None
     o, fin = lightning_attention_triton(*qkv, slope, s0r, **kw)
     loss = (o.float() * do).sum() + (fin * dht).sum()
@@ -337,3 +342,72 @@ def test_gpu_prefetch_changes_no_result(dtype, DK, DV, N, segments, monkeypatch)
     (o1, f1, g1, s1), (o2, f2, g2, s2) = results
     for a, b in [(o1, o2), (f1, f2), *zip(g1, g2), (s1, s2)]:
         assert torch.equal(a, b)
+
+
+def _gluon_walks():
+    """triton_chunk's Gluon walk module where its walks run (a Hopper GPU, Triton 3.6), else skip."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    if not CUDA or not tc.gluon_walks_run_on(DEV):
+        pytest.skip("the Gluon walks run on Hopper GPUs with Triton 3.6 only")
+    return tc._gluon_walk
+
+
+def _qkvu_views(qkv, DK, DV):
+    """q, k, v as views of one [B, N, H * (2 Dk + Dv + Dv)] tensor cut by heads, as the model's QKVU split gives:
+    heads and features packed, rows 2 Dk + 2 Dv wide per head group."""
+    q, k, v = qkv
+    B, N, H, _ = q.shape
+    wide = torch.randn(B, N, H * (2 * DK + 2 * DV), device=q.device).to(q.dtype)
+    views = []
+    for i, t in enumerate((q, k, v)):
+        start = H * (i * DK if i < 2 else 2 * DK)
+        view = wide[..., start:start + H * t.shape[-1]].view(B, N, H, t.shape[-1])
+        view.copy_(t)
+        views.append(view)
+    return views
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,gluon_walks", [
+    (2, 1000, 3, 128, 128, 3, torch.bfloat16, True, False, 4),   # partial last chunk, pre-pass and scan, states
+    (3, 10, 2, 128, 128, None, torch.bfloat16, False, True, 4),  # shorter than one chunk, QKVU-split views
+    (2, 2049, 2, 128, 128, None, torch.float16, True, False, 4),
+    (1, 4096, 2, 128, 128, 16, torch.bfloat16, True, True, 4),   # many segments
+    (1, 448, 4, 128, 64, 2, torch.float16, True, True, 2),       # Dv 64: the o and dv walks (X 128 wide) only
+    (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, 2),    # LRPE-doubled Dk: the dq and dk walks only
+])
+def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, segments, dtype, with_s0, packed,
+                                                           gluon_walks, monkeypatch):
+    """Where the Gluon walks run (Hopper, Triton 3.6) they take the walks they apply to (counted), and outputs,
+    final state and every gradient are within tolerance of float64 and no worse than the Triton walks' (10% slack
+    for rounding noise), across partial chunks, segments, initial states, fp16 and bf16, and strided views."""
+    gw = _gluon_walks()
+    slopes = [0.0, 0.3, 0.02, 0.9][:H]
+    qkv, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, slopes, seed=N + DK, with_s0=with_s0)
+    if packed:
+        qkv = _qkvu_views(qkv, DK, DV)
+    ref = _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_chunk)
+    assert packed == (not qkv[0].is_contiguous())
+    launched = []
+    walk = gw.walk
+    monkeypatch.setattr(gw, "walk", lambda *a, **kw: launched.append(a[-2:]) or walk(*a, **kw))
+    gluon = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="gluon ")
+    assert len(launched) == gluon_walks, launched
+    monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
+    triton_errs = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="triton ")
+    assert len(launched) == gluon_walks
+    worse = {n: (gluon[n], triton_errs[n]) for n in gluon if gluon[n] > 1.1 * triton_errs[n] + 1e-6}
+    assert not worse, f"the Gluon walks' error exceeds the Triton walks': {worse}"
+
+
+def test_gluon_walks_only_import_with_the_triton_release_they_are_written_for():
+    """With any Triton but 3.6 (whose Gluon API the walks are written in) gluon_walk.py refuses to import, naming
+    the release, and the Triton walks run everywhere."""
+    import importlib
+    import triton
+    if triton.__version__.startswith("3.6."):
+        pytest.skip("this is the Gluon walks' own Triton release")
+    with pytest.raises(ImportError, match=f"this is Triton {triton.__version__}"):
+        importlib.import_module("tnllm_kernels.lightning_attention.gluon_walk")
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    assert tc._gluon_walk is None and not tc.gluon_walks_run_on(DEV)

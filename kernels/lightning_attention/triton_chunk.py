@@ -25,10 +25,14 @@ Design (chunks of C tokens, C = 64):
   fed to another product, the pattern Triton 3.4 to 3.7.0 miscompiles on Hopper (fla issue #640).
 * fp32 accumulation everywhere, fp32 states; matrix-unit operands in the input dtype (fp32 inputs use
   ``tf32x3``, about fp32 accuracy).
+* On Hopper with Triton 3.6, the walks of 16-bit inputs whose X and Y are 128 wide run in Gluon instead
+  (gluon_walk.py: the next chunk's copies issued by hand at the start of each chunk), the same math at the same
+  errors; ``_walk`` picks. TNLLM_GLUON_WALKS=0 turns them off.
 
-Measured on one H200 (benchmarks/RESULTS.md, issue 14): bf16, H=16, D=128, 32768 tokens, fwd+bwd 0.79 to 0.95
-ms of GPU time (N = 1k..32k), about half of fla 0.6.0's; on one H100 (issue 3) 1.2 to 1.8 ms against 2.2 to 2.7
-ms for fla 0.6.0 chunk_simple_gla, at half its peak memory.
+Measured on one H200 (benchmarks/RESULTS.md, issue 14, eighteenth session): bf16, H=16, D=128, 32768 tokens,
+fwd+bwd replayed from a CUDA graph 0.67 to 0.83 ms (N = 1k..32k) against 1.65 to 2.44 ms for fla 0.6.0
+chunk_simple_gla; of that, the four walks 591-606 us of GPU time with the Gluon walks, 770-789 us with the Triton
+walks. On one H100 (issue 3, Triton walks) 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla, at half its peak memory.
 """
 import functools
 import inspect
@@ -40,6 +44,11 @@ import triton.language as tl
 
 from .._interpreter import interpreting
 from .._l2 import prefetch_l2
+
+try:        # Hopper's walks in Gluon, for the Triton release whose Gluon API they are written in (gluon_walk.py)
+    from . import gluon_walk as _gluon_walk
+except (ImportError, AttributeError):
+    _gluon_walk = None
 
 MAX_DK = 256
 MAX_DV = 128
@@ -554,9 +563,20 @@ def _walk_prefetches(reverse, transposed_state):
     return _prefetches() and not (reverse and not transposed_state)
 
 
+def gluon_walks_run_on(device) -> bool:
+    """Whether the Gluon walks (gluon_walk.py) take the walks they apply to on this device: a Hopper GPU, with the
+    Triton release they are written for, not turned off by TNLLM_GLUON_WALKS=0."""
+    device = torch.device(device)
+    return (_gluon_walk is not None and _gluon_walk.enabled() and device.type == "cuda"
+            and _gluon_walk.is_hopper(device))
+
+
 def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
     """Launch one walk (see _walk_kernel): out from (x, y, z), starting states t0 = (buffer or None, strides),
     the final state into tout (or None). Z's features are tiled; X's and Y's are all held."""
+    if _gluon_walk is not None and _gluon_walk.applies(x, y, z, out, C):
+        _gluon_walk.walk(x, y, z, out, slope, t0, tout, P["NC"], P["CPS"], P["NSEG"], reverse, transposed_state)
+        return
     B, N, H, WX = x.shape
     WZ = z.shape[-1]
     # the walks carrying S or dS hold all of Dk and tile Dv; those carrying a transpose hold all of Dv, tile Dk
