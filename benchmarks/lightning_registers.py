@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the lightning-attention kernels compiled for sm_90a, without a GPU:
 Triton compiles each kernel to PTX here and its bundled ptxas reports (-v). The four walks and the pre-pass at the
-benchmark's tiles (bf16, 16 heads of 128, chunk 64, several segments), each autotune config. A register count at
+benchmark's tiles (bf16, 16 heads of 128, chunk 64, several segments), each autotune config; with Triton 3.6 also
+the Gluon walks (gluon_walk.py) that replace the Triton walks on Hopper. A register count at
 255 with bytes spilled is what made several variants slow on the H200 (benchmarks/RESULTS.md, issue 14), so a
 variant can be screened here before it costs GPU time. The counts are those of the installed Triton: use the GPU
 machine's version (3.6) for numbers that hold there.
@@ -89,6 +90,26 @@ def kernels_to_compile(mod):
     yield "pre-pass (backward)", mod._seg_local_kernel.fn, args
 
 
+def gluon_walks_to_compile(gw):
+    """(label, Gluon source) for the four walks of gluon_walk.py as _fwd and _bwd launch them at several segments
+    (starting states; the o and dv walks also store the final state): the walks that replace _walk_kernel's on
+    Hopper with Triton 3.6."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(width):
+        layout = repr(gl.NVMMASharedLayout.get_default_for([1, C, width], gl.bfloat16))
+        return f"tensordesc<bf16[1, {C}, {width}],{layout}>"
+    signature = dict(x_desc=desc(gw.WX), y_desc=desc(gw.WX), z_desc=desc(gw.BZ), o_desc=desc(gw.BZ))
+    signature.update({name: "*fp32" if name in ("SLOPE", "T0", "TOUT") else "i32" for name in gw._SCALARS})
+    walks = (("o (forward)", False, False, True), ("dq", False, True, False), ("dk", True, True, False),
+             ("dv", True, False, True))
+    for label, reverse, transposed, store in walks:
+        constexprs = dict(WZ=D, DV=D, REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store, num_warps=4)
+        yield f"gluon walk {label}", GluonASTSource(gw._walk_kernel, {**signature, **{k: "constexpr" for k in
+                                                                                     constexprs}}, constexprs, {})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("others", nargs="*", help="other versions of triton_chunk.py")
@@ -110,6 +131,10 @@ def main():
                 regs, st, ld, smem = ptxas_report(fn, kargs, warps, stages)
                 print(f"| {name} | {label} | {warps} x {stages} | {regs} | {st} / {ld} | {smem / 1024:.1f} |",
                       flush=True)
+        if getattr(mod, "_gluon_walk", None) is not None:          # Triton 3.6: the Hopper walks in Gluon too
+            for label, source in gluon_walks_to_compile(mod._gluon_walk):
+                regs, st, ld, smem = compiled_report(source, num_warps=4, num_stages=1)
+                print(f"| {name} | {label} | 4 x - | {regs} | {st} / {ld} | {smem / 1024:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
