@@ -54,11 +54,56 @@ def kernel_times(fn, iters=20):
     return per
 
 
+def replay_timeline(intervals, replays):
+    """From the (start, end) of every kernel run during ``replays`` replays of one graph (the profiler's records):
+    (kernels per replay, busy us per replay, span us per replay). Busy: the time at least one kernel ran; span: from
+    a replay's first kernel start to its last kernel end. Span minus busy is the time the GPU sat between kernels
+    of one forward+backward: launch gaps, and tails where one kernel waits for the one before to finish."""
+    intervals = sorted(intervals)
+    if not intervals or len(intervals) % replays:
+        raise ValueError(f"{len(intervals)} kernel records do not divide into {replays} replays")
+    per = len(intervals) // replays
+    busy = span = 0.0
+    for r in range(replays):
+        group = intervals[r * per:(r + 1) * per]
+        span += max(end for _, end in group) - group[0][0]
+        covered_to = group[0][0]
+        for start, end in group:
+            busy += max(0.0, end - max(start, covered_to))
+            covered_to = max(covered_to, end)
+    return per, busy / replays, span / replays
+
+
+def graph_timeline(fn, replays=20):
+    """replay_timeline of fn captured in a CUDA graph and replayed under the profiler."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+               and "memset" not in e.name.lower()]
+    return replay_timeline(kernels, replays)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("others", nargs="+", help="paths of other versions' triton_chunk.py (labelled by file name)")
     ap.add_argument("--profile", action="store_true", help="also print each kernel's time in forward+backward")
     ap.add_argument("--ns", default=",".join(map(str, NS)), help="sequence lengths (B = 32768 / N)")
+    ap.add_argument("--graph-gaps", action="store_true",
+                    help="also replay forward+backward from a CUDA graph under the profiler: kernels' busy time "
+                         "against the replay's span (the GPU idle between kernels)")
     args = ap.parse_args()
     kernels = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
     kernels["current"] = current
@@ -68,7 +113,7 @@ def main():
     print("\n| N | B | " + " | ".join(f"{n} fwd+bwd ms" for n in names) + " | " +
           " | ".join(f"{n} fwd ms" for n in names) + " |")
     print("|---|---|" + "---|" * (2 * len(names)))
-    profiles = {}
+    profiles, gaps = {}, {}
     for N in map(int, args.ns.split(",")):
         B = TOKENS // N
         q, k, v, do = inputs(B, N, N)
@@ -87,6 +132,8 @@ def main():
                 times[name][1].append(triton.testing.do_bench(fwd, warmup=50, rep=200))
                 if args.profile and len(times[name][0]) == 1:
                     profiles[(N, name)] = kernel_times(fwd_bwd)
+                if args.graph_gaps and len(times[name][0]) == 1:
+                    gaps[(N, name)] = graph_timeline(fwd_bwd)
         med = {name: [sorted(t)[1] for t in ts] for name, ts in times.items()}
         print(f"| {N} | {B} | " + " | ".join(f"{med[n][0]:.3f}" for n in names) + " | " +
               " | ".join(f"{med[n][1]:.3f}" for n in names) + " |", flush=True)
@@ -101,6 +148,11 @@ def main():
         for (N, name), per in profiles.items():
             parts = ", ".join(f"{k[:40]} {t:.1f}" for k, t in per.most_common())
             print(f"N={N} {name}: total {sum(per.values()):.1f}: {parts}")
+
+    if gaps:
+        print("\nreplayed from a CUDA graph (profiler, 20 replays): kernels, busy us, span us, idle us per forward+backward")
+        for (N, name), (count, busy, span) in gaps.items():
+            print(f"N={N} {name}: {count} kernels, busy {busy:.1f}, span {span:.1f}, idle {span - busy:.1f}")
 
     print("\n| N | B | version | rel. error o | dq | dk | dv |")
     print("|---|---|---|---|---|---|---|")

@@ -46,3 +46,13 @@ def test_register_report_compiles_every_kernel_for_sm90():
     for r in rows:
         regs, spills = int(r[3]), [int(x) for x in r[4].split(" / ")]
         assert 0 < regs <= 255 and min(spills) >= 0 and float(r[5].strip(" |")) > 0, r
+
+
+def test_replay_timeline_counts_the_gpu_idle_between_kernels():
+    """compare_lightning_kernels --graph-gaps: per replay, overlapping kernels count once as busy, the time between
+    them is idle; records that do not split evenly into replays are refused."""
+    import compare_lightning_kernels as clk
+    records = [(15, 25), (0, 10), (12, 20), (100, 110), (110, 120), (130, 140)]     # two replays of three kernels
+    assert clk.replay_timeline(records, 2) == (3, (23 + 30) / 2, (25 + 40) / 2)
+    with pytest.raises(ValueError, match="5 kernel records"):
+        clk.replay_timeline(records[:5], 2)
