@@ -238,19 +238,20 @@ def _tma_readable(t) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def is_hopper(device) -> bool:
+def _hopper(device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def enabled() -> bool:
-    """TNLLM_GLUON_WALKS=0 turns the Gluon walks off (the Triton walks everywhere), e.g. to compare the two."""
-    return os.environ.get("TNLLM_GLUON_WALKS", "1") != "0"
+def runs_on(device: torch.device) -> bool:
+    """Whether the Gluon walks run on this device: a Hopper GPU, not turned off by TNLLM_GLUON_WALKS=0 (which runs
+    the Triton walks everywhere, e.g. to compare the two)."""
+    return os.environ.get("TNLLM_GLUON_WALKS", "1") != "0" and device.type == "cuda" and _hopper(device)
 
 
 def applies(x, y, z, out, C_tokens) -> bool:
-    """Whether this walk can run here: a Hopper GPU, bf16 or fp16, 64-token chunks, X and Y 128 features wide,
-    Z a multiple of 64, every tensor a view TMA can read (see _tma_readable)."""
-    return (enabled() and x.is_cuda and C_tokens == C and x.dtype in _GL_DTYPES and is_hopper(x.device)
+    """Whether this walk can run here: ``runs_on`` x's device, bf16 or fp16, 64-token chunks, X and Y 128 features
+    wide, Z a multiple of 64, every tensor a view TMA can read (see _tma_readable)."""
+    return (runs_on(x.device) and C_tokens == C and x.dtype in _GL_DTYPES
             and x.shape[-1] == WX and y.shape[-1] == WX and z.shape[-1] % BZ == 0
             and all(_tma_readable(t) for t in (x, y, z, out)))
 

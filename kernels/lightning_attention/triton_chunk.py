@@ -566,9 +566,7 @@ def _walk_prefetches(reverse, transposed_state):
 def gluon_walks_run_on(device) -> bool:
     """Whether the Gluon walks (gluon_walk.py) take the walks they apply to on this device: a Hopper GPU, with the
     Triton release they are written for, not turned off by TNLLM_GLUON_WALKS=0."""
-    device = torch.device(device)
-    return (_gluon_walk is not None and _gluon_walk.enabled() and device.type == "cuda"
-            and _gluon_walk.is_hopper(device))
+    return _gluon_walk is not None and _gluon_walk.runs_on(torch.device(device))
 
 
 def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
