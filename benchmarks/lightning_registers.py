@@ -92,8 +92,8 @@ def kernels_to_compile(mod):
 
 def gluon_walks_to_compile(gw):
     """(label, Gluon source) for the four walks of gluon_walk.py as _fwd and _bwd launch them at several segments
-    (starting states; the o and dv walks also store the final state): the walks that replace _walk_kernel's on
-    Hopper with Triton 3.6."""
+    (starting states; the o and dv walks also store the final state), and the dk and dv walks' paired launch: the
+    walks that replace _walk_kernel's on Hopper with Triton 3.6."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -108,6 +108,14 @@ def gluon_walks_to_compile(gw):
         constexprs = dict(WZ=D, DV=D, REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store, num_warps=4)
         yield f"gluon walk {label}", GluonASTSource(gw._walk_kernel, {**signature, **{k: "constexpr" for k in
                                                                                      constexprs}}, constexprs, {})
+    # the dk and dv walks in one launch (_bwd's, for 128-wide heads): one program is either walk's, so it takes
+    # the larger of their registers
+    pair = {f"{name}_desc": desc(gw.WX if name in ("v", "do", "k", "q") else gw.BZ)
+            for name in ("v", "do", "qz", "dk", "k", "q", "doz", "dv")}
+    pair.update({name: sig for name, sig in signature.items() if not name.endswith("_desc")})
+    constexprs = dict(HAS_T0=True, STORE_T=True, num_warps=4)
+    yield "gluon dk+dv walks", GluonASTSource(gw._walk_pair_kernel, {**pair, **{k: "constexpr" for k in constexprs}},
+                                              constexprs, {})
 
 
 def main():

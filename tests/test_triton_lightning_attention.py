@@ -367,20 +367,36 @@ def _qkvu_views(qkv, DK, DV):
     return views
 
 
+def _count_gluon_launches(gw, monkeypatch):
+    """[single walks, paired dk+dv walks] launched from now on, counted through gluon_walk's two launchers."""
+    counts = [0, 0]
+    for i, name in enumerate(("walk", "walk_pair")):
+        launch = getattr(gw, name)
+
+        def counted(*args, i=i, launch=launch, **kwargs):
+            counts[i] += 1
+            return launch(*args, **kwargs)
+        monkeypatch.setattr(gw, name, counted)
+    return counts
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,gluon_walks", [
-    (2, 1000, 3, 128, 128, 3, torch.bfloat16, True, False, 4),   # partial last chunk, pre-pass and scan, states
-    (3, 10, 2, 128, 128, None, torch.bfloat16, False, True, 4),  # shorter than one chunk, QKVU-split views
-    (2, 2049, 2, 128, 128, None, torch.float16, True, False, 4),
-    (1, 4096, 2, 128, 128, 16, torch.bfloat16, True, True, 4),   # many segments
-    (1, 448, 4, 128, 64, 2, torch.float16, True, True, 2),       # Dv 64: the o and dv walks (X 128 wide) only
-    (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, 2),    # LRPE-doubled Dk: the dq and dk walks only
+# launches (single Gluon walks, paired dk+dv walks): heads of 128 take the o and dq walks and the pair
+@pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,launches", [
+    (2, 1000, 3, 128, 128, 3, torch.bfloat16, True, False, (2, 1)),   # partial last chunk, pre-pass and scan, states
+    (3, 10, 2, 128, 128, None, torch.bfloat16, False, True, (2, 1)),  # shorter than one chunk, QKVU-split views
+    (2, 2049, 2, 128, 128, None, torch.float16, True, False, (2, 1)),
+    (1, 4096, 2, 128, 128, 16, torch.bfloat16, True, True, (2, 1)),   # many segments
+    (1, 448, 4, 128, 64, 2, torch.float16, True, True, (2, 0)),       # Dv 64: the o and dv walks (X 128 wide) only
+    (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, (2, 0)),    # LRPE-doubled Dk: the dq and dk walks only
 ])
 def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, segments, dtype, with_s0, packed,
-                                                           gluon_walks, monkeypatch):
+                                                           launches, monkeypatch):
     """Where the Gluon walks run (Hopper, Triton 3.6) they take the walks they apply to (counted), and outputs,
-    final state and every gradient are within tolerance of float64 and no worse than the Triton walks' (10% slack
-    for rounding noise), across partial chunks, segments, initial states, fp16 and bf16, and strided views."""
+    final state and every gradient are within tolerance of float64 and as close as the Triton walks' (0.1% slack:
+    the two round the same products the same way; on an H200 their errors agreed within 1.3e-4 relative, and the
+    dv walk rounding dO instead of the decayed q raised dv's by 0.2-0.3%), across
+    partial chunks, segments, initial states, fp16 and bf16, and strided views."""
     gw = _gluon_walks()
     slopes = [0.0, 0.3, 0.02, 0.9][:H]
     qkv, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, slopes, seed=N + DK, with_s0=with_s0)
@@ -388,15 +404,14 @@ def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, seg
         qkv = _qkvu_views(qkv, DK, DV)
     ref = _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_chunk)
     assert packed == (not qkv[0].is_contiguous())
-    launched = []
-    walk = gw.walk
-    monkeypatch.setattr(gw, "walk", lambda *a, **kw: launched.append(a[-2:]) or walk(*a, **kw))
+    launched = _count_gluon_launches(gw, monkeypatch)
     gluon = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="gluon ")
-    assert len(launched) == gluon_walks, launched
+    assert launched == list(launches), launched
     monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
     triton_errs = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="triton ")
-    assert len(launched) == gluon_walks
-    worse = {n: (gluon[n], triton_errs[n]) for n in gluon if gluon[n] > 1.1 * triton_errs[n] + 1e-6}
+    assert launched == list(launches)
+    print(f"\ngluon {gluon}\ntriton {triton_errs}")
+    worse = {n: (gluon[n], triton_errs[n]) for n in gluon if gluon[n] > 1.001 * triton_errs[n] + 1e-6}
     assert not worse, f"the Gluon walks' error exceeds the Triton walks': {worse}"
 
 

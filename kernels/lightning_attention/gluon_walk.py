@@ -9,6 +9,11 @@ At 4 warps, 232 to 255 registers (the o walk spills 8 bytes, outside the loop) a
 two programs an SM, as the Triton walk. Measured on one H200 (benchmarks/RESULTS.md, eighteenth session): the four
 walks of forward+backward in 591-606 us of GPU time against the Triton walks' 770-789, with the same errors.
 
+The backward's dk and dv walks (heads of 128) run as one launch, _walk_pair_kernel: each program is one of the two
+walks' programs, and a (batch*head, segment)'s four programs are neighbours in the grid, so that the q and dO tiles
+both walks read come from memory once. On one H200 that saved 10-15 us of the 290-310 the two take (nineteenth
+session): the walks are not purely bound by memory, so reading a third less did not make them a third faster.
+
 The math, the grid (batch*head x Z tile, segment) and the starting states are those of ``_walk_kernel``:
 
     forward walk:  out = ((X Y^T) * M) Z + lambda^(i+1) X T,        T <- lambda^m T + Y^T (lambda^(m-1-j) Z)
@@ -61,24 +66,22 @@ def _state_offsets(pid_z, BX: gl.constexpr, BZ: gl.constexpr, DV: gl.constexpr, 
 _SCALARS = ["SLOPE", "T0", "TOUT", "t0_bh", "t0_s", "N", "H", "NC", "CPS", "NSEG"]
 
 
-@gluon.jit(do_not_specialize=_SCALARS, do_not_specialize_on_alignment=_SCALARS)
-def _walk_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG,
-                 WZ: gl.constexpr, DV: gl.constexpr, REVERSE: gl.constexpr, STATE_T: gl.constexpr,
-                 HAS_T0: gl.constexpr, STORE_T: gl.constexpr, num_warps: gl.constexpr):
-    """One program: (batch*head, Z tile) x segment, walking the segment's chunks (backwards when REVERSE) from its
-    starting state (T0, strides t0_bh and t0_s; zero without HAS_T0), the state it ends with into TOUT when the
-    walk ends there (STORE_T). STATE_T: the state is stored transposed ([Dv, Dk] in a [Dk, Dv] buffer of row
+@gluon.jit
+def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, bars, SLOPE, T0, TOUT, t0_bh, t0_s,
+                  N, H, NC, CPS, NSEG, pid_bh, pid_z, pid_s, WZ: gl.constexpr, DV: gl.constexpr,
+                  REVERSE: gl.constexpr, STATE_T: gl.constexpr, HAS_T0: gl.constexpr, STORE_T: gl.constexpr,
+                  NUM_WARPS: gl.constexpr):
+    """One program of a walk: (batch*head, Z tile) x segment, walking the segment's chunks (backwards when REVERSE)
+    from its starting state (T0, strides t0_bh and t0_s; zero without HAS_T0), the state it ends with into TOUT when
+    the walk ends there (STORE_T). STATE_T: the state is stored transposed ([Dv, Dk] in a [Dk, Dv] buffer of row
     width DV). Per chunk: the next chunk's three copies are issued first, then X Y^T, X T and the state's update
-    run on the matrix unit together, and the masked (X Y^T) Z once X Y^T is done."""
+    run on the matrix unit together, and the masked (X Y^T) Z once X Y^T is done. Shared memory (see _buffers) is
+    the caller's, so that one kernel can hold two walks (_walk_pair_kernel) in one allocation."""
     dt: gl.constexpr = x_desc.dtype
     C: gl.constexpr = x_desc.block_type.shape[1]
     BX: gl.constexpr = x_desc.block_type.shape[2]
     BZ: gl.constexpr = z_desc.block_type.shape[2]
-    NZ: gl.constexpr = WZ // BZ
     ROUND_Y: gl.constexpr = REVERSE and not STATE_T     # the dv walk (see the module's docstring)
-    pid_bh = gl.program_id(0) // NZ
-    pid_z = gl.program_id(0) % NZ
-    pid_s = gl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     col_x = h * BX
@@ -90,19 +93,11 @@ def _walk_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N
     a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     cols_l: gl.constexpr = gl.SliceLayout(0, mma)
-    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
     blk_rows: gl.constexpr = gl.SliceLayout(1, blk)
-    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BX], dt)
     tile_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BZ], dt)
-    t_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BX, BZ], dt)
-
-    x_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], x_desc.layout)
-    y_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], y_desc.layout)
-    z_s = gl.allocate_shared_memory(dt, [2, 1, C, BZ], z_desc.layout)
-    t_s = gl.allocate_shared_memory(dt, [BX, BZ], t_l)          # the state, rounded, for X T
-    # 16 KB of scratch: the decayed Z tile and the output tile, or (dv walk) the decayed Y, whose first half the
-    # output tile then shares (its store is waited for before the next chunk writes there)
-    scratch = gl.allocate_shared_memory(dt, [C, BX], wide_l)
+    # the scratch: the decayed Z tile and the output tile, or (dv walk) the decayed Y, whose first half the output
+    # tile then shares (its store is waited for before the next chunk writes there)
     if ROUND_Y:
         yd_s = scratch
         o_s = scratch._reinterpret(dt, [1, C, BZ], o_desc.layout)
@@ -111,7 +106,6 @@ def _walk_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N
         zd_s = pair.index(0)
         o_s = pair.index(1)._reinterpret(dt, [1, C, BZ], o_desc.layout)
     o_2d = o_s.reshape([C, BZ])
-    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(bars.index(0), count=1)
     mbarrier.init(bars.index(1), count=1)
 
@@ -218,6 +212,59 @@ def _walk_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N
             gl.store(TOUT + pid_bh.to(gl.int64) * BX * WZ + _state_offsets(pid_z, BX, BZ, DV, STATE_T, mma), T)
 
 
+@gluon.jit
+def _buffers(x_desc, z_desc):
+    """A walk program's shared memory (112 KB at bf16): X, Y and Z tiles in two stages (X and Y are read in the
+    same boxes, hence one layout), the state rounded for X T, 16 KB of scratch and the two stages' barriers."""
+    dt: gl.constexpr = x_desc.dtype
+    C: gl.constexpr = x_desc.block_type.shape[1]
+    BX: gl.constexpr = x_desc.block_type.shape[2]
+    BZ: gl.constexpr = z_desc.block_type.shape[2]
+    x_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], x_desc.layout)
+    y_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], x_desc.layout)
+    z_s = gl.allocate_shared_memory(dt, [2, 1, C, BZ], z_desc.layout)
+    t_s = gl.allocate_shared_memory(dt, [BX, BZ], gl.NVMMASharedLayout.get_default_for([BX, BZ], dt))
+    scratch = gl.allocate_shared_memory(dt, [C, BX], gl.NVMMASharedLayout.get_default_for([C, BX], dt))
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    return x_s, y_s, z_s, t_s, scratch, bars
+
+
+@gluon.jit(do_not_specialize=_SCALARS, do_not_specialize_on_alignment=_SCALARS)
+def _walk_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG,
+                 WZ: gl.constexpr, DV: gl.constexpr, REVERSE: gl.constexpr, STATE_T: gl.constexpr,
+                 HAS_T0: gl.constexpr, STORE_T: gl.constexpr, num_warps: gl.constexpr):
+    """One walk: a _walk_program per (batch*head, Z tile) x segment."""
+    NZ: gl.constexpr = WZ // z_desc.block_type.shape[2]
+    x_s, y_s, z_s, t_s, scratch, bars = _buffers(x_desc, z_desc)
+    _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, bars, SLOPE, T0, TOUT, t0_bh, t0_s,
+                  N, H, NC, CPS, NSEG, gl.program_id(0) // NZ, gl.program_id(0) % NZ, gl.program_id(1),
+                  WZ, DV, REVERSE, STATE_T, HAS_T0, STORE_T, num_warps)
+
+
+@gluon.jit(do_not_specialize=_SCALARS, do_not_specialize_on_alignment=_SCALARS)
+def _walk_pair_kernel(v_desc, do_desc, qz_desc, dk_desc, k_desc, q_desc, doz_desc, dv_desc, SLOPE, T0, TOUT, t0_bh,
+                      t0_s, N, H, NC, CPS, NSEG, HAS_T0: gl.constexpr, STORE_T: gl.constexpr,
+                      num_warps: gl.constexpr):
+    """The dk and dv walks (128-wide heads) in one launch, each program one of the two walks' programs: for each
+    (batch*head, segment) the two walks' four programs are neighbours in the grid, so they run at the same time and
+    the q and dO tiles one of them reads from memory the others can find in L2 (apart, the two walks read six
+    tiles a chunk from memory; together, at best four; the single walks' two Z tiles already share X and Y so).
+    dk walk: X = v, Y = dO, Z = q, state dS^T; dv walk: X = k, Y = q, Z = dO, state dS (its dS_0 into TOUT)."""
+    W: gl.constexpr = 128                       # every width: Z's (WZ) and the state's rows (DV)
+    NZ: gl.constexpr = 2
+    pid_bh = gl.program_id(0) // (2 * NZ)
+    pid_z = gl.program_id(0) % NZ
+    x_s, y_s, z_s, t_s, scratch, bars = _buffers(v_desc, qz_desc)
+    if (gl.program_id(0) // NZ) % 2 == 0:
+        _walk_program(v_desc, do_desc, qz_desc, dk_desc, x_s, y_s, z_s, t_s, scratch, bars, SLOPE, T0, TOUT, t0_bh,
+                      t0_s, N, H, NC, CPS, NSEG, pid_bh, pid_z, gl.program_id(1), W, W, True, True, HAS_T0,
+                      False, num_warps)
+    else:
+        _walk_program(k_desc, q_desc, doz_desc, dv_desc, x_s, y_s, z_s, t_s, scratch, bars, SLOPE, T0, TOUT, t0_bh,
+                      t0_s, N, H, NC, CPS, NSEG, pid_bh, pid_z, gl.program_id(1), W, W, True, False, HAS_T0,
+                      STORE_T, num_warps)
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(dtype, block_width):
     return gl.NVMMASharedLayout.get_default_for([1, C, block_width], _GL_DTYPES[dtype])
@@ -230,11 +277,24 @@ def _descriptor(t, block_width):
                             _smem_layout(t.dtype, block_width))
 
 
+class _Box:
+    """What the compiled kernel's launcher reads of a TensorDescriptor (Triton 3.6: base, shape, strides, padding),
+    for the launches after the first: TensorDescriptor's own checks (half of a walk's host time) repeat those of
+    _tma_readable, which every launch has passed."""
+    __slots__ = ("base", "shape", "strides", "padding")
+
+    def __init__(self, t):
+        B, N, H, W = t.shape
+        stride = t.stride()
+        self.base, self.shape, self.strides, self.padding = t, [B, N, H * W], [stride[0], stride[1], 1], "zero"
+
+
 def _tma_readable(t) -> bool:
     """Whether t [B, N, H, W] is a view TMA reads as [B, N, H * W]: heads and features packed, 16-byte aligned."""
+    stride = t.stride()
     elem = t.element_size()
-    return (t.stride(3) == 1 and (t.shape[2] == 1 or t.stride(2) == t.shape[3]) and t.data_ptr() % 16 == 0
-            and all((s * elem) % 16 == 0 for s in t.stride()[:2]))
+    return (stride[3] == 1 and (t.shape[2] == 1 or stride[2] == t.shape[3]) and (stride[0] * elem) % 16 == 0
+            and (stride[1] * elem) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,26 +316,52 @@ def applies(x, y, z, out, C_tokens) -> bool:
             and all(_tma_readable(t) for t in (x, y, z, out)))
 
 
-# (device, dtype, constexprs) -> the compiled kernel
+def pair_applies(q, k, v, do, C_tokens) -> bool:
+    """Whether the dk and dv walks can run as one launch here (walk_pair): as ``applies`` needs, with q, k, v and
+    dO all 128 wide."""
+    return (q.shape[-1] == WX and v.shape[-1] == WX and applies(v, do, q, q, C_tokens)
+            and _tma_readable(k) and _tma_readable(do))
+
+
+# (kernel, device, dtype, constexprs) -> the kernel compiled for them
 _COMPILED = {}
 
 
+def _launch(kernel, grid, boxes, scalars, constexprs, device, dtype):
+    """kernel[grid] over the TMA boxes ((tensor, box width) each), then the scalars and the constexprs, in the
+    kernel's parameters' order. The first launch for given constexprs goes through the JIT; later ones straight to
+    the kernel it compiled, with _Box for the descriptors: through the JIT, forward+backward took 0.88 ms at N = 1024
+    against 0.68 ms this way (host-bound, on an H200; benchmarks/RESULTS.md)."""
+    key = (kernel, device, dtype, *constexprs)
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*(_Box(t) for t, _ in boxes), *scalars, *constexprs)
+        return
+    values = [*(_descriptor(t, width) for t, width in boxes), *scalars, *constexprs]
+    _COMPILED[key] = kernel[grid](**dict(zip(kernel.arg_names, values)))
+
+
+def _state_args(slope, t0, tout):
+    """The walks' state scalars: SLOPE, T0, TOUT, t0_bh, t0_s (a pointer never read stands in for an absent one)."""
+    t0_buf, t0_bh, t0_s = t0
+    return (slope, t0_buf if t0_buf is not None else slope, tout if tout is not None else slope, t0_bh, t0_s)
+
+
 def walk(x, y, z, out, slope, t0, tout, NC, CPS, NSEG, reverse, transposed_state):
-    """Launch one walk (triton_chunk._walk's arguments; ``applies`` must hold). The first launch for given
-    constexprs goes through the JIT; later ones straight to the kernel it compiled: through the JIT, forward+backward
-    took 0.88 ms at N = 1024 against 0.68 ms this way (host-bound, on an H200; benchmarks/RESULTS.md)."""
+    """Launch one walk (triton_chunk._walk's arguments; ``applies`` must hold)."""
     B, N, H, _ = x.shape
     WZ = z.shape[-1]
-    t0_buf, t0_bh, t0_s = t0
-    grid = (B * H * (WZ // BZ), NSEG, 1)
-    args = dict(x_desc=_descriptor(x, WX), y_desc=_descriptor(y, WX), z_desc=_descriptor(z, BZ),
-                o_desc=_descriptor(out, BZ), SLOPE=slope, T0=t0_buf if t0_buf is not None else slope,
-                TOUT=tout if tout is not None else slope, t0_bh=t0_bh, t0_s=t0_s, N=N, H=H, NC=NC, CPS=CPS, NSEG=NSEG,
-                WZ=WZ, DV=WX if transposed_state else WZ, REVERSE=reverse, STATE_T=transposed_state,
-                HAS_T0=t0_buf is not None, STORE_T=tout is not None, num_warps=4)
-    key = (x.device, x.dtype, args["WZ"], args["DV"], reverse, transposed_state, args["HAS_T0"], args["STORE_T"])
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        _COMPILED[key] = _walk_kernel[grid](**args)
-    else:
-        compiled[grid](*(args[name] for name in _walk_kernel.arg_names))
+    # WZ, DV, REVERSE, STATE_T, HAS_T0, STORE_T, num_warps
+    constexprs = (WZ, WX if transposed_state else WZ, reverse, transposed_state, t0[0] is not None, tout is not None, 4)
+    _launch(_walk_kernel, (B * H * (WZ // BZ), NSEG, 1), [(x, WX), (y, WX), (z, BZ), (out, BZ)],
+            (*_state_args(slope, t0, tout), N, H, NC, CPS, NSEG), constexprs, x.device, x.dtype)
+
+
+def walk_pair(q, k, v, do, dk, dv, slope, t0, tout, NC, CPS, NSEG):
+    """Launch the dk and dv walks together (_walk_pair_kernel): both reverse from dS at each segment's end (t0, as
+    triton_chunk._walk's), dS_0 into tout (or None). ``pair_applies`` must hold, and dk, dv be TMA-writable."""
+    B, N, H, _ = q.shape
+    _launch(_walk_pair_kernel, (B * H * 2 * (WX // BZ), NSEG, 1),
+            [(v, WX), (do, WX), (q, BZ), (dk, BZ), (k, WX), (q, WX), (do, BZ), (dv, BZ)],
+            (*_state_args(slope, t0, tout), N, H, NC, CPS, NSEG), (t0[0] is not None, tout is not None, 4),
+            q.device, q.dtype)

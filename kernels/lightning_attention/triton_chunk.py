@@ -616,8 +616,12 @@ def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
     _walk(do, v, k, dq, slope, states, None, P, C, prec, reverse=False, transposed_state=True)
     # dk, dv: reverse walks from dS at each segment's end
     dstates = _segment_states(q, do, slope, dht, P, C, prec, reverse=True)
-    _walk(v, do, q, dk, slope, dstates, None, P, C, prec, reverse=True, transposed_state=True)
-    _walk(k, q, do, dv, slope, dstates, dh0, P, C, prec, reverse=True, transposed_state=False)
+    if _gluon_walk is not None and _gluon_walk.pair_applies(q, k, v, do, C):
+        # on Hopper, both in one launch: the q and dO tiles one walk reads the other finds in L2 (gluon_walk.py)
+        _gluon_walk.walk_pair(q, k, v, do, dk, dv, slope, dstates, dh0, P["NC"], P["CPS"], P["NSEG"])
+    else:
+        _walk(v, do, q, dk, slope, dstates, None, P, C, prec, reverse=True, transposed_state=True)
+        _walk(k, q, do, dv, slope, dstates, dh0, P, C, prec, reverse=True, transposed_state=False)
     return dq, dk, dv, dh0
 
 
