@@ -104,21 +104,27 @@ def main():
     ap.add_argument("--graph-gaps", action="store_true",
                     help="also replay forward+backward from a CUDA graph under the profiler: kernels' busy time "
                          "against the replay's span (the GPU idle between kernels)")
+    ap.add_argument("--graph-replay", action="store_true",
+                    help="also time forward+backward replayed from a CUDA graph as lightning_attention.py's table "
+                         "does (do_bench_cudagraph: about a second of back-to-back work, so at the clocks the GPU "
+                         "holds under sustained load rather than in a short burst)")
     args = ap.parse_args()
     kernels = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
     kernels["current"] = current
     names = list(kernels)
     slopes = torch.tensor(alibi_slopes(H), device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("\n| N | B | " + " | ".join(f"{n} fwd+bwd ms" for n in names) + " | " +
-          " | ".join(f"{n} fwd ms" for n in names) + " |")
-    print("|---|---|" + "---|" * (2 * len(names)))
+    columns = [f"{n} fwd+bwd ms" for n in names] + [f"{n} fwd ms" for n in names]
+    if args.graph_replay:
+        columns += [f"{n} fwd+bwd graph ms" for n in names]
+    print("\n| N | B | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     profiles, gaps = {}, {}
     for N in map(int, args.ns.split(",")):
         B = TOKENS // N
         q, k, v, do = inputs(B, N, N)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        times = {name: ([], []) for name in kernels}
+        times = {name: ([], [], []) for name in kernels}
         for _ in range(3):      # interleaved rounds: clock and neighbour drift hit every version alike
             for name, mod in kernels.items():
                 def fwd_bwd(mod=mod):
@@ -130,13 +136,17 @@ def main():
                         mod.lightning_attention_triton(q, k, v, slopes, output_final_state=False)
                 times[name][0].append(triton.testing.do_bench(fwd_bwd, warmup=50, rep=200))
                 times[name][1].append(triton.testing.do_bench(fwd, warmup=50, rep=200))
+                if args.graph_replay:
+                    with torch.cuda.stream(torch.cuda.Stream()):
+                        times[name][2].append(triton.testing.do_bench_cudagraph(fwd_bwd, rep=100,
+                                                                                return_mode="median"))
                 if args.profile and len(times[name][0]) == 1:
                     profiles[(N, name)] = kernel_times(fwd_bwd)
                 if args.graph_gaps and len(times[name][0]) == 1:
                     gaps[(N, name)] = graph_timeline(fwd_bwd)
-        med = {name: [sorted(t)[1] for t in ts] for name, ts in times.items()}
-        print(f"| {N} | {B} | " + " | ".join(f"{med[n][0]:.3f}" for n in names) + " | " +
-              " | ".join(f"{med[n][1]:.3f}" for n in names) + " |", flush=True)
+        med = {name: [sorted(t)[1] for t in ts if t] for name, ts in times.items()}
+        cells = [f"{med[n][i]:.3f}" for i in range(len(med[names[0]])) for n in names]
+        print(f"| {N} | {B} | " + " | ".join(cells) + " |", flush=True)
 
     if profiles:
         print("\nautotuned configs (kernel: tuning key -> config)")
