@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
 from tnllm_plugin.model import alibi_slopes  # noqa: E402
+from benchmark_common import graph_us  # noqa: E402
 
 H, D, TOKENS = 16, 128, 32768
 NS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -137,9 +138,7 @@ def main():
                 times[name][0].append(triton.testing.do_bench(fwd_bwd, warmup=50, rep=200))
                 times[name][1].append(triton.testing.do_bench(fwd, warmup=50, rep=200))
                 if args.graph_replay:
-                    with torch.cuda.stream(torch.cuda.Stream()):
-                        times[name][2].append(triton.testing.do_bench_cudagraph(fwd_bwd, rep=100,
-                                                                                return_mode="median"))
+                    times[name][2].append(graph_us(fwd_bwd, rep_ms=100) / 1e3)
                 if args.profile and len(times[name][0]) == 1:
                     profiles[(N, name)] = kernel_times(fwd_bwd)
                 if args.graph_gaps and len(times[name][0]) == 1:
