@@ -318,9 +318,8 @@ def applies(x, y, z, out, C_tokens) -> bool:
 
 def pair_applies(q, k, v, do, C_tokens) -> bool:
     """Whether the dk and dv walks can run as one launch here (walk_pair): as ``applies`` needs, with q, k, v and
-    dO all 128 wide."""
-    return (q.shape[-1] == WX and v.shape[-1] == WX and applies(v, do, q, q, C_tokens)
-            and _tma_readable(k) and _tma_readable(do))
+    dO all 128 wide (``applies`` checks v, dO and q; k is the one tensor left to check)."""
+    return (q.shape[-1] == WX and v.shape[-1] == WX and applies(v, do, q, q, C_tokens) and _tma_readable(k))
 
 
 # (kernel, device, dtype, constexprs) -> the kernel compiled for them
