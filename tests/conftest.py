@@ -80,3 +80,20 @@ def decode_path(request, monkeypatch):
     yield calls
     # the fused block takes the released layer only (SRMSNorm, no bias): other configurations keep the step alone
     assert len(gemv_calls) in (0, 4 * len(calls)), "the fused block's GEMVs ran for some steps, not all"
+
+
+@pytest.fixture
+def count_gluon_launches(monkeypatch):
+    """count(gluon_walk) -> [single walks, paired dk+dv walks] launched from then on, counted through gluon_walk's
+    two launchers (the attention and the model-level Gluon tests check which walks took the Gluon path)."""
+    def count(gluon_walk):
+        counts = [0, 0]
+        for i, name in enumerate(("walk", "walk_pair")):
+            launch = getattr(gluon_walk, name)
+
+            def counted(*args, i=i, launch=launch, **kwargs):
+                counts[i] += 1
+                return launch(*args, **kwargs)
+            monkeypatch.setattr(gluon_walk, name, counted)
+        return counts
+    return count

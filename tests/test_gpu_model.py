@@ -123,7 +123,8 @@ def test_bf16_fused_decode_step_is_as_close_to_fp32_as_the_composition(lrpe_laye
         assert rel(fused, ref) <= 1.5 * rel(composed, ref) + 1e-6, (batch, rel(fused, ref), rel(composed, ref))
 
 
-def test_bf16_step_with_gluon_walks_is_as_close_to_fp32_as_with_triton_walks(monkeypatch):
+def test_bf16_step_with_gluon_walks_is_as_close_to_fp32_as_with_triton_walks(monkeypatch,
+                                                                            count_gluon_launches):
     """Heads of 128 (256 with LRPE on layer 0), bf16 autocast: where the Gluon walks run (Hopper, Triton 3.6) they
     take part of the step (counted), its loss matches the Triton walks' step and each gradient is as close to the
     fp32 step's as the Triton walks' (within 2x: two bf16 roundings of one step)."""
@@ -142,17 +143,13 @@ def test_bf16_step_with_gluon_walks_is_as_close_to_fp32_as_with_triton_walks(mon
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    launched = []
-    for name in ("walk", "walk_pair"):
-        launch = getattr(gluon_walk, name)
-        monkeypatch.setattr(gluon_walk, name, lambda *a, name=name, launch=launch, **kw: launched.append(name)
-                            or launch(*a, **kw))
+    launched = count_gluon_launches(gluon_walk)
     gluon = run()
     # layer 1: the o and dq walks and the paired dk+dv walks; layer 0 (q, k 256 wide): the dq and dk walks
-    assert sorted(launched) == ["walk"] * 4 + ["walk_pair"], launched
+    assert launched == [4, 1], launched
     monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
     triton_walks, fp32 = run(), run(autocast=False)
-    assert len(launched) == 5
+    assert launched == [4, 1]
     assert rel(gluon[0], triton_walks[0]) < 1e-3
     for name in gluon[1]:
         assert rel(gluon[1][name], fp32[1][name]) <= 2 * rel(triton_walks[1][name], fp32[1][name]) + 1e-6, name

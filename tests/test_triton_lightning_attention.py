@@ -367,19 +367,6 @@ def _qkvu_views(qkv, DK, DV):
     return views
 
 
-def _count_gluon_launches(gw, monkeypatch):
-    """[single walks, paired dk+dv walks] launched from now on, counted through gluon_walk's two launchers."""
-    counts = [0, 0]
-    for i, name in enumerate(("walk", "walk_pair")):
-        launch = getattr(gw, name)
-
-        def counted(*args, i=i, launch=launch, **kwargs):
-            counts[i] += 1
-            return launch(*args, **kwargs)
-        monkeypatch.setattr(gw, name, counted)
-    return counts
-
-
 @pytest.mark.gpu
 # launches (single Gluon walks, paired dk+dv walks): heads of 128 take the o and dq walks and the pair
 @pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,launches", [
@@ -391,7 +378,7 @@ def _count_gluon_launches(gw, monkeypatch):
     (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, (2, 0)),    # LRPE-doubled Dk: the dq and dk walks only
 ])
 def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, segments, dtype, with_s0, packed,
-                                                           launches, monkeypatch):
+                                                           launches, monkeypatch, count_gluon_launches):
     """Where the Gluon walks run (Hopper, Triton 3.6) they take the walks they apply to (counted), and outputs,
     final state and every gradient are within tolerance of float64 and as close as the Triton walks' (0.1% slack:
     the two round the same products the same way; on an H200 their errors agreed within 1.3e-4 relative, and the
@@ -404,7 +391,7 @@ def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, seg
         qkv = _qkvu_views(qkv, DK, DV)
     ref = _run_ref(qkv, slope, s0, do, dht, fn=lightning_attention_chunk)
     assert packed == (not qkv[0].is_contiguous())
-    launched = _count_gluon_launches(gw, monkeypatch)
+    launched = count_gluon_launches(gw)
     gluon = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="gluon ")
     assert launched == list(launches), launched
     monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
