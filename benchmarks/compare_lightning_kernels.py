@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
 from tnllm_kernels.lightning_attention.chunk import lightning_attention_chunk  # noqa: E402
 from tnllm_plugin.model import alibi_slopes  # noqa: E402
+from tnllm_plugin.cuda_graph_step import warmup_stream  # noqa: E402
 from benchmark_common import graph_us  # noqa: E402
 
 H, D, TOKENS = 16, 128, 32768
@@ -77,7 +78,7 @@ def replay_timeline(intervals, replays):
 
 def graph_timeline(fn, replays=20):
     """replay_timeline of fn captured in a CUDA graph and replayed under the profiler."""
-    side = torch.cuda.Stream()
+    side = warmup_stream(torch.device("cuda", torch.cuda.current_device()))
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
