@@ -131,6 +131,19 @@ def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
     _compare(split, whole, 1e-5, label=f"{pieces} pieces vs 1: ")
 
 
+@pytest.mark.parametrize("B,N,segments", [(32, 1024, 1), (8, 4096, 1), (4, 8192, 1), (2, 16384, 2), (1, 32768, 8),
+                                          (1, 100000, 8), (3, 8192, 1), (1, 20000, 8)])
+def test_segments_chosen_for_an_h200(B, N, segments):
+    """The plan's segments for 132 SMs, heads of 128 (two Dv tiles a walk), 16 heads: one program an SM where that
+    takes at most two segments (the pre-pass, which every segment but the last costs, then reads half or less of
+    the tokens, or none), else enough for two an SM. The rows of the attention table measured either way
+    (benchmarks/RESULTS.md, twentieth session). A pure function: no GPU needed."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    P = tc._plan(B, N, 16, 128, 128, 64, 132)
+    assert P["NSEG"] == segments, P
+    assert tc._plan(B, N, 16, 128, 128, 64, 132, num_segments=3)["NSEG"] == 3       # an explicit count wins
+
+
 def test_launches_past_the_first_skip_the_autotuner_with_its_config():
     """_launch keeps the config the autotuner chose per constexprs and dtypes; _force_configs (the tests' way to
     run every config) drops what it kept, so a forced config is the one that runs."""
@@ -151,8 +164,8 @@ def test_launches_past_the_first_skip_the_autotuner_with_its_config():
 
 
 def test_no_final_state_and_strided_inputs():
-    """Views from a fused projection (non-contiguous along N and H) work without copies; output_final_state=False
-    returns None and the gradients still flow to q, k, v."""
+    """Views from a fused projection (non-contiguous along N and H) work without copies, through the pre-pass and
+    scan too (two segments); output_final_state=False returns None and the gradients still flow to q, k, v."""
     B, N, H, D = 2, 33, 2, 16
     g = torch.Generator().manual_seed(5)
     fused = torch.randn(B, N, 3 * H * D, generator=g).to(DEV)
@@ -161,7 +174,8 @@ def test_no_final_state_and_strided_inputs():
     slope = torch.tensor([0.0, 0.4], device=DEV)
     q, k, v = (torch.nn.functional.silu(t) if i < 2 else t for i, t in enumerate((q, k, v)))
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    o, fin = lightning_attention_triton(*leaves, slope, None, output_final_state=False, chunk_size=16)
+    o, fin = lightning_attention_triton(*leaves, slope, None, output_final_state=False, chunk_size=16,
+                                        num_segments=2)
     assert fin is None
     do = torch.randn(o.shape, generator=g).to(DEV)
     (o * do).sum().backward()

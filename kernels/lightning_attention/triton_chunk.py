@@ -14,7 +14,8 @@ Design (chunks of C tokens, C = 64):
   pre-pass computes each segment's own state contribution (sum_t lambda^(end - 1 - t) k_t v_t^T), a tiny
   scan over segments (elementwise in the Dk x Dv entries, because the decay is a scalar) turns them into
   each segment's initial state, and then one program per (batch*head, segment, Dv tile) walks its chunks.
-  The number of segments is picked so that the grid fills the GPU whatever B and N are; the pre-pass cuts each
+  The number of segments is picked so that the grid fills the GPU whatever B and N are, with as few segments
+  as pay (each but the last costs the pre-pass a read of its tokens; see _plan); the pre-pass cuts each
   segment into pieces for the same reason (it has a program per segment but the last).
 * Backward: three more walks, with the same segment pre-pass and scan: a forward walk for dq (carrying S^T,
   tiled over Dk), and reverse walks for dk (carrying dS^T, tiled over Dk) and dv (carrying dS, tiled over Dv),
@@ -446,7 +447,13 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
     The pre-pass holds a whole Dk x Dv state where it fits (at most 128 x 128: it only reads, once per chunk).
 
     Segments: enough programs for one round of those two slots an SM and no more (the floor, not the ceiling:
-    a few programs past a whole round cost a second round of the same length).
+    a few programs past a whole round cost a second round of the same length), except where one program an SM
+    takes at most two segments: then one an SM. Every segment but the last costs the pre-pass a read of its
+    tokens' k, v (forward) and q, dO (backward), and time on the GPU is bound by its 700 W power cap when the
+    attention runs back to back, as in training: there a walk alone on its SM loses less than that read costs.
+    Measured on one H200, bf16, H=16, D=128, 32768 tokens, replayed back to back (benchmarks/RESULTS.md, twentieth
+    session): at N=8192 one segment instead of two, 0.703 against 0.765 ms; at 16384 two instead of four, 0.779
+    against 0.809; at 32768 four instead of eight was no faster (0.836 / 0.835), and 6% slower in short runs.
 
     Pre-pass pieces (SPLITS per segment, CPSS chunks each): the pre-pass has a program per segment but the last,
     B*H*(NSEG-1) of them, each walking a whole segment: at 32768 tokens as B=1 x N=32768 that was 112 programs of
@@ -463,7 +470,10 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
     NC = max(1, triton.cdiv(N, C))
     slots = 2 * sms
     if num_segments is None:
-        num_segments = max(1, slots // (B * H * max(NV, NK)))
+        per_segment = B * H * max(NV, NK)       # a walk's programs for one segment
+        num_segments = max(1, sms // per_segment)
+        if num_segments > 2:
+            num_segments = slots // per_segment
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
