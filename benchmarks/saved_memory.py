@@ -55,7 +55,9 @@ class AttentionSaves(torch.autograd.Function):
             o, final = lightning_attention_chunk(q, k, v, slope, None, block_size)
         b, n, h, dk = q.shape
         dv = v.shape[-1]
-        segments = _plan(b, n, h, dk, dv, block_size, sms)["NSEG"]      # as the Triton kernel splits the sequence
+        # as the Triton walks split the sequence; where the Gluon walks run (Hopper, 16-bit heads of 128) the plan may
+        # take fewer segments (one_an_sm), so this counts at most what the kernel saves
+        segments = _plan(b, n, h, dk, dv, block_size, sms)["NSEG"]
         states = torch.empty(b * h, segments, dk, dv) if segments > 1 else None
         ctx.save_for_backward(q, k, v, slope.float(), states)
         return o, final

@@ -131,17 +131,62 @@ def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
     _compare(split, whole, 1e-5, label=f"{pieces} pieces vs 1: ")
 
 
-@pytest.mark.parametrize("B,N,segments", [(32, 1024, 1), (8, 4096, 1), (4, 8192, 1), (2, 16384, 2), (1, 32768, 8),
-                                          (1, 100000, 8), (3, 8192, 1), (1, 20000, 8)])
-def test_segments_chosen_for_an_h200(B, N, segments):
-    """The plan's segments for 132 SMs, heads of 128 (two Dv tiles a walk), 16 heads: one program an SM where that
-    takes at most two segments (the pre-pass, which every segment but the last costs, then reads half or less of
-    the tokens, or none), else enough for two an SM. The rows of the attention table measured either way
-    (benchmarks/RESULTS.md, twentieth session). A pure function: no GPU needed."""
+@pytest.mark.parametrize("B,N,segments,triton_walks", [(32, 1024, 1, 1), (8, 4096, 1, 1), (4, 8192, 1, 2),
+                                                       (2, 16384, 2, 4), (1, 32768, 8, 8), (1, 100000, 8, 8),
+                                                       (3, 8192, 1, 2), (1, 20000, 8, 8)])
+def test_segments_chosen_for_an_h200(B, N, segments, triton_walks):
+    """The plan's segments for 132 SMs, heads of 128 (two Dv tiles a walk), 16 heads. Where the Gluon walks run
+    (one_an_sm): one program an SM where that takes at most two segments (the pre-pass, which every segment but the
+    last costs, then reads half or less of the tokens, or none), else enough for two an SM; the rows of the
+    attention table measured either way (benchmarks/RESULTS.md, twentieth session). The Triton walks, not measured
+    so, keep two an SM. A pure function: no GPU needed."""
     from tnllm_kernels.lightning_attention import triton_chunk as tc
-    P = tc._plan(B, N, 16, 128, 128, 64, 132)
-    assert P["NSEG"] == segments, P
-    assert tc._plan(B, N, 16, 128, 128, 64, 132, num_segments=3)["NSEG"] == 3       # an explicit count wins
+    assert tc._plan(B, N, 16, 128, 128, 64, 132, one_an_sm=True)["NSEG"] == segments
+    assert tc._plan(B, N, 16, 128, 128, 64, 132)["NSEG"] == triton_walks
+    assert tc._plan(B, N, 16, 128, 128, 64, 132, num_segments=3, one_an_sm=True)["NSEG"] == 3   # an explicit count wins
+
+
+def test_heads_the_gluon_walks_take_plan_one_program_an_sm(monkeypatch):
+    """Where gluon_walk.takes_heads says the Gluon walks take these heads, the forward plans with one_an_sm, and
+    the backward walks the same segments. On CPU through a stand-in for gluon_walk that takes the heads for the
+    plan but leaves every walk to the Triton kernel: 2 x 1 heads of one Dv tile, 8 chunks, on 4 "SMs" are 2
+    segments with one_an_sm, 4 without."""
+    import types
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    stand_in = types.SimpleNamespace(takes_heads=lambda *args: True, applies=lambda *args: False,
+                                     pair_applies=lambda *args: False)
+    monkeypatch.setattr(tc, "_gluon_walk", stand_in)
+    plan, planned = tc._plan, []
+
+    def recorded(*args, **kwargs):
+        P = plan(*args, **kwargs)
+        planned.append(P["NSEG"])
+        return P
+    monkeypatch.setattr(tc, "_plan", recorded)
+    qkv, slope, s0, do, dht = _inputs(2, 125, 1, 16, 16, torch.float32, [0.1], seed=23)
+    assert plan(2, 125, 1, 16, 16, 16, 4)["NSEG"] == 4 and plan(2, 125, 1, 16, 16, 16, 4, one_an_sm=True)["NSEG"] == 2
+    ours = _run_ours(qkv, slope, s0, do, dht, chunk_size=16)
+    assert planned == [2, 2], planned         # forward, backward
+    _compare(ours, _run_ref(qkv, slope, s0, do, dht), TOL[torch.float32])
+
+
+def test_backward_walks_the_segments_the_forward_made(monkeypatch):
+    """The backward pass reads the segment states the forward pass stored, so it must cut the sequence the same
+    way whatever it would plan itself (a plan can depend on more than shapes, e.g. TNLLM_GLUON_WALKS on a GPU):
+    here the plan's default changes between the two passes, and the gradients must still match float64."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    qkv, slope, s0, do, dht = _inputs(2, 90, 1, 16, 16, torch.float32, [0.1], seed=21)
+    plan = tc._plan
+    assert plan(2, 90, 1, 16, 16, 16, tc._num_sms(qkv[0].device))["NSEG"] == 3      # on CPU: 4 "SMs"
+    leaves = [_leaf(t) for t in qkv]
+    s0r = s0.clone().requires_grad_()
+    o, fin = lightning_attention_triton(*leaves, slope, s0r, chunk_size=16)
+
+    def other_default(B, N, H, DK, DV, C, sms, num_segments=None, *rest, **kw):
+        return plan(B, N, H, DK, DV, C, sms, 2 if num_segments is None else num_segments, *rest, **kw)
+    monkeypatch.setattr(tc, "_plan", other_default)
+    ((o.float() * do).sum() + (fin * dht).sum()).backward()
+    _compare((o, fin, [t.grad for t in leaves], s0r.grad), _run_ref(qkv, slope, s0, do, dht), TOL[torch.float32])
 
 
 def test_launches_past_the_first_skip_the_autotuner_with_its_config():

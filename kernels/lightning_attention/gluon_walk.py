@@ -316,6 +316,13 @@ def applies(x, y, z, out, C_tokens) -> bool:
             and all(_tma_readable(t) for t in (x, y, z, out)))
 
 
+def takes_heads(device, dtype, dk, dv) -> bool:
+    """Whether the Gluon walks take all four walks of heads this wide in this dtype on this device (a view TMA
+    cannot read aside, which falls back to the Triton walk): heads of 128, 16-bit. From these alone, so that the
+    forward and the backward pass get one answer."""
+    return runs_on(device) and dtype in _GL_DTYPES and dk == WX and dv == WX
+
+
 def pair_applies(q, k, v, do, C_tokens) -> bool:
     """Whether the dk and dv walks can run as one launch here (walk_pair): as ``applies`` needs, with q, k, v and
     dO all 128 wide (``applies`` checks v, dO and q; k is the one tensor left to check)."""

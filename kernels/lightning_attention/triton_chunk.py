@@ -436,7 +436,7 @@ def _num_sms(device) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
+def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm=False):
     """Tile sizes, the number of segments and the pre-pass's pieces for a GPU of ``sms`` SMs (cached: a pure
     function of its arguments; callers only read the dict).
 
@@ -447,13 +447,14 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
     The pre-pass holds a whole Dk x Dv state where it fits (at most 128 x 128: it only reads, once per chunk).
 
     Segments: enough programs for one round of those two slots an SM and no more (the floor, not the ceiling:
-    a few programs past a whole round cost a second round of the same length), except where one program an SM
-    takes at most two segments: then one an SM. Every segment but the last costs the pre-pass a read of its
-    tokens' k, v (forward) and q, dO (backward), and time on the GPU is bound by its 700 W power cap when the
-    attention runs back to back, as in training: there a walk alone on its SM loses less than that read costs.
-    Measured on one H200, bf16, H=16, D=128, 32768 tokens, replayed back to back (benchmarks/RESULTS.md, twentieth
-    session): at N=8192 one segment instead of two, 0.703 against 0.765 ms; at 16384 two instead of four, 0.779
-    against 0.809; at 32768 four instead of eight was no faster (0.836 / 0.835), and 6% slower in short runs.
+    a few programs past a whole round cost a second round of the same length). With ``one_an_sm`` (where the
+    Gluon walks run: measured for them only), one program an SM where that takes at most two segments. Every
+    segment but the last costs the pre-pass a read of its tokens' k, v (forward) and q, dO (backward), and time on
+    the GPU is bound by its 700 W power cap when the attention runs back to back, as in training: there a walk
+    alone on its SM loses less than that read costs. Measured on one H200, bf16, H=16, D=128, 32768 tokens,
+    replayed back to back (benchmarks/RESULTS.md, twentieth session): at N=8192 one segment instead of two, 0.703
+    against 0.765 ms; at 16384 two instead of four, 0.779 against 0.809; at 32768 four instead of eight was no
+    faster (0.836 / 0.835), and 6% slower in short runs.
 
     Pre-pass pieces (SPLITS per segment, CPSS chunks each): the pre-pass has a program per segment but the last,
     B*H*(NSEG-1) of them, each walking a whole segment: at 32768 tokens as B=1 x N=32768 that was 112 programs of
@@ -471,9 +472,9 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None):
     slots = 2 * sms
     if num_segments is None:
         per_segment = B * H * max(NV, NK)       # a walk's programs for one segment
-        num_segments = max(1, sms // per_segment)
-        if num_segments > 2:
-            num_segments = slots // per_segment
+        num_segments = max(1, slots // per_segment)
+        if one_an_sm and sms // per_segment <= 2:
+            num_segments = max(1, sms // per_segment)
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
@@ -602,13 +603,15 @@ def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
 def _fwd(q, k, v, slope, s0, output_final_state, C, num_segments):
     B, N, H, DK = q.shape
     DV = v.shape[-1]
-    P = _plan(B, N, H, DK, DV, C, _num_sms(q.device), num_segments)
+    one_an_sm = _gluon_walk is not None and _gluon_walk.takes_heads(q.device, q.dtype, DK, DV)
+    P = _plan(B, N, H, DK, DV, C, _num_sms(q.device), num_segments, one_an_sm=one_an_sm)
     prec = _dot_prec(q.dtype)
     o = torch.empty(B, N, H, DV, dtype=v.dtype, device=q.device)
     sfin = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     states = _segment_states(k, v, slope, s0, P, C, prec, reverse=False)
     _walk(q, k, v, o, slope, states, sfin, P, C, prec, reverse=False, transposed_state=False)
-    return o, sfin, states[0]
+    # the backward pass gets this count: it reads the segment states made here, whatever would be planned then
+    return o, sfin, states[0], P["NSEG"]
 
 
 def _bwd(q, k, v, slope, sinit, do, dht, need_dh0, C, num_segments):
@@ -642,12 +645,12 @@ class LightningAttentionFunction(torch.autograd.Function):
         if initial_state is not None:
             s0 = initial_state.detach().to(torch.float32).contiguous()
         slope32 = slope.detach().to(torch.float32).contiguous()
-        o, sfin, sinit = _fwd(q, k, v, slope32, s0, output_final_state, chunk_size, num_segments)
+        o, sfin, sinit, segments = _fwd(q, k, v, slope32, s0, output_final_state, chunk_size, num_segments)
         ctx.save_for_backward(q, k, v, slope32, sinit)
         ctx.has_s0 = initial_state is not None
         ctx.s0_dtype = initial_state.dtype if initial_state is not None else None
         ctx.chunk_size = chunk_size
-        ctx.num_segments = num_segments
+        ctx.num_segments = segments
         ctx.set_materialize_grads(False)
         if sfin is not None:
             return o, sfin
