@@ -108,6 +108,13 @@ def gluon_walks_to_compile(gw):
         constexprs = dict(WZ=D, DV=D, REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store, num_warps=4)
         yield f"gluon walk {label}", GluonASTSource(gw._walk_kernel, {**signature, **{k: "constexpr" for k in
                                                                                      constexprs}}, constexprs, {})
+    # the o and dq walks as one program holding both Z tiles (two warpgroups; the register count is the default
+    # partition's, 256 at most, beside the worker's 240)
+    for label, reverse, transposed, store in walks[:2]:
+        constexprs = dict(REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store, WORKER_REGS=240,
+                          num_warps=4)
+        yield f"gluon walk {label}, both tiles", GluonASTSource(
+            gw._walk_both_tiles_kernel, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs, {})
     # the dk and dv walks in one launch (_bwd's, for 128-wide heads): one program is either walk's, so it takes
     # the larger of their registers
     pair = {f"{name}_desc": desc(gw.WX if name in ("v", "do", "k", "q") else gw.BZ)

@@ -170,6 +170,27 @@ def test_heads_the_gluon_walks_take_plan_one_program_an_sm(monkeypatch):
     _compare(ours, _run_ref(qkv, slope, s0, do, dht), TOL[torch.float32])
 
 
+def test_gluon_walks_hold_both_tiles_where_those_programs_fill_the_gpu(monkeypatch):
+    """The Gluon walks run the o and dq walks as one program holding both Z tiles (one an SM) only where
+    batch*heads*segments of them fill the SMs, less 5%: on an H200's 132 SMs, 512 (N = 1024) and 128 (N = 32768)
+    do, 64 (N = 8192 and 16384, one segment and two) do not. And _walk asks for them by that rule: on CPU through a
+    stand-in for gluon_walk that records each walk's both_tiles, 2 x 2 heads x 2 segments on 8 and on 9 "SMs"."""
+    import types
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    assert tc._both_tiles_fill(512, 132) and tc._both_tiles_fill(128, 132) and tc._both_tiles_fill(126, 132)
+    assert not tc._both_tiles_fill(125, 132) and not tc._both_tiles_fill(64, 132)
+    asked = []
+    stand_in = types.SimpleNamespace(takes_heads=lambda *args: False, applies=lambda *args: True,
+                                     walk=lambda *args, both_tiles: asked.append(both_tiles))
+    monkeypatch.setattr(tc, "_gluon_walk", stand_in)
+    qkv, slope, s0, do, dht = _inputs(2, 64, 2, 16, 16, torch.float32, [0.1, 0.2], seed=5)
+    for sms, expected in ((8, True), (9, False)):
+        monkeypatch.setattr(tc, "_num_sms", lambda device, sms=sms: sms)
+        tc._fwd(*qkv, slope, s0, False, 16, 2)
+        assert asked == [expected], (sms, asked)
+        asked.clear()
+
+
 def test_backward_walks_the_segments_the_forward_made(monkeypatch):
     """The backward pass reads the segment states the forward pass stored, so it must cut the sequence the same
     way whatever it would plan itself (a plan can depend on more than shapes, e.g. TNLLM_GLUON_WALKS on a GPU):
@@ -427,24 +448,37 @@ def _qkvu_views(qkv, DK, DV):
 
 
 @pytest.mark.gpu
-# launches (single Gluon walks, paired dk+dv walks): heads of 128 take the o and dq walks and the pair
-@pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,launches", [
-    (2, 1000, 3, 128, 128, 3, torch.bfloat16, True, False, (2, 1)),   # partial last chunk, pre-pass and scan, states
-    (3, 10, 2, 128, 128, None, torch.bfloat16, False, True, (2, 1)),  # shorter than one chunk, QKVU-split views
-    (2, 2049, 2, 128, 128, None, torch.float16, True, False, (2, 1)),
-    (1, 4096, 2, 128, 128, 16, torch.bfloat16, True, True, (2, 1)),   # many segments
-    (1, 448, 4, 128, 64, 2, torch.float16, True, True, (2, 0)),       # Dv 64: the o and dv walks (X 128 wide) only
-    (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, (2, 0)),    # LRPE-doubled Dk: the dq and dk walks only
+# launches (single Gluon walks, paired dk+dv walks): heads of 128 take the o and dq walks and the pair; both: the o
+# and dq walks as programs holding both Z tiles (_walk_both_tiles_kernel), where batch*heads*segments fill an H200
+@pytest.mark.parametrize("B,N,H,DK,DV,segments,dtype,with_s0,packed,launches,both", [
+    (2, 1000, 3, 128, 128, 3, torch.bfloat16, True, False, (2, 1), False),  # partial last chunk, pre-pass, states
+    (3, 10, 2, 128, 128, None, torch.bfloat16, False, True, (2, 1), False),  # shorter than a chunk, QKVU-split views
+    (2, 2049, 2, 128, 128, None, torch.float16, True, False, (2, 1), True),  # 33 segments
+    (1, 4096, 2, 128, 128, 16, torch.bfloat16, True, True, (2, 1), False),   # many segments
+    (1, 448, 4, 128, 64, 2, torch.float16, True, True, (2, 0), False),  # Dv 64: the o and dv walks (X 128 wide) only
+    (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, (2, 0), False),  # LRPE-doubled Dk: the dq and dk walks only
+    (2, 2049, 16, 128, 128, 4, torch.bfloat16, True, True, (2, 1), True),   # 128 programs holding both tiles
+    (8, 1000, 16, 128, 128, None, torch.float16, False, False, (2, 1), True),
 ])
 def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, segments, dtype, with_s0, packed,
-                                                           launches, monkeypatch, count_gluon_launches):
+                                                           launches, both, monkeypatch, count_gluon_launches):
     """Where the Gluon walks run (Hopper, Triton 3.6) they take the walks they apply to (counted), and outputs,
     final state and every gradient are within tolerance of float64 and as close as the Triton walks' (0.1% slack:
     the two round the same products the same way; on an H200 their errors agreed within 1.3e-4 relative, and the
     dv walk rounding dO instead of the decayed q raised dv's by 0.2-0.3%), across
-    partial chunks, segments, initial states, fp16 and bf16, and strided views."""
+    partial chunks, segments, initial states, fp16 and bf16, and strided views; with the o and dq walks as
+    two-tile programs where those fill the GPU (the expectations are for 132 SMs)."""
     gw = _gluon_walks()
-    slopes = [0.0, 0.3, 0.02, 0.9][:H]
+    if torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
+        pytest.skip("the two-tile expectations are for a GPU of 132 SMs (H100 SXM, H200)")
+    kernels = []
+    launch = gw._launch
+
+    def recorded(kernel, *args, **kwargs):
+        kernels.append(kernel.fn.__name__)
+        return launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(gw, "_launch", recorded)
+    slopes = ([0.0, 0.3, 0.02, 0.9] * 4)[:H]           # 16 heads at most
     qkv, slope, s0, do, dht = _inputs(B, N, H, DK, DV, dtype, slopes, seed=N + DK, with_s0=with_s0)
     if packed:
         qkv = _qkvu_views(qkv, DK, DV)
@@ -453,6 +487,7 @@ def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, seg
     launched = count_gluon_launches(gw)
     gluon = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="gluon ")
     assert launched == list(launches), launched
+    assert kernels.count("_walk_both_tiles_kernel") == (2 if both else 0), kernels
     monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
     triton_errs = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="triton ")
     assert launched == list(launches)

@@ -14,6 +14,12 @@ walks' programs, and a (batch*head, segment)'s four programs are neighbours in t
 both walks read come from memory once. On one H200 that saved 10-15 us of the 290-310 the two take (nineteenth
 session): the walks are not purely bound by memory, so reading a third less did not make them a third faster.
 
+Where the grid would fill the GPU anyway, the o and dq walks (Z 128 wide) run as one program per (batch*head,
+segment) holding both Z tiles instead of two programs of one tile each: _walk_both_tiles_kernel, two warpgroups
+(warp-specialized), one an SM. Each chunk's X and Y are copied once and its score product X Y^T, which the two
+programs each computed, is computed once and handed over in shared memory. On one H200, forward+backward 4-5% shorter
+at N = 1024 to 4096 and 32768 (twenty-first session). The pair keeps one tile a program.
+
 The math, the grid (batch*head x Z tile, segment) and the starting states are those of ``_walk_kernel``:
 
     forward walk:  out = ((X Y^T) * M) Z + lambda^(i+1) X T,        T <- lambda^m T + Y^T (lambda^(m-1-j) Z)
@@ -265,6 +271,181 @@ def _walk_pair_kernel(v_desc, do_desc, qz_desc, dk_desc, k_desc, q_desc, doz_des
                       STORE_T, num_warps)
 
 
+@gluon.jit
+def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_s, p_s, load_bars, free_bars, p_bar,
+                    SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG, TILE: gl.constexpr, REVERSE: gl.constexpr,
+                    STATE_T: gl.constexpr, HAS_T0: gl.constexpr, STORE_T: gl.constexpr):
+    """One warpgroup of _walk_both_tiles_kernel: Z tile TILE of program (batch*head, segment), the walk of
+    _walk_program over buffers the two partitions share. Tile 0 (the default partition) issues the next chunk's
+    copies (once its stage is free of the worker's reads of the chunk before) and computes the masked scores X Y^T
+    into p_s, then arrives on p_bar; tile 1 waits there and arrives on the stage's free barrier when done with the
+    chunk. Both then take (masked scores) Z_tile from p_s. The mask is computed in the loop (held, it would take 32
+    of tile 0's registers)."""
+    dt: gl.constexpr = x_desc.dtype
+    C: gl.constexpr = x_desc.block_type.shape[1]
+    BX: gl.constexpr = x_desc.block_type.shape[2]
+    BZ: gl.constexpr = z_desc.block_type.shape[2]
+    W: gl.constexpr = 2 * BZ
+    pid_bh = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    col_x = h * BX
+    col_z = h * W + TILE * BZ
+    c_lo = pid_s * CPS
+    c_hi = gl.minimum(c_lo + CPS, NC)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BZ, 16])
+    rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    blk_rows: gl.constexpr = gl.SliceLayout(1, blk)
+    t_my = t_s.index(TILE)
+    zd_my = zd_s.index(TILE)
+    o_my = o_s.index(TILE)
+    o_2d = o_my.reshape([C, BZ])
+
+    sl2 = gl.load(SLOPE + h).to(gl.float32) * 1.4426950408889634
+    offs_i = gl.arange(0, C, layout=rows_l)
+    offs_j = gl.arange(0, C, layout=cols_l)
+    offs_r = gl.arange(0, C, layout=blk_rows)
+
+    if HAS_T0:
+        T = gl.load(T0 + pid_bh.to(gl.int64) * t0_bh + pid_s.to(gl.int64) * t0_s
+                    + _state_offsets(TILE, BX, BZ, W, STATE_T, mma))
+    else:
+        T = gl.zeros([BX, BZ], gl.float32, layout=mma)
+    t_my.store(T.to(dt))
+    fence_async_shared()
+
+    nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
+    n = c_hi - c_lo
+    if REVERSE:
+        first = c_hi - 1
+    else:
+        first = c_lo
+    if TILE == 0:
+        mbarrier.expect(load_bars.index(0), nbytes)
+        _TMA_LOAD(x_desc, [b, first * C, col_x], load_bars.index(0), x_s.index(0))
+        _TMA_LOAD(y_desc, [b, first * C, col_x], load_bars.index(0), y_s.index(0))
+        _TMA_LOAD(z_desc, [b, first * C, h * W], load_bars.index(0), z_s.index(0))
+        _TMA_LOAD(z_desc, [b, first * C, h * W + BZ], load_bars.index(0), z_s.index(1))
+    for i in range(0, n):
+        if REVERSE:
+            c = c_hi - 1 - i
+            c_next = c - 1
+        else:
+            c = c_lo + i
+            c_next = c + 1
+        m = gl.minimum(N - c * C, C)
+        s = i % 2
+        mbarrier.wait(load_bars.index(s), phase=(i // 2) % 2)
+        gl.thread_barrier()
+        if TILE == 0:
+            # the other stage held chunk i-1, which the worker must be done with before it is written again
+            mbarrier.wait(free_bars.index(1 - s), phase=((i + 1) // 2 + 1) % 2, pred=i >= 1)
+            fence_async_shared()
+            nxt = i + 1 < n
+            bar = load_bars.index(1 - s)
+            mbarrier.expect(bar, nbytes, pred=nxt)
+            _TMA_LOAD(x_desc, [b, c_next * C, col_x], bar, x_s.index(1 - s), pred=nxt)
+            _TMA_LOAD(y_desc, [b, c_next * C, col_x], bar, y_s.index(1 - s), pred=nxt)
+            _TMA_LOAD(z_desc, [b, c_next * C, h * W], bar, z_s.index(2 * (1 - s)), pred=nxt)
+            _TMA_LOAD(z_desc, [b, c_next * C, h * W + BZ], bar, z_s.index(2 * (1 - s) + 1), pred=nxt)
+
+        x = x_s.index(s).reshape([C, BX])
+        y = y_s.index(s).reshape([C, BX])
+        z = z_s.index(2 * s + TILE).reshape([C, BZ])
+        if TILE == 0:
+            sc = warpgroup_mma(x, y.permute((1, 0)), gl.zeros([C, C], gl.float32, layout=mma), use_acc=False,
+                               is_async=True)
+        xt = warpgroup_mma(x, t_my, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
+        if REVERSE:
+            dec_r = gl.exp2(-sl2 * (offs_r + 1).to(gl.float32))
+        else:
+            dec_r = gl.where(offs_r < m, gl.exp2(-sl2 * (m - 1 - offs_r).to(gl.float32)), 0.0)
+        zv = z.load(blk)
+        zd_my.store((zv.to(gl.float32) * dec_r[:, None]).to(dt))
+        fence_async_shared()
+        T = warpgroup_mma(y.permute((1, 0)), zd_my, T * gl.exp2(-sl2 * m.to(gl.float32)), is_async=True)
+        if TILE == 0:
+            sc = warpgroup_mma_wait(num_outstanding=2, deps=(sc, ))
+            if REVERSE:
+                gap = (offs_j[None, :] - offs_i[:, None]).to(gl.float32)
+            else:
+                gap = (offs_i[:, None] - offs_j[None, :]).to(gl.float32)
+            p_s.store((sc * gl.where(gap >= 0, gl.exp2(-sl2 * gl.maximum(gap, 0.0)), 0.0)).to(dt))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(p_bar, count=1)
+        else:       # tile 0's scores for this chunk (it writes the next only after this tile frees the stage)
+            mbarrier.wait(p_bar, phase=i % 2)
+        o = warpgroup_mma(p_s, z, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
+        xt, T, o = warpgroup_mma_wait(num_outstanding=0, deps=(xt, T, o))
+        if REVERSE:
+            row_dec = gl.where(offs_i < m, gl.exp2(-sl2 * (m - 1 - offs_i).to(gl.float32)), 0.0)
+        else:
+            row_dec = gl.exp2(-sl2 * (offs_i + 1).to(gl.float32))
+        out = o + xt * row_dec[:, None]
+        tma.store_wait(pendings=0)
+        gl.thread_barrier()
+        o_2d.store(out.to(dt))
+        t_my.store(T.to(dt))
+        fence_async_shared()
+        _TMA_STORE(o_desc, [b, c * C, col_z], o_my)
+        if TILE == 1:       # done with the stage's X, Y and Z and with p_s (their reads are fenced above)
+            gl.thread_barrier()
+            mbarrier.arrive(free_bars.index(s), count=1)
+    tma.store_wait(pendings=0)
+
+    if STORE_T:
+        if REVERSE:
+            last = 0
+        else:
+            last = NSEG - 1
+        if pid_s == last:
+            gl.store(TOUT + pid_bh.to(gl.int64) * BX * W + _state_offsets(TILE, BX, BZ, W, STATE_T, mma), T)
+
+
+@gluon.jit(do_not_specialize=_SCALARS, do_not_specialize_on_alignment=_SCALARS)
+def _walk_both_tiles_kernel(x_desc, y_desc, z_desc, o_desc, SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG,
+                            REVERSE: gl.constexpr, STATE_T: gl.constexpr, HAS_T0: gl.constexpr,
+                            STORE_T: gl.constexpr, WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """A walk with 128-wide Z (not the dv walk) as one program per (batch*head, segment) holding both 64-wide Z
+    tiles, one warpgroup each (warp-specialized, _tile_partition): each chunk's X and Y are copied once and its
+    score product X Y^T computed once, where two programs (_walk_kernel) each do both. 8 warps, 168 KB of shared
+    memory: one program an SM."""
+    dt: gl.constexpr = x_desc.dtype
+    C: gl.constexpr = x_desc.block_type.shape[1]
+    BX: gl.constexpr = x_desc.block_type.shape[2]
+    BZ: gl.constexpr = z_desc.block_type.shape[2]
+    tile_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BZ], dt)
+    x_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], x_desc.layout)
+    y_s = gl.allocate_shared_memory(dt, [2, 1, C, BX], x_desc.layout)
+    z_s = gl.allocate_shared_memory(dt, [4, 1, C, BZ], z_desc.layout)
+    t_s = gl.allocate_shared_memory(dt, [2, BX, BZ], gl.NVMMASharedLayout.get_default_for([BX, BZ], dt))
+    zd_s = gl.allocate_shared_memory(dt, [2, C, BZ], tile_l)
+    o_s = gl.allocate_shared_memory(dt, [2, 1, C, BZ], o_desc.layout)
+    p_s = gl.allocate_shared_memory(dt, [C, C], gl.NVMMASharedLayout.get_default_for([C, C], dt))
+    load_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    free_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(load_bars.index(i), count=1)
+        mbarrier.init(free_bars.index(i), count=1)
+    mbarrier.init(p_bar.index(0), count=1)
+    pb = p_bar.index(0)
+    # tile 0 in the kernel's 4 warps (the default partition), tile 1 in 4 more with WORKER_REGS registers
+    gl.warp_specialize([
+        (_tile_partition, (x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_s, p_s, load_bars,
+                           free_bars, pb, SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG,
+                           0, REVERSE, STATE_T, HAS_T0, STORE_T)),
+        (_tile_partition, (x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_s, p_s, load_bars,
+                           free_bars, pb, SLOPE, T0, TOUT, t0_bh, t0_s, N, H, NC, CPS, NSEG,
+                           1, REVERSE, STATE_T, HAS_T0, STORE_T)),
+    ], [4], [WORKER_REGS])
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(dtype, block_width):
     return gl.NVMMASharedLayout.get_default_for([1, C, block_width], _GL_DTYPES[dtype])
@@ -353,10 +534,18 @@ def _state_args(slope, t0, tout):
     return (slope, t0_buf if t0_buf is not None else slope, tout if tout is not None else slope, t0_bh, t0_s)
 
 
-def walk(x, y, z, out, slope, t0, tout, NC, CPS, NSEG, reverse, transposed_state):
-    """Launch one walk (triton_chunk._walk's arguments; ``applies`` must hold)."""
+def walk(x, y, z, out, slope, t0, tout, NC, CPS, NSEG, reverse, transposed_state, both_tiles=False):
+    """Launch one walk (triton_chunk._walk's arguments; ``applies`` must hold). With ``both_tiles``, a walk whose Z
+    is 128 wide, but the dv walk, runs as one program holding both Z tiles (_walk_both_tiles_kernel): the caller
+    asks for it where those programs, one an SM, fill the GPU."""
     B, N, H, _ = x.shape
     WZ = z.shape[-1]
+    if both_tiles and WZ == 2 * BZ and not (reverse and not transposed_state):
+        # REVERSE, STATE_T, HAS_T0, STORE_T, WORKER_REGS (the worker's registers; the default takes 256), num_warps
+        constexprs = (reverse, transposed_state, t0[0] is not None, tout is not None, 240, 4)
+        _launch(_walk_both_tiles_kernel, (B * H, NSEG, 1), [(x, WX), (y, WX), (z, BZ), (out, BZ)],
+                (*_state_args(slope, t0, tout), N, H, NC, CPS, NSEG), constexprs, x.device, x.dtype)
+        return
     # WZ, DV, REVERSE, STATE_T, HAS_T0, STORE_T, num_warps
     constexprs = (WZ, WX if transposed_state else WZ, reverse, transposed_state, t0[0] is not None, tout is not None, 4)
     _launch(_walk_kernel, (B * H * (WZ // BZ), NSEG, 1), [(x, WX), (y, WX), (z, BZ), (out, BZ)],

@@ -28,7 +28,8 @@ Design (chunks of C tokens, C = 64):
   ``tf32x3``, about fp32 accuracy).
 * On Hopper with Triton 3.6, the walks of 16-bit inputs whose X and Y are 128 wide run in Gluon instead
   (gluon_walk.py: the next chunk's copies issued by hand at the start of each chunk), the same math at the same
-  errors; ``_walk`` picks. TNLLM_GLUON_WALKS=0 turns them off.
+  errors; ``_walk`` picks, and asks for the o and dq walks as programs holding both Z tiles where those fill the
+  GPU (_both_tiles_fill). TNLLM_GLUON_WALKS=0 turns them off.
 
 Measured on one H200 (benchmarks/RESULTS.md, issue 14, twentieth session): bf16, H=16, D=128, 32768 tokens,
 fwd+bwd replayed from a CUDA graph 0.69 to 0.84 ms (N = 1k..32k) against 1.66 to 2.42 ms for fla 0.6.0
@@ -581,13 +582,24 @@ def gluon_walks_run_on(device) -> bool:
     return _gluon_walk is not None and _gluon_walk.runs_on(torch.device(device))
 
 
+def _both_tiles_fill(programs, sms) -> bool:
+    """Whether the Gluon walks' programs holding both Z tiles (one an SM, ``programs`` = batch*heads*segments of
+    them) fill the GPU's SMs, less 5%, so that they run where two programs an SM did. Measured on one H200
+    (benchmarks/RESULTS.md, twenty-first session; bf16, H=16, 32768 tokens): 512, 256, 128 and 128 of them at
+    N = 1024, 2048, 4096 and 32768, forward+backward replayed back to back 4.4-4.6% shorter. Where the plan takes
+    one program an SM (N = 8192 and 16384: 64 of them) they would leave half the SMs idle, so two programs a head
+    walk there as before."""
+    return 20 * programs >= 19 * sms
+
+
 def _walk(x, y, z, out, slope, t0, tout, P, C, prec, reverse, transposed_state):
     """Launch one walk (see _walk_kernel): out from (x, y, z), starting states t0 = (buffer or None, strides),
     the final state into tout (or None). Z's features are tiled; X's and Y's are all held."""
-    if _gluon_walk is not None and _gluon_walk.applies(x, y, z, out, C):
-        _gluon_walk.walk(x, y, z, out, slope, t0, tout, P["NC"], P["CPS"], P["NSEG"], reverse, transposed_state)
-        return
     B, N, H, WX = x.shape
+    if _gluon_walk is not None and _gluon_walk.applies(x, y, z, out, C):
+        _gluon_walk.walk(x, y, z, out, slope, t0, tout, P["NC"], P["CPS"], P["NSEG"], reverse, transposed_state,
+                         both_tiles=_both_tiles_fill(B * H * P["NSEG"], _num_sms(x.device)))
+        return
     WZ = z.shape[-1]
     # the walks carrying S or dS hold all of Dk and tile Dv; those carrying a transpose hold all of Dv, tile Dk
     BX, BZ, NZ = (P["BVF"], P["BKT"], P["NK"]) if transposed_state else (P["BKF"], P["BVT"], P["NV"])
