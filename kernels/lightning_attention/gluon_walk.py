@@ -67,6 +67,65 @@ def _state_offsets(pid_z, BX: gl.constexpr, BZ: gl.constexpr, DV: gl.constexpr, 
         return offs_x[:, None] * DV + offs_z[None, :]
 
 
+@gluon.jit
+def _chunk_mask(sl2, offs_i, offs_j, REVERSE: gl.constexpr):
+    """The masked decays inside a chunk: lambda^(i - j) where j <= i (reverse walks: lambda^(j - i) where j >= i),
+    else 0; sl2 = log2(1 / lambda)."""
+    if REVERSE:
+        gap = (offs_j[None, :] - offs_i[:, None]).to(gl.float32)
+    else:
+        gap = (offs_i[:, None] - offs_j[None, :]).to(gl.float32)
+    return gl.where(gap >= 0, gl.exp2(-sl2 * gl.maximum(gap, 0.0)), 0.0)
+
+
+@gluon.jit
+def _update_decay(sl2, offs_r, m, REVERSE: gl.constexpr):
+    """Row j's decay in the state's update of a chunk of m tokens: lambda^(j+1) (reverse), else lambda^(m-1-j) and
+    0 past the chunk's tokens."""
+    if REVERSE:
+        dec = gl.exp2(-sl2 * (offs_r + 1).to(gl.float32))
+    else:
+        dec = gl.where(offs_r < m, gl.exp2(-sl2 * (m - 1 - offs_r).to(gl.float32)), 0.0)
+    return dec
+
+
+@gluon.jit
+def _output_decay(sl2, offs_i, m, REVERSE: gl.constexpr):
+    """Row i's decay of X T, the carried state's part of the output: lambda^(m-1-i) and 0 past the chunk's m tokens
+    (reverse), else lambda^(i+1)."""
+    if REVERSE:
+        dec = gl.where(offs_i < m, gl.exp2(-sl2 * (m - 1 - offs_i).to(gl.float32)), 0.0)
+    else:
+        dec = gl.exp2(-sl2 * (offs_i + 1).to(gl.float32))
+    return dec
+
+
+@gluon.jit
+def _start_state(T0, t0_bh, t0_s, pid_bh, pid_s, pid_z, BX: gl.constexpr, BZ: gl.constexpr, DV: gl.constexpr,
+                 STATE_T: gl.constexpr, HAS_T0: gl.constexpr, layout: gl.constexpr):
+    """The program's state tile at its segment's start: from T0 (strides t0_bh, t0_s), or zero without HAS_T0."""
+    if HAS_T0:
+        T = gl.load(T0 + pid_bh.to(gl.int64) * t0_bh + pid_s.to(gl.int64) * t0_s
+                    + _state_offsets(pid_z, BX, BZ, DV, STATE_T, layout))
+    else:
+        T = gl.zeros([BX, BZ], gl.float32, layout=layout)
+    return T
+
+
+@gluon.jit
+def _store_final_state(TOUT, T, pid_bh, pid_s, pid_z, NSEG, WZ: gl.constexpr, DV: gl.constexpr,
+                       REVERSE: gl.constexpr, STATE_T: gl.constexpr, layout: gl.constexpr):
+    """The state tile into TOUT where the whole walk ends: the last segment, or the first for a reverse walk."""
+    BX: gl.constexpr = T.shape[0]
+    BZ: gl.constexpr = T.shape[1]
+    if REVERSE:
+        last = 0
+    else:
+        last = NSEG - 1
+    if pid_s == last:
+        gl.store(TOUT + pid_bh.to(gl.int64) * BX * WZ + _state_offsets(pid_z, BX, BZ, DV, STATE_T, layout), T)
+
+
 # Nothing but the descriptors is specialized (no integer's value or alignment, no pointer's alignment), so the
 # kernel compiled for one walk's constexprs runs every later launch with them (see walk).
 _SCALARS = ["SLOPE", "T0", "TOUT", "t0_bh", "t0_s", "N", "H", "NC", "CPS", "NSEG"]
@@ -119,17 +178,9 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
     offs_i = gl.arange(0, C, layout=rows_l)
     offs_j = gl.arange(0, C, layout=cols_l)
     offs_r = gl.arange(0, C, layout=blk_rows)
-    if REVERSE:
-        gap = (offs_j[None, :] - offs_i[:, None]).to(gl.float32)
-    else:
-        gap = (offs_i[:, None] - offs_j[None, :]).to(gl.float32)
-    mask = gl.where(gap >= 0, gl.exp2(-sl2 * gl.maximum(gap, 0.0)), 0.0)
+    mask = _chunk_mask(sl2, offs_i, offs_j, REVERSE)
 
-    if HAS_T0:
-        T = gl.load(T0 + pid_bh.to(gl.int64) * t0_bh + pid_s.to(gl.int64) * t0_s
-                    + _state_offsets(pid_z, BX, BZ, DV, STATE_T, mma))
-    else:
-        T = gl.zeros([BX, BZ], gl.float32, layout=mma)
+    T = _start_state(T0, t0_bh, t0_s, pid_bh, pid_s, pid_z, BX, BZ, DV, STATE_T, HAS_T0, mma)
     t_s.store(T.to(dt))
     fence_async_shared()
 
@@ -173,10 +224,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
                            is_async=True)
         xt = warpgroup_mma(x, t_s, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
         # the decayed operand of the state's update, then the update in flight too
-        if REVERSE:
-            dec_r = gl.exp2(-sl2 * (offs_r + 1).to(gl.float32))                   # lambda^(j+1)
-        else:
-            dec_r = gl.where(offs_r < m, gl.exp2(-sl2 * (m - 1 - offs_r).to(gl.float32)), 0.0)
+        dec_r = _update_decay(sl2, offs_r, m, REVERSE)
         if ROUND_Y:
             for half in gl.static_range(BX // BZ):
                 yh = y.slice(half * BZ, BZ, dim=1).load(blk)
@@ -192,11 +240,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
         p = gl.convert_layout((sc * mask).to(dt), a_reg)
         o = warpgroup_mma(p, z, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
         xt, T, o = warpgroup_mma_wait(num_outstanding=0, deps=(xt, T, o))
-        if REVERSE:
-            row_dec = gl.where(offs_i < m, gl.exp2(-sl2 * (m - 1 - offs_i).to(gl.float32)), 0.0)
-        else:
-            row_dec = gl.exp2(-sl2 * (offs_i + 1).to(gl.float32))
-        out = o + xt * row_dec[:, None]
+        out = o + xt * _output_decay(sl2, offs_i, m, REVERSE)[:, None]
         if not ROUND_Y:                         # the one thread that issued the last chunk's store waits for it
             tma.store_wait(pendings=0)
         # and every warp for that thread and for the others' products (which read t_s, and yd_s where o_s lies)
@@ -210,12 +254,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
     mbarrier.invalidate(bars.index(1))
 
     if STORE_T:
-        if REVERSE:
-            last = 0
-        else:
-            last = NSEG - 1
-        if pid_s == last:                       # the segment where the whole walk ends
-            gl.store(TOUT + pid_bh.to(gl.int64) * BX * WZ + _state_offsets(pid_z, BX, BZ, DV, STATE_T, mma), T)
+        _store_final_state(TOUT, T, pid_bh, pid_s, pid_z, NSEG, WZ, DV, REVERSE, STATE_T, mma)
 
 
 @gluon.jit
@@ -310,11 +349,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
     offs_j = gl.arange(0, C, layout=cols_l)
     offs_r = gl.arange(0, C, layout=blk_rows)
 
-    if HAS_T0:
-        T = gl.load(T0 + pid_bh.to(gl.int64) * t0_bh + pid_s.to(gl.int64) * t0_s
-                    + _state_offsets(TILE, BX, BZ, W, STATE_T, mma))
-    else:
-        T = gl.zeros([BX, BZ], gl.float32, layout=mma)
+    T = _start_state(T0, t0_bh, t0_s, pid_bh, pid_s, TILE, BX, BZ, W, STATE_T, HAS_T0, mma)
     t_my.store(T.to(dt))
     fence_async_shared()
 
@@ -360,21 +395,14 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
             sc = warpgroup_mma(x, y.permute((1, 0)), gl.zeros([C, C], gl.float32, layout=mma), use_acc=False,
                                is_async=True)
         xt = warpgroup_mma(x, t_my, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
-        if REVERSE:
-            dec_r = gl.exp2(-sl2 * (offs_r + 1).to(gl.float32))
-        else:
-            dec_r = gl.where(offs_r < m, gl.exp2(-sl2 * (m - 1 - offs_r).to(gl.float32)), 0.0)
+        dec_r = _update_decay(sl2, offs_r, m, REVERSE)
         zv = z.load(blk)
         zd_my.store((zv.to(gl.float32) * dec_r[:, None]).to(dt))
         fence_async_shared()
         T = warpgroup_mma(y.permute((1, 0)), zd_my, T * gl.exp2(-sl2 * m.to(gl.float32)), is_async=True)
         if TILE == 0:
             sc = warpgroup_mma_wait(num_outstanding=2, deps=(sc, ))
-            if REVERSE:
-                gap = (offs_j[None, :] - offs_i[:, None]).to(gl.float32)
-            else:
-                gap = (offs_i[:, None] - offs_j[None, :]).to(gl.float32)
-            p_s.store((sc * gl.where(gap >= 0, gl.exp2(-sl2 * gl.maximum(gap, 0.0)), 0.0)).to(dt))
+            p_s.store((sc * _chunk_mask(sl2, offs_i, offs_j, REVERSE)).to(dt))
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(p_bar, count=1)
@@ -382,11 +410,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
             mbarrier.wait(p_bar, phase=i % 2)
         o = warpgroup_mma(p_s, z, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
         xt, T, o = warpgroup_mma_wait(num_outstanding=0, deps=(xt, T, o))
-        if REVERSE:
-            row_dec = gl.where(offs_i < m, gl.exp2(-sl2 * (m - 1 - offs_i).to(gl.float32)), 0.0)
-        else:
-            row_dec = gl.exp2(-sl2 * (offs_i + 1).to(gl.float32))
-        out = o + xt * row_dec[:, None]
+        out = o + xt * _output_decay(sl2, offs_i, m, REVERSE)[:, None]
         tma.store_wait(pendings=0)
         gl.thread_barrier()
         o_2d.store(out.to(dt))
@@ -399,12 +423,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
     tma.store_wait(pendings=0)
 
     if STORE_T:
-        if REVERSE:
-            last = 0
-        else:
-            last = NSEG - 1
-        if pid_s == last:
-            gl.store(TOUT + pid_bh.to(gl.int64) * BX * W + _state_offsets(TILE, BX, BZ, W, STATE_T, mma), T)
+        _store_final_state(TOUT, T, pid_bh, pid_s, TILE, NSEG, W, W, REVERSE, STATE_T, mma)
 
 
 @gluon.jit(do_not_specialize=_SCALARS, do_not_specialize_on_alignment=_SCALARS)
