@@ -7,6 +7,8 @@ variant can be screened here before it costs GPU time. The counts are those of t
 machine's version (3.6) for numbers that hold there.
 
     python benchmarks/lightning_registers.py [OTHER_triton_chunk.py ...]
+    python benchmarks/lightning_registers.py --configs 4x2 --ptx-dir /tmp/before   # then again after a refactor:
+    diff -r /tmp/before /tmp/after       # each kernel's PTX without debug lines and labels: the same code or not
 """
 import argparse
 import inspect
@@ -27,7 +29,7 @@ H, N, D, C = 16, 4096, 128, 64
 STRIDES = dict(b=N * H * D, n=H * D, h=D, d=1)      # a contiguous [B, N, H, D] tensor
 
 
-def ptxas_report(jit_fn, args, num_warps, num_stages):
+def ptxas_report(jit_fn, args, num_warps, num_stages, ptx_path=None):
     """(registers, spill stores, spill loads, shared bytes) of jit_fn compiled for sm_90a. ``args``: name -> a
     pointer type string ("*bf16"), an int, or a constexpr value; ints are specialised as the launcher does (1 as a
     constant, multiples of 16 marked divisible by 16), parameters not given take their defaults."""
@@ -45,14 +47,20 @@ def ptxas_report(jit_fn, args, num_warps, num_stages):
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return compiled_report(ASTSource(jit_fn, signature, constexprs, attrs), num_warps, num_stages)
+    return compiled_report(ASTSource(jit_fn, signature, constexprs, attrs), num_warps, num_stages, ptx_path)
 
 
-def compiled_report(source, num_warps, num_stages):
+def compiled_report(source, num_warps, num_stages, ptx_path=None):
     """(registers, spill stores, spill loads, shared bytes) of a Triton or Gluon source compiled for sm_90a, from
-    its bundled ptxas's -v report."""
+    its bundled ptxas's -v report; with ``ptx_path``, its PTX there without debug lines and labels (which move
+    when code is split into functions that compile to the same instructions)."""
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
+    if ptx_path is not None:
+        ptx = compiled.asm["ptx"].split(".section\t.debug")[0]
+        with open(ptx_path, "w") as f:
+            f.writelines(line + "\n" for line in ptx.splitlines()
+                         if not re.match(r"\s*(\.loc|\.file|//)|\$L__tmp", line))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     out = subprocess.run([get_ptxas(90).path, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
@@ -128,6 +136,7 @@ def gluon_walks_to_compile(gw):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("others", nargs="*", help="other versions of triton_chunk.py")
+    ap.add_argument("--ptx-dir", help="also write each kernel's PTX (without debug lines) into this folder")
     ap.add_argument("--configs", default=None, metavar="WxS[,WxS]",
                     help="warps x stages to compile (default: each version's autotune space)")
     args = ap.parse_args()
@@ -135,6 +144,11 @@ def main():
         sys.exit("lightning_registers.py: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
     versions = {os.path.splitext(os.path.basename(p))[0]: load(p, i) for i, p in enumerate(args.others)}
     versions["current"] = current
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+
+    def ptx_path(*names):
+        return os.path.join(args.ptx_dir, re.sub(r"\W+", "_", "_".join(names)) + ".ptx") if args.ptx_dir else None
     print(f"Triton {triton.__version__}, sm_90a, bf16, H={H}, D={D}, chunk {C}")
     print("\n| version | kernel | warps x stages | registers | spilled bytes (stores / loads) | shared KB |")
     print("|---|---|---|---|---|---|")
@@ -143,12 +157,12 @@ def main():
             [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
         for label, fn, kargs in kernels_to_compile(mod):
             for warps, stages in configs:
-                regs, st, ld, smem = ptxas_report(fn, kargs, warps, stages)
+                regs, st, ld, smem = ptxas_report(fn, kargs, warps, stages, ptx_path(name, label, f"{warps}x{stages}"))
                 print(f"| {name} | {label} | {warps} x {stages} | {regs} | {st} / {ld} | {smem / 1024:.1f} |",
                       flush=True)
         if getattr(mod, "_gluon_walk", None) is not None:          # Triton 3.6: the Hopper walks in Gluon too
             for label, source in gluon_walks_to_compile(mod._gluon_walk):
-                regs, st, ld, smem = compiled_report(source, num_warps=4, num_stages=1)
+                regs, st, ld, smem = compiled_report(source, 4, 1, ptx_path(name, label))
                 print(f"| {name} | {label} | 4 x - | {regs} | {st} / {ld} | {smem / 1024:.1f} |", flush=True)
 
 
