@@ -32,20 +32,28 @@ def test_methods_flag_refuses_unknown_names_and_needs_ours():
     assert set(la.METHOD_NAMES) == {"ours", "naive", "fla_g", "fla_g_gamma", "lightning_attn2", "sdpa"}
 
 
-def test_register_report_compiles_every_kernel_for_sm90():
+def test_register_report_compiles_every_kernel_for_sm90(tmp_path):
     """benchmarks/lightning_registers.py compiles the four walks and the pre-pass for sm_90a without a GPU and reads
     ptxas's report: every kernel's constexprs must be given (a new one without a value fails here) and the counts
-    must parse. In a subprocess: the tests import the kernels under Triton's interpreter, which cannot compile."""
+    must parse. With --ptx-dir it writes each kernel's PTX without debug lines and labels (for comparing the code
+    before and after a refactor). In a subprocess: the tests import the kernels under Triton's interpreter, which
+    cannot compile."""
     import os
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lightning_registers.py"), "--configs", "8x1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lightning_registers.py"), "--configs", "8x1",
+                          "--ptx-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| current |")]
     assert [r[1] for r in rows] == ["walk o (forward)", "walk dq", "walk dk", "walk dv", "pre-pass (backward)"]
     for r in rows:
         regs, spills = int(r[3]), [int(x) for x in r[4].split(" / ")]
         assert 0 < regs <= 255 and min(spills) >= 0 and float(r[5].strip(" |")) > 0, r
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 5 and "current_walk_dq_8x1.ptx" in written, written
+    ptx = (tmp_path / "current_walk_dq_8x1.ptx").read_text()
+    assert ".entry _walk_kernel" in ptx, ptx[:300]
+    assert not any(line.lstrip().startswith((".loc", ".file")) or line.startswith("$L__tmp")
+                   for line in ptx.splitlines()), "debug lines left in the PTX"
 
 
 def test_replay_timeline_counts_the_gpu_idle_between_kernels():
