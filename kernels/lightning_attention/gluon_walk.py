@@ -377,7 +377,8 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
         mbarrier.wait(load_bars.index(s), phase=(i // 2) % 2)
         gl.thread_barrier()
         if TILE == 0:
-            # the other stage held chunk i-1, which the worker must be done with before it is written again
+            # the other stage held chunk i-1, which the worker must be done with before it is written again: that
+            # barrier's ((i - 1) // 2)-th completion, its parity written so that i = 0 divides no negative number
             mbarrier.wait(free_bars.index(1 - s), phase=((i + 1) // 2 + 1) % 2, pred=i >= 1)
             fence_async_shared()
             nxt = i + 1 < n
