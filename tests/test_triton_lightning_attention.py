@@ -467,10 +467,10 @@ def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, seg
     the two round the same products the same way; on an H200 their errors agreed within 1.3e-4 relative, and the
     dv walk rounding dO instead of the decayed q raised dv's by 0.2-0.3%), across
     partial chunks, segments, initial states, fp16 and bf16, and strided views; with the o and dq walks as
-    two-tile programs where those fill the GPU (the expectations are for 132 SMs)."""
+    two-tile programs where those fill the GPU (which walks those are is checked on GPUs of 132 SMs, H100 SXM and
+    H200, the count the expectations are for)."""
     gw = _gluon_walks()
-    if torch.cuda.get_device_properties(DEV).multi_processor_count != 132:
-        pytest.skip("the two-tile expectations are for a GPU of 132 SMs (H100 SXM, H200)")
+    sms_expected = torch.cuda.get_device_properties(DEV).multi_processor_count == 132
     kernels = []
     launch = gw._launch
 
@@ -487,7 +487,8 @@ def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, seg
     launched = count_gluon_launches(gw)
     gluon = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="gluon ")
     assert launched == list(launches), launched
-    assert kernels.count("_walk_both_tiles_kernel") == (2 if both else 0), kernels
+    if sms_expected:
+        assert kernels.count("_walk_both_tiles_kernel") == (2 if both else 0), kernels
     monkeypatch.setenv("TNLLM_GLUON_WALKS", "0")
     triton_errs = _compare(_run_ours(qkv, slope, s0, do, dht, num_segments=segments), ref, TOL[dtype], label="triton ")
     assert launched == list(launches)
