@@ -10,7 +10,6 @@ cap: less work, not shorter chains of waits, is what makes it faster.
     python benchmarks/lightning_energy.py 1024,8192,32768 [other_triton_chunk.py ...]
 """
 import ctypes
-import importlib.util
 import os
 import sys
 import threading
@@ -19,10 +18,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tnllm_kernels.lightning_attention import triton_chunk as current  # noqa: E402
 from tnllm_plugin.model import alibi_slopes  # noqa: E402
+# the versions, shapes and inputs of the kernel comparison, so that both scripts time the same calls
+from compare_lightning_kernels import H, TOKENS, current, inputs, load  # noqa: E402
 
-H, D, TOKENS = 16, 128, 32768
 CALLS_PER_GRAPH = 20
 SECONDS = 1.5
 
@@ -50,13 +49,6 @@ class Nvml:
         c = ctypes.c_uint()
         self.lib.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(c))     # 1: NVML_CLOCK_SM
         return c.value
-
-
-def load(path, index):
-    spec = importlib.util.spec_from_file_location(f"tnllm_kernels.lightning_attention._other_{index}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def measure(nvml, fn):
@@ -122,10 +114,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for N in ns:
         B = TOKENS // N
-        g = torch.Generator(device="cuda").manual_seed(N)
-        q, k = (torch.nn.functional.silu(torch.randn(B, N, H, D, device="cuda", generator=g)).bfloat16()
-                for _ in range(2))
-        v, do = (torch.randn(B, N, H, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+        q, k, v, do = inputs(B, N, N)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         fns = {name: (lambda f=f: torch.autograd.grad(f(*leaves, slopes, output_final_state=False)[0], leaves, do))
                for name, f in versions.items()}
