@@ -117,10 +117,10 @@ def gluon_walks_to_compile(gw):
         yield f"gluon walk {label}", GluonASTSource(gw._walk_kernel, {**signature, **{k: "constexpr" for k in
                                                                                      constexprs}}, constexprs, {})
     # the o and dq walks as one program holding both Z tiles (two warpgroups; the register count is the default
-    # partition's, 256 at most, beside the worker's 240)
+    # partition's, 256 at most, beside the worker's WORKER_REGS)
     for label, reverse, transposed, store in walks[:2]:
-        constexprs = dict(REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store, WORKER_REGS=240,
-                          num_warps=4)
+        constexprs = dict(REVERSE=reverse, STATE_T=transposed, HAS_T0=True, STORE_T=store,
+                          WORKER_REGS=gw.WORKER_REGS, num_warps=4)
         yield f"gluon walk {label}, both tiles", GluonASTSource(
             gw._walk_both_tiles_kernel, {**signature, **{k: "constexpr" for k in constexprs}}, constexprs, {})
     # the dk and dv walks in one launch (_bwd's, for 128-wide heads): one program is either walk's, so it takes

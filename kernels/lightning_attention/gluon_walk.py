@@ -51,6 +51,7 @@ _TMA_LOAD, _TMA_STORE = tma.async_copy_global_to_shared, tma.async_copy_shared_t
 C = 64          # tokens a chunk
 WX = 128        # features of X and Y, all held by a program
 BZ = 64         # features of Z and the output a program owns
+WORKER_REGS = 240   # registers of the second warpgroup of _walk_both_tiles_kernel (the first takes 256)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -561,8 +562,8 @@ def walk(x, y, z, out, slope, t0, tout, NC, CPS, NSEG, reverse, transposed_state
     B, N, H, _ = x.shape
     WZ = z.shape[-1]
     if both_tiles and WZ == 2 * BZ and not (reverse and not transposed_state):
-        # REVERSE, STATE_T, HAS_T0, STORE_T, WORKER_REGS (the worker's registers; the default takes 256), num_warps
-        constexprs = (reverse, transposed_state, t0[0] is not None, tout is not None, 240, 4)
+        # REVERSE, STATE_T, HAS_T0, STORE_T, WORKER_REGS, num_warps
+        constexprs = (reverse, transposed_state, t0[0] is not None, tout is not None, WORKER_REGS, 4)
         _launch(_walk_both_tiles_kernel, (B * H, NSEG, 1), [(x, WX), (y, WX), (z, BZ), (out, BZ)],
                 (*_state_args(slope, t0, tout), N, H, NC, CPS, NSEG), constexprs, x.device, x.dtype)
         return
