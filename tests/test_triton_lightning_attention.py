@@ -132,16 +132,19 @@ def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
 
 
 @pytest.mark.parametrize("B,N,segments,triton_walks", [(32, 1024, 1, 1), (8, 4096, 1, 1), (4, 8192, 1, 2),
-                                                       (2, 16384, 2, 4), (1, 32768, 8, 8), (1, 100000, 8, 8),
+                                                       (2, 16384, 4, 4), (1, 32768, 8, 8), (1, 100000, 8, 8),
                                                        (3, 8192, 1, 2), (1, 20000, 8, 8)])
 def test_segments_chosen_for_an_h200(B, N, segments, triton_walks):
     """The plan's segments for 132 SMs, heads of 128 (two Dv tiles a walk), 16 heads. Where the Gluon walks run
     (one_an_sm): one program an SM where that takes at most two segments (the pre-pass, which every segment but the
     last costs, then reads half or less of the tokens, or none), else enough for two an SM; the rows of the
-    attention table measured either way (benchmarks/RESULTS.md, twentieth session). The Triton walks, not measured
-    so, keep two an SM. A pure function: no GPU needed."""
+    attention table measured either way (benchmarks/RESULTS.md, twentieth session). Where that is two segments
+    (N = 16384), four, walked by programs holding both Z tiles, 128 of them (twenty-second session); not where
+    those would leave SMs idle (24 heads: 96 programs). The Triton walks, not measured so, keep two an SM. A pure
+    function: no GPU needed."""
     from tnllm_kernels.lightning_attention import triton_chunk as tc
     assert tc._plan(B, N, 16, 128, 128, 64, 132, one_an_sm=True)["NSEG"] == segments
+    assert tc._plan(1, N, 24, 128, 128, 64, 132, one_an_sm=True)["NSEG"] == min(2, N // 64)
     assert tc._plan(B, N, 16, 128, 128, 64, 132)["NSEG"] == triton_walks
     assert tc._plan(B, N, 16, 128, 128, 64, 132, num_segments=3, one_an_sm=True)["NSEG"] == 3   # an explicit count wins
 
@@ -172,8 +175,8 @@ def test_heads_the_gluon_walks_take_plan_one_program_an_sm(monkeypatch):
 
 def test_gluon_walks_hold_both_tiles_where_those_programs_fill_the_gpu(monkeypatch):
     """The Gluon walks run the o and dq walks as one program holding both Z tiles (one an SM) only where
-    batch*heads*segments of them fill the SMs, less 5%: on an H200's 132 SMs, 512 (N = 1024) and 128 (N = 32768)
-    do, 64 (N = 8192 and 16384, one segment and two) do not. And _walk asks for them by that rule: on CPU through a
+    batch*heads*segments of them fill the SMs, less 5%: on an H200's 132 SMs, 512 (N = 1024) and 128 (N = 16384
+    and 32768) do, 64 (N = 8192, one segment) do not. And _walk asks for them by that rule: on CPU through a
     stand-in for gluon_walk that records each walk's both_tiles, 2 x 2 heads x 2 segments on 8 and on 9 "SMs"."""
     import types
     from tnllm_kernels.lightning_attention import triton_chunk as tc
@@ -459,6 +462,7 @@ def _qkvu_views(qkv, DK, DV):
     (1, 777, 2, 256, 128, 2, torch.bfloat16, True, False, (2, 0), False),  # LRPE-doubled Dk: the dq and dk walks only
     (2, 2049, 16, 128, 128, 4, torch.bfloat16, True, True, (2, 1), True),   # 128 programs holding both tiles
     (8, 1000, 16, 128, 128, None, torch.float16, False, False, (2, 1), True),
+    (2, 1000, 16, 128, 128, None, torch.bfloat16, True, False, (2, 1), True),  # planned: 4 segments, not 2 (_plan)
 ])
 def test_gpu_gluon_walks_against_reference_and_triton_walks(B, N, H, DK, DV, segments, dtype, with_s0, packed,
                                                            launches, both, monkeypatch, count_gluon_launches):

@@ -456,7 +456,10 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
     alone on its SM loses less than that read costs. Measured on one H200, bf16, H=16, D=128, 32768 tokens,
     replayed back to back (benchmarks/RESULTS.md, twentieth session): at N=8192 one segment instead of two, 0.703
     against 0.765 ms; at 16384 two instead of four, 0.779 against 0.809; at 32768 four instead of eight was no
-    faster (0.836 / 0.835), and 6% slower in short runs.
+    faster (0.836 / 0.835), and 6% slower in short runs. Where one program an SM takes two segments, twice as many
+    segments walked by programs holding both Z tiles (_both_tiles_fill) fill the SMs too: at N=16384, four segments
+    so were 0.781 and 0.784 ms against 0.794 and 0.797 for two (twenty-second session, two runs): the two-tile
+    programs' shared loads and score products save more than the pre-pass's second quarter of the tokens costs.
 
     Pre-pass pieces (SPLITS per segment, CPSS chunks each): the pre-pass has a program per segment but the last,
     B*H*(NSEG-1) of them, each walking a whole segment: at 32768 tokens as B=1 x N=32768 that was 112 programs of
@@ -477,6 +480,9 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
         num_segments = max(1, slots // per_segment)
         if one_an_sm and sms // per_segment <= 2:
             num_segments = max(1, sms // per_segment)
+            # twice the segments, walked by programs holding both Z tiles (where there are two), one an SM
+            if num_segments == 2 and max(NV, NK) == 2 and _both_tiles_fill(B * H * 4, sms):
+                num_segments = 4
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
