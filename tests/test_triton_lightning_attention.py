@@ -131,6 +131,59 @@ def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
     _compare(split, whole, 1e-5, label=f"{pieces} pieces vs 1: ")
 
 
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_steep_decays_across_segments_and_pieces(pieces, monkeypatch):
+    """Decays steep enough that the pre-pass skips most of each segment (slopes 4 and 12: tokens more than 28 and
+    10 from the segment's edge have a decay below 2^-160), beside slopes 0 and 0.5 that it must read whole: three
+    segments of 7 chunks, in one piece and in three, forward and backward with states, against float64."""
+    import functools
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    monkeypatch.setattr(tc, "_plan", functools.partial(tc._plan, pre_splits=pieces))
+    qkv, slope, s0, do, dht = _inputs(2, 300, 4, 16, 32, torch.float32, [0.0, 0.5, 4.0, 12.0], seed=41 + pieces)
+    _compare(_run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=3), _run_ref(qkv, slope, s0, do, dht),
+             TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pre_pass_skips_tokens_whose_decay_to_the_edge_is_zero_in_fp32(reverse):
+    """The pre-pass does not read a token whose decay to its segment's edge is below 2^-160 (ZERO_DECAY_LOG2): NaN
+    there (slope 12, 64 tokens from the edge) leaves the segment states finite and equal to float64 with those
+    tokens taken as zero. It does read a token whose decay is above that however small: 1e20 at 111 tokens from
+    the edge at slope 0.5 (a decay of 8e-25) shows in the state. Forward: k, v -> the state entering each segment;
+    backward: q, dO -> dS at each segment's end. 300 tokens, chunks of 16, three segments of 112 tokens."""
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    (q, k, v), slope, _, do, _ = _inputs(1, 300, 4, 16, 32, torch.float32, [0.0, 0.5, 4.0, 12.0], seed=7)
+    a, b = (q, do) if reverse else (k, v)
+    a = a.clone()
+    starts = (112, 224)                          # the first tokens of segments 1 and 2
+    # tokens 49 or more from their segment's edge (a decay of 2^-848 at slope 12), and one 111 from it
+    far = [range(s + 48, min(s + 112, 300)) if reverse else range(s - 112, s - 48) for s in starts]
+    big = starts[0] + 110 if reverse else 0
+    a[0, big, 1] = 1e20
+    P = tc._plan(1, 300, 4, 16, 32, 16, tc._num_sms(a.device), 3)
+    assert (P["NSEG"], P["CPS"]) == (3, 7)
+    buf, _, _ = tc._segment_states(a, b, slope, None, P, 16, tc._dot_prec(a.dtype), reverse)
+    exact = a.double().clone()
+    for r in far:
+        exact[0, list(r), 3] = 0.0
+        a[0, list(r), 3] = float("nan")
+    buf_nan, _, _ = tc._segment_states(a, b, slope, None, P, 16, tc._dot_prec(a.dtype), reverse)
+    lam = torch.exp(-slope.double())
+    t = torch.arange(300, dtype=torch.float64)
+    for s, edge in enumerate((0, *starts)):      # forward: the state entering segment s; reverse: dS at its end
+        if reverse:
+            if s == 2:
+                continue
+            nxt = starts[s]
+            w = torch.where(t >= nxt, lam[:, None] ** (t - nxt + 1), 0.0)           # [H, N]
+        else:
+            w = torch.where(t < edge, lam[:, None] ** (edge - 1 - t), 0.0)
+        ref = torch.einsum("hn,nhk,nhv->hkv", w, exact[0], b[0].double())
+        for got in (buf, buf_nan):
+            assert torch.isfinite(got[:, s]).all(), (s, reverse)
+            assert rel(got[:, s].view(4, 16, 32), ref) < 1e-5, (s, reverse, rel(got[:, s].view(4, 16, 32), ref))
+
+
 @pytest.mark.parametrize("B,N,segments,triton_walks", [(32, 1024, 1, 1), (8, 4096, 1, 1), (4, 8192, 1, 2),
                                                        (2, 16384, 4, 4), (1, 32768, 8, 8), (1, 100000, 8, 8),
                                                        (3, 8192, 1, 2), (1, 20000, 8, 8)])

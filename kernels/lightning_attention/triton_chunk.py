@@ -16,7 +16,9 @@ Design (chunks of C tokens, C = 64):
   each segment's initial state, and then one program per (batch*head, segment, Dv tile) walks its chunks.
   The number of segments is picked so that the grid fills the GPU whatever B and N are, with as few segments
   as pay (each but the last costs the pre-pass a read of its tokens; see _plan); the pre-pass cuts each
-  segment into pieces for the same reason (it has a program per segment but the last).
+  segment into pieces for the same reason (it has a program per segment but the last). It reads only the
+  tokens whose decay to the segment's edge is at least 2^-160 (ZERO_DECAY_LOG2: below that, fp32's factor is
+  zero): with steep decays, the end of each segment (forward) or its start (backward), not all of it.
 * Backward: three more walks, with the same segment pre-pass and scan: a forward walk for dq (carrying S^T,
   tiled over Dk), and reverse walks for dk (carrying dS^T, tiled over Dk) and dv (carrying dS, tiled over Dv),
   where dS is the gradient of the state. The gradient of the final state seeds the reverse walks; the dv walk's
@@ -123,6 +125,33 @@ def _piece_tokens(seg, p, CPS, CPSS, N, C: tl.constexpr):
     return tl.maximum(tl.minimum(c_hi * C, N) - c_lo * C, 0)
 
 
+# A token whose decay to its segment's edge is below 2^-160 adds nothing there that fp32 can hold: the factor itself
+# is zero in fp32 (under its smallest subnormal, 2^-149), and the token's product with it, taken exactly, lies under
+# the rounding of any sum holding a term over 2^-136 of the token's size. The pre-pass skips such tokens
+# (_chunks_reaching_the_edge); the walks, which carry the state token by token, read every token anyway.
+ZERO_DECAY_LOG2 = tl.constexpr(160.0)
+
+
+@triton.jit
+def _chunks_reaching_the_edge(seg, c_lo, c_hi, sl2, CPS, NC, N, C: tl.constexpr, REVERSE: tl.constexpr):
+    """The chunks [c_first, c_end) of [c_lo, c_hi) (a pre-pass piece of segment seg) holding a token whose decay
+    to the segment's edge, lambda^(seg_end - 1 - t) forward or lambda^(t + 1 - seg_start) backward, is at least
+    2^-ZERO_DECAY_LOG2; a chunk more on the far side, so that fp32 rounding of the bound never drops one. With
+    slope 0 (sl2 = 0), all of them. In floats: ZERO_DECAY_LOG2 / sl2 tokens can exceed any integer."""
+    seg_lo, seg_hi = _seg_bounds(seg, CPS, NC)
+    reach = ZERO_DECAY_LOG2 / tl.maximum(sl2, 1e-30)       # tokens; past N where sl2 is 0 or tiny
+    if REVERSE:
+        stop = tl.floor((seg_lo * C + reach) / C) + 2.0
+        c_first = c_lo
+        c_end = tl.minimum(stop, c_hi.to(tl.float32)).to(tl.int32)
+        c_end = tl.maximum(c_end, c_first)
+    else:
+        start = tl.floor((tl.minimum(seg_hi * C, N) - reach) / C) - 1.0
+        c_end = c_hi
+        c_first = tl.minimum(tl.maximum(start, c_lo.to(tl.float32)), c_hi.to(tl.float32)).to(tl.int32)
+    return c_first, c_end
+
+
 @triton.jit
 def _log2_decay(SLOPE, h):
     """slope[h] * log2(e): lambda^n = exp2(-n * this)."""
@@ -220,6 +249,7 @@ def _seg_local_kernel(
     sl2 = _log2_decay(SLOPE, h)
     t_lo = c_lo * C
     t_hi = tl.minimum(c_hi * C, N)
+    c_first, c_end = _chunks_reaching_the_edge(pid_s, c_lo, c_hi, sl2, CPS, NC, N, C, REVERSE)
     offs_c = tl.arange(0, C)
     offs_k = tl.arange(0, BK)
     offs_v = pid_v * BV + tl.arange(0, BV)
@@ -228,11 +258,11 @@ def _seg_local_kernel(
     a_base = _head(A, b, h, sab, sah)
     b_base = _head(Bm, b, h, sbb, sbh)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(c_lo, c_hi):
+    for c in range(c_first, c_end):
         rows = c * C + offs_c
         rmask = rows < N
         if PREFETCH:        # the next chunk (see _walk_kernel)
-            rows_next = tl.minimum(tl.minimum(c + 1, c_hi - 1) * C + offs_c, N - 1)
+            rows_next = tl.minimum(tl.minimum(c + 1, c_end - 1) * C + offs_c, N - 1)
             _prefetch_rows(a_base, rows_next, san, sad, DK, BK)
             _prefetch_rows(b_base + pid_v * BV * sbd, rows_next, sbn, sbd, DV - pid_v * BV, BV)
         a = _load_rows(a_base, rows, san, offs_k, sad, rmask, kmask)
