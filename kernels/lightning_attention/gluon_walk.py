@@ -69,6 +69,26 @@ def _state_offsets(pid_z, BX: gl.constexpr, BZ: gl.constexpr, DV: gl.constexpr, 
 
 
 @gluon.jit
+def _segment_chunks(pid_s, CPS, NC):
+    """Chunks [c_lo, c_hi) of segment pid_s."""
+    c_lo = pid_s * CPS
+    c_hi = gl.minimum(c_lo + CPS, NC)
+    return c_lo, c_hi
+
+
+@gluon.jit
+def _walked_chunk(i, c_lo, c_hi, REVERSE: gl.constexpr):
+    """The i-th chunk walked (backwards from c_hi - 1 when REVERSE) and the one after it in walk order."""
+    if REVERSE:
+        c = c_hi - 1 - i
+        c_next = c - 1
+    else:
+        c = c_lo + i
+        c_next = c + 1
+    return c, c_next
+
+
+@gluon.jit
 def _chunk_mask(sl2, offs_i, offs_j, REVERSE: gl.constexpr):
     """The masked decays inside a chunk: lambda^(i - j) where j <= i (reverse walks: lambda^(j - i) where j >= i),
     else 0; sl2 = log2(1 / lambda)."""
@@ -152,8 +172,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
     h = pid_bh % H
     col_x = h * BX
     col_z = h * WZ + pid_z * BZ
-    c_lo = pid_s * CPS
-    c_hi = gl.minimum(c_lo + CPS, NC)
+    c_lo, c_hi = _segment_chunks(pid_s, CPS, NC)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BZ, 16])
     a_reg: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -187,21 +206,13 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
 
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + z_desc.block_type.nbytes
     n = c_hi - c_lo
-    if REVERSE:
-        first = c_hi - 1
-    else:
-        first = c_lo
+    first, _ = _walked_chunk(0, c_lo, c_hi, REVERSE)
     mbarrier.expect(bars.index(0), nbytes)
     _TMA_LOAD(x_desc, [b, first * C, col_x], bars.index(0), x_s.index(0))
     _TMA_LOAD(y_desc, [b, first * C, col_x], bars.index(0), y_s.index(0))
     _TMA_LOAD(z_desc, [b, first * C, col_z], bars.index(0), z_s.index(0))
     for i in range(0, n):
-        if REVERSE:
-            c = c_hi - 1 - i
-            c_next = c - 1
-        else:
-            c = c_lo + i
-            c_next = c + 1
+        c, c_next = _walked_chunk(i, c_lo, c_hi, REVERSE)
         m = gl.minimum(N - c * C, C)            # the chunk's tokens (the last chunk may be partial)
         s = i % 2
         mbarrier.wait(bars.index(s), phase=(i // 2) % 2)
@@ -332,8 +343,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
     h = pid_bh % H
     col_x = h * BX
     col_z = h * W + TILE * BZ
-    c_lo = pid_s * CPS
-    c_hi = gl.minimum(c_lo + CPS, NC)
+    c_lo, c_hi = _segment_chunks(pid_s, CPS, NC)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BZ, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -356,10 +366,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
 
     nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + 2 * z_desc.block_type.nbytes
     n = c_hi - c_lo
-    if REVERSE:
-        first = c_hi - 1
-    else:
-        first = c_lo
+    first, _ = _walked_chunk(0, c_lo, c_hi, REVERSE)
     if TILE == 0:
         mbarrier.expect(load_bars.index(0), nbytes)
         _TMA_LOAD(x_desc, [b, first * C, col_x], load_bars.index(0), x_s.index(0))
@@ -367,12 +374,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
         _TMA_LOAD(z_desc, [b, first * C, h * W], load_bars.index(0), z_s.index(0))
         _TMA_LOAD(z_desc, [b, first * C, h * W + BZ], load_bars.index(0), z_s.index(1))
     for i in range(0, n):
-        if REVERSE:
-            c = c_hi - 1 - i
-            c_next = c - 1
-        else:
-            c = c_lo + i
-            c_next = c + 1
+        c, c_next = _walked_chunk(i, c_lo, c_hi, REVERSE)
         m = gl.minimum(N - c * C, C)
         s = i % 2
         mbarrier.wait(load_bars.index(s), phase=(i // 2) % 2)
