@@ -145,12 +145,14 @@ def test_steep_decays_across_segments_and_pieces(pieces, monkeypatch):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_pre_pass_skips_tokens_whose_decay_to_the_edge_is_zero_in_fp32(reverse):
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_pre_pass_skips_tokens_whose_decay_to_the_edge_is_zero_in_fp32(reverse, pieces):
     """The pre-pass does not read a token whose decay to its segment's edge is below 2^-160 (ZERO_DECAY_LOG2): NaN
     there (slope 12, 64 tokens from the edge) leaves the segment states finite and equal to float64 with those
     tokens taken as zero. It does read a token whose decay is above that however small: 1e20 at 111 tokens from
     the edge at slope 0.5 (a decay of 8e-25) shows in the state. Forward: k, v -> the state entering each segment;
-    backward: q, dO -> dS at each segment's end. 300 tokens, chunks of 16, three segments of 112 tokens."""
+    backward: q, dO -> dS at each segment's end. 300 tokens, chunks of 16, three segments of 112 tokens, each in
+    one piece or in three (pieces wholly skipped, partly, or not at all)."""
     from tnllm_kernels.lightning_attention import triton_chunk as tc
     (q, k, v), slope, _, do, _ = _inputs(1, 300, 4, 16, 32, torch.float32, [0.0, 0.5, 4.0, 12.0], seed=7)
     a, b = (q, do) if reverse else (k, v)
@@ -160,8 +162,8 @@ def test_pre_pass_skips_tokens_whose_decay_to_the_edge_is_zero_in_fp32(reverse):
     far = [range(s + 48, min(s + 112, 300)) if reverse else range(s - 112, s - 48) for s in starts]
     big = starts[0] + 110 if reverse else 0
     a[0, big, 1] = 1e20
-    P = tc._plan(1, 300, 4, 16, 32, 16, tc._num_sms(a.device), 3)
-    assert (P["NSEG"], P["CPS"]) == (3, 7)
+    P = tc._plan(1, 300, 4, 16, 32, 16, tc._num_sms(a.device), 3, pieces)
+    assert (P["NSEG"], P["CPS"], P["SPLITS"]) == (3, 7, pieces)
     buf, _, _ = tc._segment_states(a, b, slope, None, P, 16, tc._dot_prec(a.dtype), reverse)
     exact = a.double().clone()
     for r in far:

@@ -138,18 +138,19 @@ def _chunks_reaching_the_edge(seg, c_lo, c_hi, sl2, CPS, NC, N, C: tl.constexpr,
     """The chunks [c_first, c_end) of [c_lo, c_hi) (a pre-pass piece of segment seg) holding a token whose decay
     to the segment's edge, lambda^(seg_end - 1 - t) forward or lambda^(t + 1 - seg_start) backward, is at least
     2^-ZERO_DECAY_LOG2; a chunk more on the far side, so that fp32 rounding of the bound never drops one. With
-    slope 0 (sl2 = 0), all of them. In floats: ZERO_DECAY_LOG2 / sl2 tokens can exceed any integer."""
+    slope 0 (sl2 = 0), all of them."""
     seg_lo, seg_hi = _seg_bounds(seg, CPS, NC)
     reach = ZERO_DECAY_LOG2 / tl.maximum(sl2, 1e-30)       # tokens; past N where sl2 is 0 or tiny
+    # clamped to the piece in floats, before the integer: the bound can be far past any chunk index (an empty
+    # range, c_first >= c_end, is a piece with nothing to read)
     if REVERSE:
         stop = tl.floor((seg_lo * C + reach) / C) + 2.0
         c_first = c_lo
         c_end = tl.minimum(stop, c_hi.to(tl.float32)).to(tl.int32)
-        c_end = tl.maximum(c_end, c_first)
     else:
         start = tl.floor((tl.minimum(seg_hi * C, N) - reach) / C) - 1.0
+        c_first = tl.maximum(start, c_lo.to(tl.float32)).to(tl.int32)
         c_end = c_hi
-        c_first = tl.minimum(tl.maximum(start, c_lo.to(tl.float32)), c_hi.to(tl.float32)).to(tl.int32)
     return c_first, c_end
 
 
