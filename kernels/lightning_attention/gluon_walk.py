@@ -18,7 +18,8 @@ Where the grid would fill the GPU anyway, the o and dq walks (Z 128 wide) run as
 segment) holding both Z tiles instead of two programs of one tile each: _walk_both_tiles_kernel, two warpgroups
 (warp-specialized), one an SM. Each chunk's X and Y are copied once and its score product X Y^T, which the two
 programs each computed, is computed once and handed over in shared memory. On one H200, forward+backward 4-5% shorter
-at N = 1024 to 4096 and 32768 (twenty-first session). The pair keeps one tile a program.
+at N = 1024 to 4096 and 32768 (twenty-first session); at 16384, where the plan then takes four segments instead of
+two, 1.6% (twenty-second). The pair keeps one tile a program: as two-tile programs it was slower from N = 4096 on.
 
 The math, the grid (batch*head x Z tile, segment) and the starting states are those of ``_walk_kernel``:
 
@@ -66,6 +67,20 @@ def _state_offsets(pid_z, BX: gl.constexpr, BZ: gl.constexpr, DV: gl.constexpr, 
         return offs_x[:, None] + offs_z[None, :] * DV
     else:
         return offs_x[:, None] * DV + offs_z[None, :]
+
+
+@gluon.jit
+def _batch_head(pid_bh, H, BX: gl.constexpr):
+    """Batch and head of program row pid_bh, and the column where the head's X and Y features start."""
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h * BX
+
+
+@gluon.jit
+def _log2_decay(SLOPE, h):
+    """slope[h] * log2(e): lambda^n = exp2(-n * this)."""
+    return gl.load(SLOPE + h).to(gl.float32) * 1.4426950408889634
 
 
 @gluon.jit
@@ -168,9 +183,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
     BX: gl.constexpr = x_desc.block_type.shape[2]
     BZ: gl.constexpr = z_desc.block_type.shape[2]
     ROUND_Y: gl.constexpr = REVERSE and not STATE_T     # the dv walk (see the module's docstring)
-    b = pid_bh // H
-    h = pid_bh % H
-    col_x = h * BX
+    b, h, col_x = _batch_head(pid_bh, H, BX)
     col_z = h * WZ + pid_z * BZ
     c_lo, c_hi = _segment_chunks(pid_s, CPS, NC)
 
@@ -194,7 +207,7 @@ def _walk_program(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, scratch, b
     mbarrier.init(bars.index(0), count=1)
     mbarrier.init(bars.index(1), count=1)
 
-    sl2 = gl.load(SLOPE + h).to(gl.float32) * 1.4426950408889634
+    sl2 = _log2_decay(SLOPE, h)
     offs_i = gl.arange(0, C, layout=rows_l)
     offs_j = gl.arange(0, C, layout=cols_l)
     offs_r = gl.arange(0, C, layout=blk_rows)
@@ -339,9 +352,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
     W: gl.constexpr = 2 * BZ
     pid_bh = gl.program_id(0)
     pid_s = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    col_x = h * BX
+    b, h, col_x = _batch_head(pid_bh, H, BX)
     col_z = h * W + TILE * BZ
     c_lo, c_hi = _segment_chunks(pid_s, CPS, NC)
 
@@ -355,7 +366,7 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
     o_my = o_s.index(TILE)
     o_2d = o_my.reshape([C, BZ])
 
-    sl2 = gl.load(SLOPE + h).to(gl.float32) * 1.4426950408889634
+    sl2 = _log2_decay(SLOPE, h)
     offs_i = gl.arange(0, C, layout=rows_l)
     offs_j = gl.arange(0, C, layout=cols_l)
     offs_r = gl.arange(0, C, layout=blk_rows)

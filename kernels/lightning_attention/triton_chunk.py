@@ -513,8 +513,8 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
         if one_an_sm and sms // per_segment <= 2:
             num_segments = max(1, sms // per_segment)
             # twice the segments, walked by programs holding both Z tiles (where there are two), one an SM
-            if num_segments == 2 and max(NV, NK) == 2 and _both_tiles_fill(B * H * 4, sms):
-                num_segments = 4
+            if num_segments == 2 and max(NV, NK) == 2 and _both_tiles_fill(B * H * 2 * num_segments, sms):
+                num_segments = 2 * num_segments
     num_segments = max(1, min(int(num_segments), NC))
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
