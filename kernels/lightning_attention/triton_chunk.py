@@ -239,7 +239,8 @@ def _seg_local_kernel(
     """Each segment that feeds another is cut into SPLITS pieces of CPSS chunks (the last ones shorter or empty):
     one program per piece, so that short pre-passes still fill the GPU. Forward (REVERSE=0): A=k, Bm=v; piece p of
     segment s < NSEG-1 gets sum_t lambda^(E_p-1-t) k_t v_t^T (E_p: the piece's end). Backward (REVERSE=1): A=q,
-    Bm=do; piece p of segment s >= 1 gets sum_t lambda^(t+1-T_p) q_t do_t^T (T_p: its start). Written to
+    Bm=do; piece p of segment s >= 1 gets sum_t lambda^(t+1-T_p) q_t do_t^T (T_p: its start). The sums run over
+    the piece's chunks that reach the segment's edge (_chunks_reaching_the_edge), the others adding zero. Written to
     SUB[b*h, i] with i = program_id(1) = (s - REVERSE) * SPLITS + p; _seg_scan_kernel sums the pieces."""
     pid_bh = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -625,8 +626,8 @@ def _both_tiles_fill(programs, sms) -> bool:
     them) fill the GPU's SMs, less 5%, so that they run where two programs an SM did. Measured on one H200
     (benchmarks/RESULTS.md, twenty-first session; bf16, H=16, 32768 tokens): 512, 256, 128 and 128 of them at
     N = 1024, 2048, 4096 and 32768, forward+backward replayed back to back 4.4-4.6% shorter. Where the plan takes
-    one program an SM (N = 8192 and 16384: 64 of them) they would leave half the SMs idle, so two programs a head
-    walk there as before."""
+    one program an SM in one segment (N = 8192: 64 of them) they would leave half the SMs idle, so two programs a
+    head walk there as before; where it would take two segments so (N = 16384), it takes four (see _plan)."""
     return 20 * programs >= 19 * sms
 
 
