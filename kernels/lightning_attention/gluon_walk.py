@@ -406,22 +406,24 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
         x = x_s.index(s).reshape([C, BX])
         y = y_s.index(s).reshape([C, BX])
         z = z_s.index(2 * s + TILE).reshape([C, BZ])
-        if TILE == 0:
-            sc = warpgroup_mma(x, y.permute((1, 0)), gl.zeros([C, C], gl.float32, layout=mma), use_acc=False,
-                               is_async=True)
-        xt = warpgroup_mma(x, t_my, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
         dec_r = _update_decay(sl2, offs_r, m, REVERSE)
         zv = z.load(blk)
         zd_my.store((zv.to(gl.float32) * dec_r[:, None]).to(dt))
         fence_async_shared()
-        T = warpgroup_mma(y.permute((1, 0)), zd_my, T * gl.exp2(-sl2 * m.to(gl.float32)), is_async=True)
+        # Tile 0 waits for the scores alone before it issues X T and the state's update: with all three products in
+        # flight its 64 x 64 fp32 scores spilled (96 / 84 bytes in the o / dq walk, 32 / 0 so), and the program
+        # ran 3-10% longer (twenty-third session of benchmarks/RESULTS.md).
         if TILE == 0:
-            sc = warpgroup_mma_wait(num_outstanding=2, deps=(sc, ))
+            sc = warpgroup_mma(x, y.permute((1, 0)), gl.zeros([C, C], gl.float32, layout=mma), use_acc=False,
+                               is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
             p_s.store((sc * _chunk_mask(sl2, offs_i, offs_j, REVERSE)).to(dt))
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(p_bar, count=1)
-        else:       # tile 0's scores for this chunk (it writes the next only after this tile frees the stage)
+        xt = warpgroup_mma(x, t_my, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
+        T = warpgroup_mma(y.permute((1, 0)), zd_my, T * gl.exp2(-sl2 * m.to(gl.float32)), is_async=True)
+        if TILE == 1:       # tile 0's scores for this chunk (it writes the next only after this tile frees the stage)
             mbarrier.wait(p_bar, phase=i % 2)
         o = warpgroup_mma(p_s, z, gl.zeros([C, BZ], gl.float32, layout=mma), use_acc=False, is_async=True)
         xt, T, o = warpgroup_mma_wait(num_outstanding=0, deps=(xt, T, o))
