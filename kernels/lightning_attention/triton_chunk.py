@@ -496,8 +496,12 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
 
     Pre-pass pieces (SPLITS per segment, CPSS chunks each): the pre-pass has a program per segment but the last,
     B*H*(NSEG-1) of them, each walking a whole segment: at 32768 tokens as B=1 x N=32768 that was 112 programs of
-    64 chunks on 132 SMs, as long as a walk. Cutting each segment into pieces gives it as many programs as the
-    walks' two slots an SM, each a shorter chain; the scan adds the pieces up."""
+    64 chunks on 132 SMs, as long as a walk. Cutting each segment into pieces gives it twice as many programs as
+    the walks' two slots an SM, each a shorter chain; the scan adds the pieces up. Twice, because the pre-pass
+    skips the tokens whose decay to the edge is zero (_chunks_reaching_the_edge): a steep head's pieces are empty
+    but the one at the edge, and the gentle heads', read whole, set its length. Measured on one H200 (twenty-third
+    session; bf16, H=16, 32768 tokens), twice the pieces took the pre-pass from 135 to 93 us at N=16384 and from 132
+    to 113 us at 32768, the scan from 13 to 19 and from 20 to 33 us."""
     BKF = max(16, triton.next_power_of_2(DK))
     BVF = max(16, triton.next_power_of_2(DV))
     BVT = min(64, BVF)
@@ -520,7 +524,7 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
     CPS = triton.cdiv(NC, num_segments)
     NSEG = triton.cdiv(NC, CPS)
     if pre_splits is None:
-        pre_splits = slots // max(1, B * H * (NSEG - 1) * NVP)
+        pre_splits = 2 * (slots // max(1, B * H * (NSEG - 1) * NVP))
     SPLITS = max(1, min(int(pre_splits), CPS))
     CPSS = triton.cdiv(CPS, SPLITS)
     return dict(BKF=BKF, BVF=BVF, BVT=BVT, BKT=BKT, BVP=BVP, NV=NV, NK=NK, NVP=NVP, NC=NC, CPS=CPS, NSEG=NSEG,
