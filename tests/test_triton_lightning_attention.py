@@ -113,7 +113,7 @@ def test_segments_and_chunk_size_do_not_change_the_result():
         _compare(other, base, 1e-5, label=f"{kw}: ")
 
 
-@pytest.mark.parametrize("N,segments,pieces", [(100, 3, 2), (150, 2, 4), (150, 2, 99), (77, 2, 3)])
+@pytest.mark.parametrize("N,segments,pieces", [(100, 3, 2), (150, 2, 4), (150, 2, 99), (77, 2, 3), (300, 2, 10)])
 def test_pre_pass_in_pieces(N, segments, pieces, monkeypatch):
     """The pre-pass cuts each segment into pieces (on a GPU when its segments alone would leave SMs idle; forced
     here): uneven and empty pieces (150 tokens, chunks of 16, 2 segments of 5 chunks in 4 pieces of 2: the last

@@ -282,19 +282,40 @@ def _seg_local_kernel(
 
 
 @triton.jit
+def _fold_pieces(run, sub_seg, seg, j0, SPLITS, CPS, CPSS, N, sl2, offs, m, DKDV, C: tl.constexpr,
+                 REVERSE: tl.constexpr, U: tl.constexpr):
+    """run carried across U pieces of segment seg, the j0-th to the (j0 + U - 1)-th in the order of the scan (reverse:
+    last piece first; those past SPLITS are none): run * lambda^(their tokens) + sum_u piece_u * lambda^(the tokens
+    of the pieces after u). Loaded as one [U, BLOCK] tile, the U pieces are in flight together: folded one load at a
+    time, the scan was a chain of (NSEG - 1) * SPLITS loads, bound by their latency."""
+    j = j0 + tl.arange(0, U)
+    live = j < SPLITS
+    if REVERSE:
+        p = tl.where(live, SPLITS - 1 - j, 0)
+    else:
+        p = tl.where(live, j, 0)
+    n_tok = tl.where(live, _piece_tokens(seg, p, CPS, CPSS, N, C), 0)
+    total = tl.sum(n_tok, axis=0)
+    after = (total - tl.cumsum(n_tok, axis=0)).to(tl.float32)         # tokens of the pieces folded after u
+    x = tl.load(sub_seg + p[:, None] * DKDV + offs[None, :], mask=live[:, None] & m[None, :], other=0.0)
+    return run * tl.exp2(-sl2 * total.to(tl.float32)) + tl.sum(x * tl.exp2(-sl2 * after)[:, None], axis=0)
+
+
+@triton.jit
 def _seg_scan_kernel(SUB, EDGE, OUT, SLOPE, H, N, NSEG, SPLITS, CPS, CPSS, DKDV, C: tl.constexpr,
-                     HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_EDGE: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, U: tl.constexpr):
     """Elementwise over the Dk*Dv entries: the pieces' contributions SUB [B*H, (NSEG-1)*SPLITS, Dk*Dv] into
     OUT [B*H, NSEG, Dk*Dv]. Forward: OUT[0] = S_0 (EDGE [B*H, Dk*Dv], or 0 without HAS_EDGE), OUT[s] the state
     entering segment s. Reverse: OUT[NSEG-1] = dS_N (EDGE, or 0), OUT[s] dS at the end of segment s. A running
-    state, decayed over each piece's length, plus the piece's contribution, in sequence order (reverse: backwards)."""
+    state, decayed over each piece's length, plus the piece's contribution, in sequence order (reverse: backwards),
+    U pieces at a time (_fold_pieces)."""
     pid_bh = tl.program_id(0)
     pid_e = tl.program_id(1)
     h = pid_bh % H
     sl2 = _log2_decay(SLOPE, h)
     offs = pid_e * BLOCK + tl.arange(0, BLOCK)
     m = offs < DKDV
-    sub = SUB + pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS * DKDV + offs
+    sub = SUB + pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS * DKDV
     out = OUT + pid_bh.to(tl.int64) * NSEG * DKDV + offs
     if HAS_EDGE:
         run = tl.load(EDGE + pid_bh.to(tl.int64) * DKDV + offs, mask=m, other=0.0)
@@ -304,19 +325,16 @@ def _seg_scan_kernel(SUB, EDGE, OUT, SLOPE, H, N, NSEG, SPLITS, CPS, CPSS, DKDV,
         tl.store(out + (NSEG - 1) * DKDV, run, mask=m)
         for i in range(0, NSEG - 1):
             s = NSEG - 1 - i                                    # fold segment s's pieces, last piece first
-            for j in range(0, SPLITS):
-                p = SPLITS - 1 - j
-                n_tok = _piece_tokens(s, p, CPS, CPSS, N, C)
-                run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
-                    sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
+            for j0 in range(0, SPLITS, U):
+                run = _fold_pieces(run, sub + (s - 1) * SPLITS * DKDV, s, j0, SPLITS, CPS, CPSS, N, sl2, offs, m,
+                                   DKDV, C, REVERSE, U)
             tl.store(out + (s - 1) * DKDV, run, mask=m)
     else:
         tl.store(out, run, mask=m)
         for s in range(1, NSEG):                                # fold segment s-1's pieces
-            for p in range(0, SPLITS):
-                n_tok = _piece_tokens(s - 1, p, CPS, CPSS, N, C)
-                run = run * tl.exp2(-sl2 * n_tok.to(tl.float32)) + tl.load(
-                    sub + ((s - 1) * SPLITS + p) * DKDV, mask=m, other=0.0)
+            for j0 in range(0, SPLITS, U):
+                run = _fold_pieces(run, sub + (s - 1) * SPLITS * DKDV, s - 1, j0, SPLITS, CPS, CPSS, N, sl2, offs,
+                                   m, DKDV, C, REVERSE, U)
             tl.store(out + s * DKDV, run, mask=m)
 
 
@@ -599,10 +617,11 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
             (a, b, slope, sub, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG, P["SPLITS"], P["CPSS"]),
             dict(DK=DK, DV=DV, BK=P["BKF"], BV=P["BVP"], C=C, REVERSE=reverse, DOT_PREC=prec,
                  PREFETCH=_prefetches()))
-    blk = min(1024, triton.next_power_of_2(DK * DV))
+    U = min(8, triton.next_power_of_2(P["SPLITS"]))        # pieces a load of the scan (_fold_pieces)
+    blk = min(1024, 4096 // U, triton.next_power_of_2(DK * DV))
     _seg_scan_kernel[(B * H, triton.cdiv(DK * DV, blk))](
         sub, edge if edge is not None else sub, buf, slope, H, N, NSEG, P["SPLITS"], P["CPS"], P["CPSS"], DK * DV,
-        C=C, HAS_EDGE=edge is not None, REVERSE=reverse, BLOCK=blk)
+        C=C, HAS_EDGE=edge is not None, REVERSE=reverse, BLOCK=blk, U=U)
     return (buf, *_segment_strides(P, DK, DV))
 
 
