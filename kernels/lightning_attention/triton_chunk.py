@@ -33,9 +33,9 @@ Design (chunks of C tokens, C = 64):
   errors; ``_walk`` picks, and asks for the o and dq walks as programs holding both Z tiles where those fill the
   GPU (_both_tiles_fill). TNLLM_GLUON_WALKS=0 turns them off.
 
-Measured on one H200 (benchmarks/RESULTS.md, issue 14, twenty-second session, before the pre-pass skipped any
-token): bf16, H=16, D=128, 32768 tokens, fwd+bwd replayed from a CUDA graph 0.65 to 0.80 ms (N = 1k..32k) against
-1.66 to 2.42 ms for fla 0.6.0 chunk_simple_gla, at the GPU's 700 W power cap. Of that, the four walks took about
+Measured on one H200 (benchmarks/RESULTS.md, issue 14, twenty-third session): bf16, H=16, D=128, 32768 tokens,
+fwd+bwd replayed from a CUDA graph 0.63 to 0.74 ms (N = 1k..32k) against 1.65 to 2.42 ms for fla 0.6.0
+chunk_simple_gla, at the GPU's 700 W power cap. Of that, the four walks took about
 600 us of GPU time with the Gluon walks before the two-tile programs (twentieth session), and 770-789 us with the
 Triton walks (eighteenth session). On one H100 (issue 3, Triton walks): 1.2 to 1.8 ms against 2.2 to 2.7 ms for
 fla, at half its peak memory.
@@ -519,7 +519,8 @@ def _plan(B, N, H, DK, DV, C, sms, num_segments=None, pre_splits=None, one_an_sm
     skips the tokens whose decay to the edge is zero (_chunks_reaching_the_edge): a steep head's pieces are empty
     but the one at the edge, and the gentle heads', read whole, set its length. Measured on one H200 (twenty-third
     session; bf16, H=16, 32768 tokens), twice the pieces took the pre-pass from 135 to 93 us at N=16384 and from 132
-    to 113 us at 32768, the scan from 13 to 19 and from 20 to 33 us."""
+    to 113 us at 32768, and the scan, then one load a piece, from 13 to 19 and from 20 to 33 us (_fold_pieces
+    brought it back to 16 and 20)."""
     BKF = max(16, triton.next_power_of_2(DK))
     BVF = max(16, triton.next_power_of_2(DV))
     BVT = min(64, BVF)
