@@ -205,15 +205,15 @@ def test_segments_chosen_for_an_h200(B, N, segments, triton_walks):
     assert tc._plan(B, N, 16, 128, 128, 64, 132, num_segments=3, one_an_sm=True)["NSEG"] == 3   # an explicit count wins
 
 
-@pytest.mark.parametrize("B,N,pieces,chunks", [(2, 16384, 4, 16), (1, 32768, 4, 16), (1, 20000, 4, 10),
-                                               (4, 8192, 8, 8)])
-def test_pre_pass_pieces_chosen_for_an_h200(B, N, pieces, chunks):
+@pytest.mark.parametrize("B,N,one_an_sm,pieces,chunks", [(2, 16384, True, 4, 16), (1, 32768, True, 4, 16),
+                                                          (1, 20000, True, 4, 10), (4, 8192, False, 8, 8)])
+def test_pre_pass_pieces_chosen_for_an_h200(B, N, one_an_sm, pieces, chunks):
     """The pre-pass's pieces a segment for 132 SMs, heads of 128, 16 heads: twice the walks' two slots an SM over
     its B*H*(segments - 1) programs (with the skip, the gentle heads' pieces set its length; twenty-third session),
-    each of `chunks` chunks of 64. Gluon-walk plans (16384, 32768, 20000), and the Triton walks' two segments at
-    8192. A pure function: no GPU needed."""
+    each of `chunks` chunks of 64. Gluon-walk plans (one_an_sm), and the Triton walks' two segments at 8192. A pure
+    function: no GPU needed."""
     from tnllm_kernels.lightning_attention import triton_chunk as tc
-    P = tc._plan(B, N, 16, 128, 128, 64, 132, one_an_sm=N != 8192)
+    P = tc._plan(B, N, 16, 128, 128, 64, 132, one_an_sm=one_an_sm)
     assert (P["SPLITS"], P["CPSS"]) == (pieces, chunks)
 
 

@@ -411,8 +411,8 @@ def _tile_partition(x_desc, y_desc, z_desc, o_desc, x_s, y_s, z_s, t_s, zd_s, o_
         zd_my.store((zv.to(gl.float32) * dec_r[:, None]).to(dt))
         fence_async_shared()
         # Tile 0 waits for the scores alone before it issues X T and the state's update: with all three products in
-        # flight its 64 x 64 fp32 scores spilled (96 / 84 bytes in the o / dq walk, 32 / 0 so), and the program
-        # ran 3-10% longer (twenty-third session of benchmarks/RESULTS.md).
+        # flight, registers ran out around its 64 x 64 fp32 scores (ptxas spilled 96 / 84 bytes in the o / dq walk,
+        # against 32 / 0 this way) and the program ran 3-10% longer (twenty-third session, benchmarks/RESULTS.md).
         if TILE == 0:
             sc = warpgroup_mma(x, y.permute((1, 0)), gl.zeros([C, C], gl.float32, layout=mma), use_acc=False,
                                is_async=True)
