@@ -144,6 +144,32 @@ def test_steep_decays_across_segments_and_pieces(pieces, monkeypatch):
              TOL[torch.float32])
 
 
+def test_pieces_that_reach_nothing_are_neither_written_nor_read(monkeypatch):
+    """The pre-pass leaves a piece none of whose chunks reaches its segment's edge unwritten, and the scan does not
+    read it: with the pre-pass's buffer filled with NaN, the steep heads (slopes 4 and 12, three segments of 7 chunks
+    in 3 pieces) leave NaN in it and the results still match float64, forward and backward with states."""
+    import functools
+    from tnllm_kernels.lightning_attention import triton_chunk as tc
+    buffers = []
+
+    def nan_buffer(shape, device):
+        buffers.append(torch.full(shape, float("nan"), dtype=torch.float32, device=device))
+        return buffers[-1]
+
+    monkeypatch.setattr(tc, "_pieces_buffer", nan_buffer)
+    monkeypatch.setattr(tc, "_plan", functools.partial(tc._plan, pre_splits=3))
+    qkv, slope, s0, do, dht = _inputs(2, 300, 4, 16, 32, torch.float32, [0.0, 0.5, 4.0, 12.0], seed=43)
+    _compare(_run_ours(qkv, slope, s0, do, dht, chunk_size=16, num_segments=3), _run_ref(qkv, slope, s0, do, dht),
+             TOL[torch.float32])
+    assert len(buffers) == 2                     # forward (k, v) and backward (q, dO)
+    # [B*H, pieces, Dk, Dv]. Heads 0 and 1 reach the edge from every token, so they leave only empty pieces
+    # unwritten: none forward, the last backward (segment 2's 5 chunks in pieces of 3, 2 and 0). The steep heads more.
+    for buf, empty in zip(buffers, ([False] * 6, [False] * 5 + [True])):
+        unwritten = buf.isnan().view(2, 4, 6, -1).all(-1)
+        assert (unwritten[:, :2] == torch.tensor(empty)).all()
+        assert (unwritten[:, 2:].sum(-1) > sum(empty)).all()
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_pre_pass_skips_tokens_whose_decay_to_the_edge_is_zero_in_fp32(reverse, pieces):

@@ -276,8 +276,9 @@ def _seg_local_kernel(
         dec = tl.where(rmask, dec, 0.0)
         a = (a * dec[:, None]).to(A.dtype.element_ty)
         acc += _mm(tl.trans(a), bb, DOT_PREC)
-    out = SUB + ((pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS + pid_i) * DK) * DV
-    tl.store(_state_ptrs(out, offs_k, offs_v, DV, False), acc, mask=kmask[:, None] & vmask[None, :])
+    if c_first < c_end:     # a piece that reaches nothing is left unwritten; the scan does not read it either
+        out = SUB + ((pid_bh.to(tl.int64) * (NSEG - 1) * SPLITS + pid_i) * DK) * DV
+        tl.store(_state_ptrs(out, offs_k, offs_v, DV, False), acc, mask=kmask[:, None] & vmask[None, :])
 
 
 @triton.jit
@@ -296,7 +297,11 @@ def _fold_pieces(run, sub_seg, seg, j0, SPLITS, CPS, CPSS, N, sl2, offs, m, DKDV
     n_tok = tl.where(live, _piece_tokens(seg, p, CPS, CPSS, N, C), 0)
     total = tl.sum(n_tok, axis=0)
     after = (total - tl.cumsum(n_tok, axis=0)).to(tl.float32)         # tokens of the pieces folded after u
-    x = tl.load(sub_seg + p[:, None] * DKDV + offs[None, :], mask=live[:, None] & m[None, :], other=0.0)
+    # only the pieces the pre-pass wrote: those with a chunk that reaches the edge (at the table's slopes about half)
+    c_lo, c_hi = _piece_bounds(seg, p, CPS, CPSS, (N + C - 1) // C)
+    c_first, c_end = _chunks_reaching_the_edge(seg, c_lo, c_hi, sl2, CPS, (N + C - 1) // C, N, C, REVERSE)
+    read = live & (c_first < c_end)
+    x = tl.load(sub_seg + p[:, None] * DKDV + offs[None, :], mask=read[:, None] & m[None, :], other=0.0)
     return run * tl.exp2(-sl2 * total.to(tl.float32)) + tl.sum(x * tl.exp2(-sl2 * after)[:, None], axis=0)
 
 
@@ -602,6 +607,12 @@ def _segment_strides(P, DK, DV):
     return (P["NSEG"] * DK * DV, DK * DV) if P["NSEG"] > 1 else (DK * DV, 0)
 
 
+def _pieces_buffer(shape, device):
+    """The pre-pass's output, uninitialised: it writes only the pieces with a chunk that reaches their segment's
+    edge, and the scan reads only those. A function, so that a test can fill it with NaN."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     """The state each segment's walk starts from, as (buffer or None, stride per batch*head, stride per segment).
     Forward (a, b = k, v; edge = S_0 or None): the state entering each segment. Reverse (a, b = q, dO; edge =
@@ -611,7 +622,7 @@ def _segment_states(a, b, slope, edge, P, C, prec, reverse):
     NSEG = P["NSEG"]
     if NSEG == 1:
         return (edge, *_segment_strides(P, DK, DV)) if edge is not None else (None, 0, 0)
-    sub = torch.empty(B * H, (NSEG - 1) * P["SPLITS"], DK, DV, dtype=torch.float32, device=a.device)
+    sub = _pieces_buffer((B * H, (NSEG - 1) * P["SPLITS"], DK, DV), a.device)
     buf = torch.empty(B * H, NSEG, DK, DV, dtype=torch.float32, device=a.device)
     _launch(_seg_local_kernel, (B * H, (NSEG - 1) * P["SPLITS"], P["NVP"]),
             (a, b, slope, sub, *a.stride(), *b.stride(), N, H, P["NC"], P["CPS"], NSEG, P["SPLITS"], P["CPSS"]),
