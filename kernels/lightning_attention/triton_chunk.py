@@ -33,8 +33,8 @@ Design (chunks of C tokens, C = 64):
   errors; ``_walk`` picks, and asks for the o and dq walks as programs holding both Z tiles where those fill the
   GPU (_both_tiles_fill). TNLLM_GLUON_WALKS=0 turns them off.
 
-Measured on one H200 (benchmarks/RESULTS.md, issue 14, twenty-third session): bf16, H=16, D=128, 32768 tokens,
-fwd+bwd replayed from a CUDA graph 0.63 to 0.74 ms (N = 1k..32k) against 1.65 to 2.42 ms for fla 0.6.0
+Measured on one H200 (benchmarks/RESULTS.md, issue 14, twenty-fourth session): bf16, H=16, D=128, 32768 tokens,
+fwd+bwd replayed from a CUDA graph 0.62 to 0.73 ms (N = 1k..32k) against 1.65 to 2.45 ms for fla 0.6.0
 chunk_simple_gla, at the GPU's 700 W power cap. Of that, the four walks took about 600 us of GPU time with the Gluon
 walks before the two-tile programs (twentieth session), and 770-789 us with the Triton walks (eighteenth session).
 On one H100 (issue 3, Triton walks): 1.2 to 1.8 ms against 2.2 to 2.7 ms for fla, at half its peak memory.
