@@ -11,7 +11,8 @@
   constant-decay form); the paper authors' ``lightning_attn2`` (lightning-attn 0.0.5, the same decay as a [H, 1, 1]
   slope tensor); softmax causal attention through torch SDPA;
 * the memory floor of each shape (q, k, v read and o written once for the forward; q, k, v, do read and o, dq, dk,
-  dv written once for forward+backward, at --hbm-tbs TB/s) and each method's time as a multiple of it;
+  dv written once for forward+backward, at --hbm-tbs TB/s) and each method's forward+backward time replayed from
+  a CUDA graph as a multiple of it;
 * SRMSNorm (and the fused norm * gate) forward+backward at d = 4096 against eager PyTorch.
 
 Prints markdown tables (and writes them to --out). Needs CUDA; fla and lightning-attn are optional (their
@@ -298,12 +299,15 @@ def run0(fn, cast, q, k, v, do):
 
 # ------------------------------------------------------------------------------------------------- floor
 def floor_lines(rows, H, D, tbs):
-    """Each shape's memory floor (bf16 tensors of B*N*H*D moved once) and every method's time over it."""
+    """Each shape's memory floor (bf16 tensors of B*N*H*D moved once) and every method's time over it: its time
+    replayed from a CUDA graph, the device's time a training step sees (timed call to call, marked *, where there is
+    no graphed time: the capture failed or was not run)."""
     ns = sorted({r["N"] for r in rows})
     names = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["N"], r["method"]): r for r in rows}
     out = [f"**Over the memory floor** (fwd+bwd: q, k, v, do read and o, dq, dk, dv written once, 8 tensors; "
-           f"fwd: 4 tensors; bf16 at {tbs} TB/s): floor ms, then each method's fwd+bwd time / floor", "",
+           f"fwd: 4 tensors; bf16 at {tbs} TB/s): floor ms, then each method's fwd+bwd time replayed from a CUDA "
+           f"graph / floor (* timed call to call: no graphed time)", "",
            "| N | B | floor fwd+bwd ms | floor fwd ms | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for N in ns:
         B = by[(N, names[0])]["B"]
@@ -311,8 +315,14 @@ def floor_lines(rows, H, D, tbs):
         floor_fb, floor_f = 8 * tensor_bytes / (tbs * 1e9), 4 * tensor_bytes / (tbs * 1e9)     # ms
         cells = []
         for nm in names:
-            t = by.get((N, nm), {}).get("fb_ms")
-            cells.append(f"{t / floor_fb:.1f}x" if isinstance(t, float) else (t or "-"))
+            row = by.get((N, nm), {})
+            graphed, eager = row.get("fb_graph_ms"), row.get("fb_ms")
+            if isinstance(graphed, float):
+                cells.append(f"{graphed / floor_fb:.1f}x")
+            elif isinstance(eager, float):
+                cells.append(f"{eager / floor_fb:.1f}x*")
+            else:
+                cells.append(eager or "-")
         out.append(f"| {N} | {B} | {floor_fb:.3f} | {floor_f:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
