@@ -119,9 +119,8 @@ def _piece_bounds(seg, p, CPS, CPSS, NC):
 
 
 @triton.jit
-def _piece_tokens(seg, p, CPS, CPSS, N, C: tl.constexpr):
-    """How many of the N tokens piece p of segment seg holds (the last chunk may be partial; 0 for an empty piece)."""
-    c_lo, c_hi = _piece_bounds(seg, p, CPS, CPSS, (N + C - 1) // C)
+def _chunks_tokens(c_lo, c_hi, N, C: tl.constexpr):
+    """How many of the N tokens chunks [c_lo, c_hi) hold (the last chunk may be partial; 0 for an empty range)."""
     return tl.maximum(tl.minimum(c_hi * C, N) - c_lo * C, 0)
 
 
@@ -294,12 +293,13 @@ def _fold_pieces(run, sub_seg, seg, j0, SPLITS, CPS, CPSS, N, sl2, offs, m, DKDV
         p = tl.where(live, SPLITS - 1 - j, 0)
     else:
         p = tl.where(live, j, 0)
-    n_tok = tl.where(live, _piece_tokens(seg, p, CPS, CPSS, N, C), 0)
+    NC = (N + C - 1) // C
+    c_lo, c_hi = _piece_bounds(seg, p, CPS, CPSS, NC)
+    n_tok = tl.where(live, _chunks_tokens(c_lo, c_hi, N, C), 0)
     total = tl.sum(n_tok, axis=0)
     after = (total - tl.cumsum(n_tok, axis=0)).to(tl.float32)         # tokens of the pieces folded after u
     # only the pieces the pre-pass wrote: those with a chunk that reaches the edge (at the table's slopes about half)
-    c_lo, c_hi = _piece_bounds(seg, p, CPS, CPSS, (N + C - 1) // C)
-    c_first, c_end = _chunks_reaching_the_edge(seg, c_lo, c_hi, sl2, CPS, (N + C - 1) // C, N, C, REVERSE)
+    c_first, c_end = _chunks_reaching_the_edge(seg, c_lo, c_hi, sl2, CPS, NC, N, C, REVERSE)
     read = live & (c_first < c_end)
     x = tl.load(sub_seg + p[:, None] * DKDV + offs[None, :], mask=read[:, None] & m[None, :], other=0.0)
     return run * tl.exp2(-sl2 * total.to(tl.float32)) + tl.sum(x * tl.exp2(-sl2 * after)[:, None], axis=0)
